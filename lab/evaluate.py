@@ -1,0 +1,85 @@
+"""Held-out evaluation and before/after comparison, shared by the CLI, the trainers, the notebooks and the app.
+
+``evaluate`` answers the held-out prompts of a task (greedy by default) and scores them with the task's gold
+reward: ``accuracy`` for verifiable tasks (the gold reward is 0/1), ``gold_reward`` for graded ones. On the
+``bandit`` task it also reports the exact expected reward and KL(π*‖π_θ), which need no sampling at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lab.sampling import generate
+
+
+@dataclass
+class Answers:
+    prompts: list[str]
+    completions: list[str]
+    rewards: list[float]
+    truncated: list[bool]
+
+
+@torch.no_grad()
+def answer(model, tokenizer, task, prompts: list[str], *, greedy: bool = True, max_new_tokens: int | None = None,
+           temperature: float = 1.0, seed: int = 0, batch_size: int = 64) -> Answers:
+    """Generate one completion per prompt and score it with the task's gold reward."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    roll = generate(model, tokenizer, prompts, max_new_tokens or task.max_new_tokens, temperature=temperature,
+                    greedy=greedy, generator=gen, batch_size=batch_size)
+    truncated = [bool(t) for t in roll.truncated.tolist()]
+    rewards = task.gold_rewards(roll.prompts, roll.completions, truncated)
+    return Answers(roll.prompts, roll.completions, [float(r) for r in rewards], truncated)
+
+
+def summarize(task, answers: Answers) -> dict:
+    """The task's headline metric plus mean completion length (in words for text, characters for arith)."""
+    n = max(len(answers.rewards), 1)
+    mean_reward = sum(answers.rewards) / n
+    out = {"n": len(answers.rewards), "gold_reward": mean_reward,
+           "truncated_frac": sum(answers.truncated) / n,
+           "length": sum(len(c.split()) if " " in c else len(c) for c in answers.completions) / n}
+    if task.kind == "verifiable":
+        out["accuracy"] = mean_reward
+    return out
+
+
+def evaluate(policy_or_model, task, *, n: int | None = None, greedy: bool = True, split: str = "eval",
+             tokenizer=None, max_new_tokens: int | None = None, seed: int = 0) -> dict:
+    """Score a policy on ``n`` held-out prompts of ``task`` (all of them when ``n`` is None)."""
+    model = getattr(policy_or_model, "model", policy_or_model)
+    tokenizer = tokenizer or policy_or_model.tokenizer
+    prompts = task.eval_prompts() if split == "eval" else task.train_prompts()
+    prompts = prompts[:n] if n else prompts
+    answers = answer(model, tokenizer, task, prompts, greedy=greedy, max_new_tokens=max_new_tokens, seed=seed)
+    result = summarize(task, answers)
+    if task.kind == "bandit":
+        result.update(bandit_exact(model, tokenizer, task))
+    return result
+
+
+def bandit_exact(model, tokenizer, task, beta: float | None = None, ref_logprobs=None) -> dict:
+    """Exact E_π[r] over the bandit's prompts and, when ``beta`` is given, KL(π*‖π_θ)."""
+    from lab.tasks import bandit
+
+    prompts = task.eval_prompts()
+    logprobs = bandit.next_token_logprobs(model, tokenizer, prompts)  # (B, V)
+    rewards = torch.stack([bandit.reward_table(p, tokenizer) for p in prompts]).to(logprobs)  # (B, V)
+    out = {"exact_reward": float((logprobs.exp() * rewards).sum(-1).mean())}
+    if beta is not None and ref_logprobs is not None:
+        star = bandit.pi_star(ref_logprobs, rewards, beta)
+        out["kl_to_optimum"] = float(bandit.kl(star, logprobs).mean())
+    return out
+
+
+def before_after(policy, task, prompts: list[str] | None = None, n: int = 8, greedy: bool = True,
+                 seed: int = 0) -> list[dict]:
+    """The same prompts answered by the reference (adapters off) and by the tuned policy, side by side."""
+    prompts = prompts or task.eval_prompts()[:n]
+    with policy.reference() as ref:
+        before = answer(ref, policy.tokenizer, task, prompts, greedy=greedy, seed=seed)
+    after = answer(policy.model, policy.tokenizer, task, prompts, greedy=greedy, seed=seed)
+    return [{"prompt": p, "before": b, "before_reward": rb, "after": a, "after_reward": ra}
+            for p, b, rb, a, ra in zip(prompts, before.completions, before.rewards, after.completions, after.rewards)]

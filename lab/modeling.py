@@ -1,0 +1,384 @@
+"""Loading policies: full fine-tuning, LoRA and QLoRA, with the reference policy for free.
+
+A :class:`Policy` is a causal LM plus its tokenizer. In ``lora`` and ``qlora`` mode only the adapter is trained, so
+the reference policy π_ref is the *same* weights with the adapter switched off (``policy.reference()``): no second
+copy of the model is ever loaded. In ``full`` mode every weight moves, so a frozen copy is kept as the reference.
+
+Scalar models (value functions, reward models) are the same backbone with their own adapter and a linear head
+(:class:`ScalarModel`). A value head on the policy's base therefore costs one more adapter, not one more model.
+
+Defaults are the safe ones: weights load from safetensors only, ``trust_remote_code`` is off unless asked for,
+and precision follows the hardware (bf16 only on a GPU that supports it natively, fp32 on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+class ModelNotFound(OSError):
+    """The model could not be found locally and the hub could not provide it. The message is one line."""
+
+
+def builtin_models() -> list[str]:
+    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.json").exists()) if MODELS_DIR.exists() else []
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    # bf16 halves memory but is emulated (slow) where the hardware lacks it; fp16 would need loss scaling.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_model_path(name: str) -> str:
+    """A built-in name → its folder inside the package; an existing local folder → itself; anything else is
+    returned unchanged and treated as a hub id by ``from_pretrained``."""
+    if (MODELS_DIR / name / "config.json").exists():
+        return str(MODELS_DIR / name)
+    return name
+
+
+def _offline_message(name: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"could not load model {name!r}: it is not a built-in model or a local folder, and the hub did not "
+            f"provide it ({first[:160]}). Built-in models: {', '.join(builtin_models())}")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub endpoint, so an offline machine fails in seconds instead of retrying."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_source(name: str, path: str) -> None:
+    """Fail fast, in one line, when ``name`` is neither a local folder nor reachable on the hub."""
+    if os.path.isdir(path):
+        return
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
+        raise ModelNotFound(f"no model folder at {name!r}. Built-in models: {', '.join(builtin_models())}")
+    if not _in_hub_cache(name) and not hub_reachable():
+        raise ModelNotFound(f"cannot load {name!r}: it is not a built-in model or a local folder, and the hub "
+                            f"cannot be reached from here (offline). Built-in models: {', '.join(builtin_models())}")
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id the hub library rejects is simply not cached
+        return False
+
+
+def _is_adapter_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json"))
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    _check_source(name, path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(_offline_message(name, err)) from None
+    if tok.pad_token is None:
+        # Many hub LMs ship without a pad token. Masks, not the pad id, decide what counts, so eos is a safe pad.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name: str, *, quantize_4bit: bool = False, device: str = "auto", trust_remote_code: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` with the lab's defaults (safetensors only, dtype by hardware)."""
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    dtype = pick_dtype(dev)
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        # QLoRA (Dettmers et al. 2023): nf4 storage, double quantization, compute in the training dtype.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    path = resolve_model_path(name)
+    _check_source(name, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        if "safetensors" in str(err).lower() and os.path.isdir(path):
+            raise ModelNotFound(f"model {name!r} has no safetensors weights; the lab loads safetensors only "
+                                f"(convert the checkpoint with save_pretrained(safe_serialization=True))") from None
+        raise ModelNotFound(_offline_message(name, err)) from None
+    if not quantize_4bit:
+        model.to(dev)
+    return model
+
+
+class Policy:
+    """A trainable causal LM, its tokenizer, and the way to get the reference policy from it."""
+
+    def __init__(self, model, tokenizer, mode: str, name: str, ref_model=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.name = name
+        self._ref_model = ref_model  # only in full mode
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def has_adapters(self) -> bool:
+        return self.mode in ("lora", "qlora")
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Yield a model that computes π_ref. Adapter modes switch the adapter off; full mode uses a frozen copy."""
+        if self.has_adapters:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self._ref_model
+
+    @contextlib.contextmanager
+    def adapter(self, name: str):
+        """Temporarily make adapter ``name`` the active one (used by value heads sharing the policy's base)."""
+        previous = self.model.active_adapter
+        self.model.set_adapter(name)
+        try:
+            yield self.model
+        finally:
+            self.model.set_adapter(previous)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def num_parameters(self) -> dict:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        return {"total": total, "trainable": trainable}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Adapters only in adapter modes (small), full weights in full mode; the tokenizer always."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    save_pretrained = save
+
+
+def _lora_config(r: int, alpha: int, dropout: float):
+    from peft import LoraConfig
+
+    # "all-linear" puts adapters on every projection but the output head, as QLoRA does.
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def load_policy(name: str | None = None, *, task: str | None = None, mode: str = "lora", lora_r: int = 16,
+                lora_alpha: int = 32, lora_dropout: float = 0.0, device: str = "auto",
+                trust_remote_code: bool = False) -> Policy:
+    """Load a policy by built-in name, local path or hub id (``name=None`` → the built-in model of ``task``).
+
+    A folder holding a saved adapter (``adapter_config.json``) is loaded on top of its base model, and the adapter
+    stays trainable, so a run can continue from another run's checkpoint.
+    """
+    if name is None:
+        from lab.tasks import get_task
+
+        name = get_task(task or "arith").model
+    if mode not in ("full", "lora", "qlora"):
+        raise ValueError(f"mode must be full, lora or qlora, got {mode!r}")
+    path = resolve_model_path(name)
+    if _is_adapter_dir(path):
+        return _load_adapter_policy(path, mode, device, trust_remote_code)
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    model = load_causal_lm(name, quantize_4bit=mode == "qlora", device=device, trust_remote_code=trust_remote_code)
+    if mode == "full":
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        return Policy(model, tokenizer, mode, name, ref_model=ref)
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if mode == "qlora":
+        # Casts norms to fp32 and enables input grads so the adapters below a frozen 4-bit layer get gradients.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, _lora_config(lora_r, lora_alpha, lora_dropout))
+    # Record the name the user gave ("arith"), not this machine's absolute path, so saved adapters load anywhere.
+    model.peft_config["default"].base_model_name_or_path = name
+    return Policy(model, tokenizer, mode, name)
+
+
+def _load_adapter_policy(path: str, mode: str, device: str, trust_remote_code: bool) -> Policy:
+    from peft import PeftModel
+
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        base_name = json.load(f)["base_model_name_or_path"]
+    mode = "qlora" if mode == "qlora" else "lora"
+    model = load_causal_lm(base_name, quantize_4bit=mode == "qlora", device=device,
+                           trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, path, is_trainable=True)
+    tokenizer = load_tokenizer(path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_name,
+                               trust_remote_code)
+    return Policy(model, tokenizer, mode, base_name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scalar heads: value functions and reward models
+
+
+def backbone_of(model) -> nn.Module:
+    """The transformer trunk under the LM head (``LlamaForCausalLM.model``), through a peft wrapper if any."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix)
+
+
+class ScalarModel(nn.Module):
+    """A causal LM trunk + a linear head that maps each position's hidden state to a scalar.
+
+    ``adapter`` names the LoRA adapter that is active while scoring. With ``policy`` given, the adapter is added to
+    the policy's own peft model, so the value function shares the (possibly 4-bit) base weights.
+    Scores are read at the last real token for a sequence score (reward) or at every position (value).
+    """
+
+    def __init__(self, lm, adapter: str | None, hidden_size: int, zero_init: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.adapter_name = adapter
+        self.head = nn.Linear(hidden_size, 1)
+        # A zero head makes V(s) = 0 at the start (no initial value bias); a reward head starts small and random.
+        if zero_init:
+            nn.init.zeros_(self.head.weight)
+        else:
+            nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.head.to(next(lm.parameters()).device)
+
+    @contextlib.contextmanager
+    def _active(self):
+        if self.adapter_name is None:
+            yield
+            return
+        previous = self.lm.active_adapter
+        self.lm.set_adapter(self.adapter_name)
+        try:
+            yield
+        finally:
+            self.lm.set_adapter(previous)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-position scalars, (B, L) float32."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
+        with self._active():
+            hidden = backbone_of(self.lm)(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids).last_hidden_state  # (B, L, H)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, L)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sequence score at the last real token, (B,). Works for left and right padding."""
+        values = self.forward(input_ids, attention_mask)  # (B, L)
+        L = attention_mask.shape[1]
+        last = L - 1 - attention_mask.long().flip(-1).argmax(-1)  # index of the last 1 in each row
+        return values.gather(1, last[:, None]).squeeze(1)  # (B,)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        with self._active():  # peft marks only the active adapter trainable
+            params = [p for n, p in self.lm.named_parameters()
+                      if p.requires_grad and (self.adapter_name is None or f".{self.adapter_name}." in n)]
+        return params + list(self.head.parameters())
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.adapter_name is not None:
+            self.lm.save_pretrained(path, selected_adapters=[self.adapter_name])
+            sub = path / self.adapter_name  # peft puts a non-default adapter in a subfolder: lift it up
+            if sub.is_dir():
+                for item in sub.iterdir():
+                    os.replace(item, path / item.name)
+                sub.rmdir()
+        else:
+            self.lm.save_pretrained(path)
+        torch.save(self.head.state_dict(), path / "scalar_head.pt")
+        if getattr(self, "tokenizer", None) is not None:
+            self.tokenizer.save_pretrained(path)
+
+    save_pretrained = save
+
+
+def add_value_head(policy: Policy, lora_r: int | None = None, lora_alpha: int | None = None) -> ScalarModel:
+    """A value function V(s_t) on the policy's base: its own adapter in adapter modes, a copy in full mode."""
+    hidden = policy.model.config.hidden_size
+    if policy.has_adapters:
+        cfg = policy.model.peft_config["default"]
+        policy.model.add_adapter("value", _lora_config(lora_r or cfg.r, lora_alpha or cfg.lora_alpha, 0.0))
+        policy.model.set_adapter("default")  # add_adapter leaves the policy adapter active
+        return ScalarModel(policy.model, "value", hidden, zero_init=True)
+    trunk = copy.deepcopy(policy._ref_model).requires_grad_(True).train()
+    return ScalarModel(trunk, None, hidden, zero_init=True)
+
+
+def load_scalar_model(name: str, *, mode: str = "lora", lora_r: int = 16, lora_alpha: int = 32,
+                      device: str = "auto", trust_remote_code: bool = False):
+    """A fresh reward model: base ``name`` + its own adapter (``reward``) + a head. Returns (ScalarModel, tokenizer).
+
+    A folder saved by :meth:`ScalarModel.save` is loaded back with its adapter and head (frozen-ready).
+    """
+    path = resolve_model_path(name)
+    head_file = os.path.join(path, "scalar_head.pt")
+    if _is_adapter_dir(path) and os.path.exists(head_file):
+        from peft import PeftModel
+
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            base_name = json.load(f)["base_model_name_or_path"]
+        lm = load_causal_lm(base_name, quantize_4bit=mode == "qlora", device=device,
+                            trust_remote_code=trust_remote_code)
+        lm = PeftModel.from_pretrained(lm, path, adapter_name="reward", is_trainable=True)
+        model = ScalarModel(lm, "reward", lm.config.hidden_size)
+        model.head.load_state_dict(torch.load(head_file, map_location=model.head.weight.device))
+        tok_src = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_name
+        model.tokenizer = load_tokenizer(tok_src, trust_remote_code)
+        return model, model.tokenizer
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    lm = load_causal_lm(name, quantize_4bit=mode == "qlora", device=device, trust_remote_code=trust_remote_code)
+    if mode == "full":
+        model = ScalarModel(lm, None, lm.config.hidden_size)
+        model.tokenizer = tokenizer
+        return model, tokenizer
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if mode == "qlora":
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    lm = get_peft_model(lm, _lora_config(lora_r, lora_alpha, 0.0), adapter_name="reward")
+    lm.peft_config["reward"].base_model_name_or_path = name
+    model = ScalarModel(lm, "reward", lm.config.hidden_size)
+    model.tokenizer = tokenizer
+    return model, tokenizer

@@ -1,0 +1,352 @@
+"""Batched sampling from a causal LM, written out as an explicit loop, and prompt formatting.
+
+    y_t ~ softmax(z_t / τ) restricted to the top-p nucleus,   z_t = f_θ(x, y_<t)
+
+`generate` is our own loop rather than `model.generate`, so the whole path from prompt to
+completion mask can be read in one place:
+
+    1. tokenize and left-pad the prompts          prompt_ids (B, P), prompt_mask (B, P)
+    2. prefill: one forward pass over the prompts, keep the KV cache
+    3. decode: pick a token, feed it back, one position at a time, until every row emitted EOS
+    4. masks: completion_mask is 1 up to and including the first EOS (`lab.ops.completion_mask`)
+
+Why left padding: the next token of every row is then read at the same column (the last one),
+and new tokens are appended on the right for all rows at once.
+
+Shape legend: B batch, P prompt length, T completion length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from lab.ops import accepts_logits_to_keep, completion_mask, position_ids_from_mask
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts and the completions sampled for them.
+
+    The token tensors are laid out so `input_ids` / `attention_mask` can go straight into a
+    forward pass (e.g. `lab.ops.sequence_logprobs(model, r.input_ids, r.attention_mask,
+    r.completion_ids.shape[1])`):
+
+        [pad pad x1 x2 x3 | y1 y2 EOS pad]
+         prompt (left-padded) completion (right-padded after EOS)
+    """
+
+    prompts: list[str]  # B prompt strings, as given to `generate`
+    completions: list[str]  # B decoded completions, without EOS and special tokens
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded
+    prompt_mask: torch.Tensor  # (B, P) long, 0 on padding
+    completion_ids: torch.Tensor  # (B, T) long, pad_token_id after EOS
+    completion_mask: torch.Tensor  # (B, T) long, 1 up to and including the first EOS
+    truncated: torch.Tensor  # (B,) bool, True when the row never emitted EOS
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(B, P+T) prompt and completion ids side by side."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P+T) prompt and completion masks side by side."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def to(self, device: torch.device | str) -> Rollout:
+        """A copy with every tensor on `device` (the strings are shared)."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return Rollout(**moved)
+
+    def select(self, index: int | slice | list[int] | torch.Tensor) -> Rollout:
+        """The rows picked by `index` (an int, a slice, a list of ints, or an index / bool tensor).
+
+        Used to cut a rollout batch into minibatches. Shapes P and T are kept as they are.
+        """
+        rows = torch.arange(len(self))[index].reshape(-1)  # (B',) the same rules as tensor indexing
+        row_list = rows.tolist()
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                picked[f.name] = value[rows.to(value.device)]
+            else:
+                picked[f.name] = [value[i] for i in row_list]
+        return Rollout(**picked)
+
+
+# --------------------------------------------------------------------------------------------
+# Token choice
+# --------------------------------------------------------------------------------------------
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set the logits outside the top-p nucleus to −inf (Holtzman et al. 2020, nucleus sampling).
+
+    The nucleus is the smallest set of most likely tokens whose probabilities add up to at least
+    `top_p`. The most likely token is always kept, so a tiny `top_p` gives greedy decoding.
+
+    Naive equivalent, per row: sort the probabilities in decreasing order, walk down the list
+    adding each token to the nucleus until the running sum reaches top_p.
+
+    Args:
+        logits: (B, V).
+        top_p: in (0, 1]; 1 keeps everything.
+    Returns:
+        (B, V), a new tensor.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p == 1.0:
+        return logits
+    # stable=True: among tied logits the lowest id comes first, as with argmax, so tiny top_p
+    # gives exactly greedy decoding.
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True, stable=True)  # (B, V), (B, V)
+    sorted_probs = sorted_logits.float().softmax(dim=-1)  # (B, V)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V) probability of the tokens ranked above
+    # A token is in the nucleus while the tokens above it have not yet reached top_p.
+    drop_sorted = mass_before >= top_p  # (B, V)
+    drop_sorted[:, 0] = False  # always keep the most likely token
+    drop = drop_sorted.scatter(-1, sorted_ids, drop_sorted)  # (B, V) back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _next_token(
+    logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Pick one token per row from next-token logits (B, V) -> (B,)."""
+    if greedy:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = top_p_filter(logits / temperature, top_p)  # (B, V) temperature first, then the nucleus
+    probs = logits.softmax(dim=-1)  # (B, V)
+    # Draw on the generator's device, so one CPU generator reproduces the same samples wherever
+    # the model runs.
+    draw_device = generator.device if generator is not None else probs.device
+    ids = torch.multinomial(probs.to(draw_device), num_samples=1, generator=generator)  # (B, 1)
+    return ids.squeeze(-1).to(logits.device)  # (B,)
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token lists -> ids (B, P) left-padded with pad_token_id, mask (B, P)."""
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), pad_token_id, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)  # (B, P)
+    for b, row in enumerate(rows):
+        if row:
+            ids[b, P - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[b, P - len(row) :] = 1
+    return ids, mask
+
+
+def _pad_columns(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+    """Pad a (B, L) tensor to (B, width) with `value`, on the left or on the right."""
+    missing = width - x.shape[1]
+    return F.pad(x, (missing, 0) if left else (0, missing), value=value)
+
+
+def _pad_token_id(tokenizer) -> int:
+    # Tokenizers without a pad token (GPT-2, Llama) pad with EOS. The masks never look at the pad
+    # id: prompt masks come from the tokenizer, completion masks from the first EOS.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+    return pad
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+) -> Rollout:
+    """Sample one completion per prompt.
+
+    Args:
+        model: a causal LM (HF `PreTrainedModel` or a PEFT wrapper) that takes `attention_mask`,
+            `position_ids`, `past_key_values` and `use_cache`.
+        tokenizer: its tokenizer. `eos_token_id` ends a completion; `pad_token_id` (or EOS when
+            there is none) fills the padding.
+        prompts: B prompt strings (see `format_prompt` for chat messages).
+        max_new_tokens: the most tokens a completion may have.
+        temperature: τ in softmax(z / τ); ignored when greedy.
+        top_p: nucleus size, in (0, 1]; ignored when greedy.
+        greedy: take the argmax instead of sampling.
+        generator: a `torch.Generator` to make sampling reproducible.
+        batch_size: at most this many prompts per forward pass; the pieces are padded to common
+            P and T and joined. None: all prompts at once.
+    Returns:
+        A `Rollout` with B rows, on the model's device. T ≤ max_new_tokens: the loop stops as soon
+        as every row has emitted EOS.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not a single string")
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax decoding), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+
+    batch_size = batch_size or len(prompts)
+    was_training = model.training
+    model.eval()  # no dropout while sampling
+    try:
+        with torch.no_grad():
+            pieces = [
+                _generate_batch(model, tokenizer, prompts[i : i + batch_size], max_new_tokens,
+                                temperature, top_p, greedy, generator)
+                for i in range(0, len(prompts), batch_size)
+            ]
+    finally:
+        model.train(was_training)
+    return pieces[0] if len(pieces) == 1 else _concat(pieces, _pad_token_id(tokenizer))
+
+
+def _generate_batch(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    greedy: bool,
+    generator: torch.Generator | None,
+) -> Rollout:
+    """The sampling loop for one batch of prompts (see `generate`)."""
+    device = _model_device(model)
+    pad_token_id = _pad_token_id(tokenizer)
+    eos_token_id = tokenizer.eos_token_id  # None: completions only end at max_new_tokens
+
+    # 1. Tokenize with the tokenizer's usual special tokens (e.g. BOS), then left-pad ourselves,
+    #    whatever the tokenizer's padding_side is.
+    encoded = tokenizer(list(prompts), add_special_tokens=True)
+    rows = [
+        [tok for tok, keep in zip(ids, mask) if keep]
+        for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])
+    ]
+    for prompt, row in zip(prompts, rows):
+        if not row:
+            raise ValueError(f"prompt {prompt!r} has no tokens; the model needs at least one to condition on")
+    prompt_ids, prompt_mask = _left_pad(rows, pad_token_id)  # (B, P), (B, P)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    B = prompt_ids.shape[0]
+
+    # 2. Prefill: run the whole prompt once; the cache keeps its keys and values for later steps.
+    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    position_ids = position_ids_from_mask(prompt_mask)  # (B, P) padding does not shift positions
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                use_cache=True, **keep_last)
+    next_logits = out.logits[:, -1, :].float()  # (B, V) left padding: every row ends at the last column
+    past_key_values = out.past_key_values
+    next_position = position_ids[:, -1:] + 1  # (B, 1)
+    attention_mask = prompt_mask  # (B, P + t) grows by one column per step
+
+    # 3. Decode one token per step.
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) row has emitted EOS
+    new_tokens = []
+    for step in range(max_new_tokens):
+        token = _next_token(next_logits, temperature, top_p, greedy, generator)  # (B,)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)  # finished rows emit padding
+        new_tokens.append(token)
+        if eos_token_id is not None:
+            done = done | (token == eos_token_id)
+        if done.all() or step == max_new_tokens - 1:
+            break  # no forward pass for a token nobody will read
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # (B, P + t + 1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                    past_key_values=past_key_values, use_cache=True)
+        next_logits = out.logits[:, -1, :].float()  # (B, V)
+        past_key_values = out.past_key_values
+        next_position = next_position + 1  # (B, 1)
+    completion_ids = torch.stack(new_tokens, dim=1)  # (B, T)
+
+    # 4. Masks come from the first EOS, never from the pad id (which may equal EOS).
+    mask, truncated = completion_mask(completion_ids, eos_token_id)  # (B, T), (B,)
+    return Rollout(
+        prompts=list(prompts),
+        completions=_decode(tokenizer, completion_ids, mask, truncated),
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=mask,
+        truncated=truncated,
+    )
+
+
+def _decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor) -> list[str]:
+    """Text of each completion, up to but not including its EOS."""
+    texts = []
+    for ids, n_tokens, cut in zip(completion_ids.tolist(), mask.sum(-1).tolist(), truncated.tolist()):
+        n_text = n_tokens if cut else n_tokens - 1  # drop the EOS itself
+        texts.append(tokenizer.decode(ids[:n_text], skip_special_tokens=True))
+    return texts
+
+
+def _concat(pieces: list[Rollout], pad_token_id: int) -> Rollout:
+    """Join rollouts row-wise: prompts padded on the left to common P, completions on the right to common T."""
+    P = max(r.prompt_ids.shape[1] for r in pieces)
+    T = max(r.completion_ids.shape[1] for r in pieces)
+    return Rollout(
+        prompts=[p for r in pieces for p in r.prompts],
+        completions=[c for r in pieces for c in r.completions],
+        prompt_ids=torch.cat([_pad_columns(r.prompt_ids, P, pad_token_id, left=True) for r in pieces]),
+        prompt_mask=torch.cat([_pad_columns(r.prompt_mask, P, 0, left=True) for r in pieces]),
+        completion_ids=torch.cat([_pad_columns(r.completion_ids, T, pad_token_id, left=False) for r in pieces]),
+        completion_mask=torch.cat([_pad_columns(r.completion_mask, T, 0, left=False) for r in pieces]),
+        truncated=torch.cat([r.truncated for r in pieces]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt formatting
+# --------------------------------------------------------------------------------------------
+
+
+def format_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """The text to feed the model for `prompt`.
+
+    - a string is returned unchanged;
+    - a conversation (a list of {"role": ..., "content": ...} messages) goes through the
+      tokenizer's chat template, ending with the assistant's turn header
+      (`add_generation_prompt=True`) so the model answers as the assistant.
+
+    Note: some chat templates write the BOS token into the text; `generate` tokenizes with the
+    tokenizer's usual special tokens, so such a tokenizer may see BOS twice.
+    """
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt):
+        raise TypeError('prompt must be a string or a list of {"role": ..., "content": ...} messages')
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "prompt is a list of chat messages but the tokenizer has no chat_template; "
+            "pass the prompt as a plain string, or use a tokenizer that has a chat template"
+        )
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)

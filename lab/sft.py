@@ -1,0 +1,126 @@
+"""Supervised fine-tuning: the reference policy every other method starts from.
+
+Paper card
+----------
+Objective (maximum likelihood on demonstrations, loss on completion tokens only)::
+
+    L_SFT(θ) = − E_{(x, y) ~ D} [ (1/|y|) Σ_t log π_θ(y_t | x, y_<t) ]
+
+InstructGPT (Ouyang et al. 2022) trains this "SFT model" first; it becomes π_ref for PPO and DPO. The prompt's
+tokens are context, not targets: masking them out of the loss is what makes it *conditional* generation.
+
+==========================  ==========================
+symbol                      code
+==========================  ==========================
+π_θ(y_t | x, y_<t)          ``logprobs`` (B, L-1)
+token t belongs to y        ``completion_mask`` (B, L-1)
+L_SFT                       ``sft_loss``
+==========================  ==========================
+
+The same loss, weighted by λ, is the "pretraining mix" (ptx) term of PPO-RLHF.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from lab.batching import encode_pairs, token_logprobs
+from lab.config import BaseConfig, check, opt
+from lab.ops import masked_mean
+from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everything
+
+
+@dataclass
+class SFTConfig(BaseConfig):
+    lr: float = opt(1e-3, "AdamW learning rate", min=1e-7, max=1.0)
+    steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
+    batch_size: int = opt(32, "rows per step", min=1, max=4096)
+    max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
+    per_sequence: bool = opt(False, "average the loss per sequence first (every row weighs the same) "
+                                    "instead of over all completion tokens")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.task != "bandit", "task", "bandit has no demonstrations to imitate; use arith or reviews")
+
+
+def sft_loss(logprobs: torch.Tensor, completion_mask: torch.Tensor, per_sequence: bool = False):
+    """L = − Σ_{b,t} m_bt · log π_θ(y_bt) / Σ_{b,t} m_bt   (token mean; ``per_sequence``: mean over rows of the
+    row's token mean).
+
+    logprobs, completion_mask: (B, T). Returns (loss, metrics).
+    """
+    nll = -logprobs  # (B, T)
+    if per_sequence:
+        row = (nll * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1)  # (B,)
+        loss = row.mean()
+    else:
+        loss = masked_mean(nll, completion_mask)
+    with torch.no_grad():
+        tokens = completion_mask.sum()
+        metrics = {"loss/sft": loss.detach(), "logprobs/mean": masked_mean(logprobs, completion_mask),
+                   "ppl": torch.exp(masked_mean(nll, completion_mask)), "tokens": tokens}
+    return loss, metrics
+
+
+def load_sft_rows(cfg) -> list[dict]:
+    from lab.data import load_rows
+
+    return list(load_rows(cfg.task, format="prompt_completion", skip_bad_rows=cfg.skip_bad_rows))
+
+
+def train(cfg: SFTConfig, *, policy=None, stop: threading.Event | None = None, record=None) -> Iterator[dict]:
+    """One optimizer step per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
+    from lab.tasks import TASKS, get_task
+
+    seed_everything(cfg.seed)
+    task = get_task(cfg.task) if cfg.task in TASKS else None
+    rows = load_sft_rows(cfg)
+    policy = policy or load_for(cfg, task)
+    params = policy.trainable_parameters()
+    optimizer = make_optimizer(params, cfg)
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+
+    with Run(cfg, "sft", policy=policy, stop=stop, record=record) as run:
+        run.summary["rows"] = len(rows)
+        for step in run.steps():
+            # 1. batch: walk through shuffled epochs of the data
+            if len(order) < cfg.batch_size:
+                fresh = list(range(len(rows)))
+                rng.shuffle(fresh)
+                order += fresh
+            batch_rows = [rows[i] for i in order[: cfg.batch_size]]
+            del order[: cfg.batch_size]
+            batch = encode_pairs(policy.tokenizer, [r["prompt"] for r in batch_rows],
+                                 [r["completion"] for r in batch_rows], max_length=cfg.max_length).to(policy.device)
+            # 2. loss on completion tokens only
+            policy.model.train()
+            logprobs, mask = token_logprobs(policy.model, batch)  # (B, L-1), (B, L-1)
+            loss, metrics = sft_loss(logprobs, mask, cfg.per_sequence)
+            # 3. update
+            loss.backward()
+            metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
+            if run.want_samples(step) and task is not None:
+                run.samples(step, _greedy_samples(policy, task, cfg))
+            yield run.log(step, metrics)
+        if task is not None:
+            from lab.evaluate import evaluate
+
+            run.summary["eval"] = evaluate(policy, task, n=cfg.eval_size)
+
+
+def _greedy_samples(policy, task, cfg, n: int = 4) -> list[dict]:
+    from lab.evaluate import answer
+
+    ans = answer(policy.model, policy.tokenizer, task, task.eval_prompts()[:n], max_new_tokens=cfg.max_new_tokens)
+    return [{"prompt": p, "completion": c, "gold_reward": r}
+            for p, c, r in zip(ans.prompts, ans.completions, ans.rewards)]
+
+
+Config = SFTConfig
