@@ -20,7 +20,9 @@ def _user_errors():
     """The exceptions that are the user's to fix: shown as one line, never as a traceback."""
     from lab.modeling import ModelNotFound
 
-    errors = [ConfigError, ModelNotFound, FileNotFoundError]
+    from lab.tasks import UnknownTaskError
+
+    errors = [ConfigError, ModelNotFound, FileNotFoundError, UnknownTaskError]
     try:
         from lab.data import DataError
 

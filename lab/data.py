@@ -458,7 +458,9 @@ def _check_messages(value: Any, key: str, loc: str) -> list[dict]:
         raise DataError(f"{loc}key '{key}' must be a non-empty list of messages, got {got}")
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise DataError(f"{loc}key '{key}[{i}]' must be a message object with 'role' and 'content', got {_kind(message)}")
+            raise DataError(
+                f"{loc}key '{key}[{i}]' must be a message object with 'role' and 'content', got {_kind(message)}"
+            )
         for part in ("role", "content"):
             if part not in message:
                 raise DataError(f"{loc}key '{key}[{i}].{part}' is missing")
@@ -490,7 +492,9 @@ def _completion(row: dict, key: str, loc: str) -> str:
         return _text(value, key, loc)
     messages = _check_messages(value, key, loc)
     if len(messages) != 1:
-        raise DataError(f"{loc}key '{key}' must hold a single assistant message after 'prompt', got {len(messages)} messages")
+        raise DataError(
+            f"{loc}key '{key}' must hold a single assistant message after 'prompt', got {len(messages)} messages"
+        )
     return _split_last_assistant(messages, key, loc)[1]
 
 
@@ -500,5 +504,6 @@ def _split_last_assistant(messages: list[dict], key: str, loc: str) -> tuple[lis
     if last["role"] != "assistant":
         raise DataError(f"{loc}key '{key}' must end with an assistant message, but ends with role '{last['role']}'")
     if not last["content"].strip():
-        raise DataError(f"{loc}key '{key}[{len(messages) - 1}].content' must be a non-empty string, got an empty string")
+        where = f"{key}[{len(messages) - 1}].content"
+        raise DataError(f"{loc}key '{where}' must be a non-empty string, got an empty string")
     return messages[:-1], last["content"]

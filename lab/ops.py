@@ -141,7 +141,8 @@ def _completion_logits(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     P = L - T
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=None)
+    position_ids = position_ids_from_mask(attention_mask)  # (B, P+T)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     # The logit at position i predicts token i+1, so positions P-1 .. P+T-2 predict the completion.
     predicting = torch.arange(P - 1, L - 1, device=input_ids.device)  # (T,)
     if accepts_logits_to_keep(model):
@@ -330,7 +331,10 @@ def kl_estimator(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tens
 
 
 def kl_estimate(name: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL estimate with the estimator called `name`: `kl_estimator(name)(logprobs, ref_logprobs)`."""
+    """Per-token KL estimate with the estimator called `name`.
+
+    Same as `kl_estimator(name)(logprobs, ref_logprobs)`.
+    """
     return kl_estimator(name)(logprobs, ref_logprobs)
 
 

@@ -72,6 +72,8 @@ class Rollout:
 
         Used to cut a rollout batch into minibatches. Shapes P and T are kept as they are.
         """
+        if isinstance(index, torch.Tensor):
+            index = index.cpu()
         rows = torch.arange(len(self))[index].reshape(-1)  # (B',) the same rules as tensor indexing
         row_list = rows.tolist()
         picked = {}
@@ -113,9 +115,9 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True, stable=True)  # (B, V), (B, V)
     sorted_probs = sorted_logits.float().softmax(dim=-1)  # (B, V)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V) probability of the tokens ranked above
-    # A token is in the nucleus while the tokens above it have not yet reached top_p.
+    # A token is in the nucleus while the tokens above it have not yet reached top_p. The most
+    # likely token has nothing above it (mass 0 < top_p), so it is always kept.
     drop_sorted = mass_before >= top_p  # (B, V)
-    drop_sorted[:, 0] = False  # always keep the most likely token
     drop = drop_sorted.scatter(-1, sorted_ids, drop_sorted)  # (B, V) back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -300,17 +302,17 @@ def _generate_batch(
     )
 
 
-def _decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor) -> list[str]:
+def _decode(
+    tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor
+) -> list[str]:
     """Text of each completion, up to but not including its EOS."""
-    texts = []
-    for ids, n_tokens, cut in zip(completion_ids.tolist(), mask.sum(-1).tolist(), truncated.tolist()):
-        n_text = n_tokens if cut else n_tokens - 1  # drop the EOS itself
-        texts.append(tokenizer.decode(ids[:n_text], skip_special_tokens=True))
-    return texts
+    n_text = mask.sum(-1) - (~truncated).long()  # (B,) tokens before the EOS
+    rows = [ids[:n] for ids, n in zip(completion_ids.tolist(), n_text.tolist())]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 def _concat(pieces: list[Rollout], pad_token_id: int) -> Rollout:
-    """Join rollouts row-wise: prompts padded on the left to common P, completions on the right to common T."""
+    """Join rollouts row-wise: prompts left-padded to a common P, completions right-padded to a common T."""
     P = max(r.prompt_ids.shape[1] for r in pieces)
     T = max(r.completion_ids.shape[1] for r in pieces)
     return Rollout(
@@ -318,7 +320,9 @@ def _concat(pieces: list[Rollout], pad_token_id: int) -> Rollout:
         completions=[c for r in pieces for c in r.completions],
         prompt_ids=torch.cat([_pad_columns(r.prompt_ids, P, pad_token_id, left=True) for r in pieces]),
         prompt_mask=torch.cat([_pad_columns(r.prompt_mask, P, 0, left=True) for r in pieces]),
-        completion_ids=torch.cat([_pad_columns(r.completion_ids, T, pad_token_id, left=False) for r in pieces]),
+        completion_ids=torch.cat(
+            [_pad_columns(r.completion_ids, T, pad_token_id, left=False) for r in pieces]
+        ),
         completion_mask=torch.cat([_pad_columns(r.completion_mask, T, 0, left=False) for r in pieces]),
         truncated=torch.cat([r.truncated for r in pieces]),
     )
@@ -327,6 +331,10 @@ def _concat(pieces: list[Rollout], pad_token_id: int) -> Rollout:
 # --------------------------------------------------------------------------------------------
 # Prompt formatting
 # --------------------------------------------------------------------------------------------
+
+
+def _is_message(message) -> bool:
+    return isinstance(message, dict) and {"role", "content"} <= message.keys()
 
 
 def format_prompt(tokenizer, prompt: str | list[dict]) -> str:
@@ -342,7 +350,7 @@ def format_prompt(tokenizer, prompt: str | list[dict]) -> str:
     """
     if isinstance(prompt, str):
         return prompt
-    if not isinstance(prompt, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt):
+    if not isinstance(prompt, list) or not all(_is_message(m) for m in prompt):
         raise TypeError('prompt must be a string or a list of {"role": ..., "content": ...} messages')
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(

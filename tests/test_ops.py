@@ -25,6 +25,16 @@ from lab.ops import (
     sequence_logprobs_and_entropy,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: thread start-up costs more than the matmuls, and far more on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------------------
 # selective_logprobs / entropy_from_logits
 # --------------------------------------------------------------------------------------------

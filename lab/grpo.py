@@ -1,0 +1,334 @@
+"""GRPO: PPO's clipped objective with the value function replaced by the group's own rewards.
+
+Paper card
+----------
+Group Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath", §4.1). For each prompt x, sample a group
+of G completions y_1..y_G from π_old, score them, and use the group's z-scored rewards as advantages — no value
+network, no GAE::
+
+    Â_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + ε_std)             (same Â_i for every token of y_i)
+
+Then maximize PPO's clipped surrogate with a per-token KL penalty to π_ref (here as a loss to minimize)::
+
+    ρ_it = π_θ(y_it | x, y_i,<t) / π_old(y_it | x, y_i,<t)
+    ℓ_it = − min( ρ_it Â_i,  clip(ρ_it, 1 − ε_low, 1 + ε_high) Â_i )  +  β · k3_it
+    k3_it = π_ref/π_θ − log(π_ref/π_θ) − 1                               (Schulman 2020: unbiased, ≥ 0)
+
+    L(θ) = (1/G) Σ_i (1/|y_i|) Σ_t ℓ_it                                  ("sequence": DeepSeekMath)
+
+How the per-token losses are averaged is the main thing later papers changed; each is its own function here:
+
+    sequence   (1/B) Σ_i (1/|y_i|) Σ_t ℓ_it     DeepSeekMath: a long completion's tokens weigh less each
+    token      Σ_i Σ_t ℓ_it / Σ_i |y_i|         DAPO (Yu et al. 2025): every token weighs the same
+    constant   Σ_i Σ_t ℓ_it / (B · T_max)       Dr. GRPO (Liu et al. 2025): no length bias; with it Dr. GRPO
+                                                 also drops the std division (``scale_rewards`` defaults to off)
+
+With one update per rollout (μ = 1) the ratio is exactly 1 and the gradient is the REINFORCE gradient with the
+group baseline (tests/test_grpo.py checks it); clipping matters only when a rollout is reused (μ > 1, or several
+minibatches per rollout), which is when ``old_logprobs`` are stored.
+
+==============================  ============================================
+symbol                          code
+==============================  ============================================
+G                               ``cfg.group_size``
+ε_std                           ``cfg.epsilon_std``
+ε_low, ε_high                   ``cfg.epsilon_low``, ``cfg.epsilon_high``
+β                               ``cfg.beta`` (0: π_ref is never computed)
+μ                               ``cfg.num_iterations``
+log π_θ, log π_old, log π_ref   ``logprobs``, ``old_logprobs``, ``ref_logprobs`` (B, T)
+r_i, Â_i                        ``rewards``, ``advantages`` (B·G,)
+t ≤ |y_i| (EOS included)        ``completion_mask`` (B, T)
+T_max                           ``max_new_tokens``
+==============================  ============================================
+
+Batch levels: a rollout batch (``batch_size`` prompts × G completions) → minibatches (``minibatch_size``
+completions, one optimizer step each) → microbatches (``microbatch_size`` completions, one forward/backward each,
+gradients accumulated). In the loss functions below B counts the completions they are given.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from lab.config import BaseConfig, ConfigError, check, opt
+from lab.ops import kl_k3, masked_mean, masked_sum
+from lab.rewards import make_reward
+from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics, load_prompts,
+                         prompt_batches, reference_logprobs, resolve_max_new_tokens, rollout, rollout_metrics,
+                         sample_rows, score)
+from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everything
+
+
+@dataclass
+class GRPOConfig(BaseConfig):
+    """GRPO: group-normalized advantages, clipped surrogate, k3 KL to the reference."""
+
+    lr: float = opt(3e-3, "AdamW learning rate", min=1e-7, max=1.0)
+    steps: int = opt(60, "rollouts; each is followed by num_iterations × (minibatches) optimizer steps",
+                     min=1, max=1_000_000)
+    batch_size: int = opt(8, "prompts per rollout (each gets group_size completions)", min=1, max=4096)
+    group_size: int = opt(8, "G: completions per prompt; ≥ 2 so the group has a baseline", min=2, max=1024)
+    epsilon_std: float = opt(1e-4, "ε added to the group std before dividing (a group of equal rewards gets Â = 0)",
+                             min=0.0, max=1.0)
+    epsilon_low: float = opt(0.2, "ε_low: the ratio is clipped below at 1 − ε_low", min=0.0, max=0.999)
+    epsilon_high: float = opt(0.2, "ε_high: the ratio is clipped above at 1 + ε_high (DAPO: 0.28)", min=0.0, max=10.0)
+    beta: float = opt(0.0, "β of the per-token k3 KL to π_ref (DeepSeekMath: 0.04; 0: no reference pass at all)",
+                      min=0.0, max=100.0)
+    num_iterations: int = opt(1, "μ: optimizer passes over each rollout (> 1 reuses it: ratio ≠ 1, clipping acts)",
+                              min=1, max=100)
+    loss_norm: str = opt("sequence", "how per-token losses are averaged: sequence (DeepSeekMath), token (DAPO), "
+                                     "constant (Dr. GRPO)", choices=("sequence", "token", "constant"))
+    scale_rewards: bool | None = opt(None, "divide advantages by the group std; default: on, off for "
+                                           "loss_norm=constant (Dr. GRPO)")
+    reward: str = opt("gold", "reward: gold (the task's), a reward-model path, or python:module:function")
+    minibatch_size: int | None = opt(None, "completions per optimizer step; default: the whole rollout batch",
+                                     min=1, max=1_000_000)
+    microbatch_size: int | None = opt(None, "completions per forward/backward (gradient accumulation); "
+                                            "default: the minibatch", min=1, max=1_000_000)
+    eval_every: int = opt(10, "greedy held-out evaluation every N steps (0: only before and after)",
+                          min=0, max=1_000_000)
+    eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
+
+    def __post_init__(self) -> None:
+        # the checks that need a reason come first, so the message says why and not only the range
+        if isinstance(self.group_size, int) and self.group_size < 2:
+            raise ConfigError(f"group_size: must be ≥ 2 so the group has a baseline, got {self.group_size}")
+        if isinstance(self.epsilon_low, (int, float)) and not 0.0 <= self.epsilon_low < 1.0:
+            raise ConfigError(f"epsilon_low: must be in [0, 1) so the lower clip bound 1 − ε_low stays positive, "
+                              f"got {self.epsilon_low}")
+        super().__post_init__()
+        check(self.loss_norm in LOSS_NORMS, "loss_norm",
+              f"must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}")
+        if self.scale_rewards is None:
+            self.scale_rewards = self.loss_norm != "constant"
+        rollout_size = self.batch_size * self.group_size
+        if self.minibatch_size is not None:
+            check(rollout_size % self.minibatch_size == 0, "minibatch_size",
+                  f"must divide batch_size × group_size = {rollout_size}, got {self.minibatch_size}")
+        minibatch = self.minibatch_size or rollout_size
+        if self.microbatch_size is not None:
+            check(minibatch % self.microbatch_size == 0, "microbatch_size",
+                  f"must divide the minibatch ({minibatch} completions), got {self.microbatch_size}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """Â_i = (r_i − mean_g r) / (std_g r + ε)   (``scale=False``: Â_i = r_i − mean_g r, Dr. GRPO)
+
+    rewards: (B·G,), the G completions of a prompt next to each other. std is the unbiased (n − 1) one, as in
+    DeepSeekMath's and TRL's code. A group whose rewards are all equal gets Â = 0: it teaches nothing.
+    Returns (B·G,).
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    advantages = grouped - grouped.mean(-1, keepdim=True)  # (B, G)
+    if scale:
+        advantages = advantages / (grouped.std(-1, keepdim=True) + eps)  # (B, G)
+    return advantages.reshape(-1)  # (B·G,)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The clipped surrogate
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      epsilon_low: float, epsilon_high: float):
+    """ℓ_t = − min( ρ_t Â,  clip(ρ_t, 1 − ε_low, 1 + ε_high) Â ),   ρ_t = exp(log π_θ − log π_old)
+
+    The min makes the objective pessimistic: once ρ has moved past the clip bound in the direction Â rewards,
+    the gradient is zero. The clip masks say where that happened (the bounds that actually bind):
+
+        low  = ρ < 1 − ε_low  and Â < 0          high = ρ > 1 + ε_high and Â > 0
+
+    logprobs, old_logprobs: (B, T); advantages: (B,) (or (B, T)). Returns (per-token loss (B, T), low, high).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]  # (B, 1): one advantage for every token of a completion
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    unclipped = ratio * advantages  # (B, T)
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * advantages  # (B, T)
+    per_token_loss = -torch.min(unclipped, clipped)  # (B, T)
+    with torch.no_grad():
+        low = (ratio < 1.0 - epsilon_low) & (advantages < 0)  # (B, T)
+        high = (ratio > 1.0 + epsilon_high) & (advantages > 0)  # (B, T)
+    return per_token_loss, low, high
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss normalizations. With gradient accumulation a microbatch sees only part of the minibatch, so each takes the
+# minibatch's totals (num_sequences, num_tokens); left as None, the given tensors are the whole minibatch.
+
+
+def sequence_mean(per_token_loss, completion_mask, *, num_sequences=None, num_tokens=None, max_new_tokens=None):
+    """L = (1/B) Σ_i (1/|y_i|) Σ_t m_it ℓ_it   (DeepSeekMath, TRL loss_type="grpo")."""
+    lengths = completion_mask.sum(-1).clamp(min=1)  # (B,)
+    per_sequence = masked_sum(per_token_loss, completion_mask, dim=-1) / lengths  # (B,)
+    return per_sequence.sum() / (num_sequences or per_token_loss.shape[0])
+
+
+def token_mean(per_token_loss, completion_mask, *, num_sequences=None, num_tokens=None, max_new_tokens=None):
+    """L = Σ_i Σ_t m_it ℓ_it / Σ_i |y_i|   (DAPO, TRL loss_type="dapo")."""
+    total = num_tokens if num_tokens is not None else completion_mask.sum()
+    return masked_sum(per_token_loss, completion_mask) / max(float(total), 1.0)
+
+
+def constant_norm(per_token_loss, completion_mask, *, num_sequences=None, num_tokens=None, max_new_tokens=None):
+    """L = Σ_i Σ_t m_it ℓ_it / (B · T_max)   (Dr. GRPO, TRL loss_type="dr_grpo"); T_max = the length cap."""
+    if max_new_tokens is None:
+        raise ValueError("loss_norm 'constant' needs max_new_tokens (the completion length cap)")
+    B = num_sequences or per_token_loss.shape[0]
+    return masked_sum(per_token_loss, completion_mask) / (B * max_new_tokens)
+
+
+LOSS_NORMS = {"sequence": sequence_mean, "token": token_mean, "constant": constant_norm}
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+              completion_mask: torch.Tensor, *, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
+              epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_norm: str = "sequence",
+              max_new_tokens: int | None = None, num_sequences: int | None = None, num_tokens: int | None = None):
+    """L = norm( ℓ ),  ℓ_it = clipped_surrogate_it + β · k3(log π_θ, log π_ref)_it   (see the module docstring)
+
+    logprobs, old_logprobs, ref_logprobs, completion_mask: (B, T); advantages: (B,).
+    Returns (loss, metrics); metrics are token means over this (micro)batch.
+    """
+    norm = LOSS_NORMS[loss_norm]
+    mask = completion_mask.to(logprobs.dtype)  # (B, T)
+    per_token_loss, low, high = clipped_surrogate(logprobs, old_logprobs, advantages, epsilon_low, epsilon_high)
+    sizes = dict(num_sequences=num_sequences, num_tokens=num_tokens, max_new_tokens=max_new_tokens)
+    policy_loss = norm(per_token_loss, mask, **sizes)
+    loss = policy_loss
+    metrics = {}
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs ref_logprobs")
+        kl = kl_k3(logprobs, ref_logprobs)  # (B, T)
+        loss = loss + beta * norm(kl, mask, **sizes)  # the same as adding β·k3 to ℓ: every norm is linear
+        metrics["kl/ref"] = masked_mean(kl.detach(), mask)
+    with torch.no_grad():
+        metrics.update({"loss/policy": policy_loss.detach(),
+                        "clip/low_frac": masked_mean(low.float(), mask),
+                        "clip/high_frac": masked_mean(high.float(), mask),
+                        "clip/frac": masked_mean((low | high).float(), mask)})
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@torch.no_grad()
+def _fixed_logprobs(model, roll, temperature: float, microbatch: int) -> torch.Tensor:
+    """log-probs of the whole rollout under a model that will not change during the update: (B·G, T)."""
+    return torch.cat([completion_logprobs(model, roll.select(slice(i, i + microbatch)), temperature)
+                      for i in range(0, len(roll), microbatch)])
+
+
+class _Mean:
+    """Weighted running means of per-microbatch metrics."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, metrics: dict, weight: float) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
+            self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def means(self) -> dict:
+        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+
+
+def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, record=None) -> Iterator[dict]:
+    """One rollout and its updates per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
+    from lab.tasks import TASKS, get_task
+
+    seed_everything(cfg.seed)
+    task = get_task(cfg.task) if cfg.task in TASKS else None
+    reward_fn = make_reward(cfg.reward, task)
+    prompts = load_prompts(cfg, task)
+    policy = policy or load_for(cfg, task)
+    params = policy.trainable_parameters()
+    optimizer = make_optimizer(params, cfg)
+    generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    shuffler = torch.Generator().manual_seed(cfg.seed)
+    batches = prompt_batches(prompts, cfg.batch_size, cfg.seed)
+    max_new_tokens = resolve_max_new_tokens(cfg, task)
+    G = cfg.group_size
+    rollout_size = cfg.batch_size * G
+    minibatch = cfg.minibatch_size or rollout_size
+    microbatch = cfg.microbatch_size or minibatch
+    reuse = cfg.num_iterations > 1 or minibatch < rollout_size  # later updates see a stale rollout
+    bandit_ref = bandit_reference(policy, task)
+
+    with Run(cfg, "grpo", policy=policy, stop=stop, record=record) as run:
+        run.summary["reward"] = reward_fn.name
+        run.summary["before"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
+        for step in run.steps():
+            # 1. rollout: every prompt G times, side by side, so groups are contiguous rows
+            group_prompts = [p for p in next(batches) for _ in range(G)]
+            roll = rollout(policy, group_prompts, cfg, generator, max_new_tokens)  # B·G completions
+            # 2. score
+            rewards = score(reward_fn, roll)  # (B·G,)
+            # 3. advantages, from the group alone
+            advantages = group_advantages(rewards, G, cfg.epsilon_std, cfg.scale_rewards)  # (B·G,)
+            metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))
+            group_std = rewards.view(-1, G).std(-1)  # (B,)
+            metrics["groups/zero_std_frac"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()
+            # 4. log-probs that stay fixed during the update: π_old (only if the rollout is reused; else the
+            #    ratio is 1 and logprobs.detach() serves) and π_ref (only if β > 0)
+            old_logprobs = _fixed_logprobs(policy.model, roll, cfg.temperature, microbatch) if reuse else None
+            ref_logprobs = None
+            if cfg.beta > 0:
+                ref_logprobs = torch.cat([reference_logprobs(policy, roll.select(slice(i, i + microbatch)),
+                                                             cfg.temperature)
+                                          for i in range(0, len(roll), microbatch)])  # (B·G, T)
+            # 5. update: μ passes; each pass: minibatches (one optimizer step) of microbatches (accumulated)
+            policy.model.train()
+            meter, grad_norms, losses = _Mean(), [], []
+            for _ in range(cfg.num_iterations):
+                order = torch.randperm(rollout_size, generator=shuffler) if reuse else torch.arange(rollout_size)
+                for start in range(0, rollout_size, minibatch):
+                    rows = order[start:start + minibatch]
+                    num_tokens = int(roll.completion_mask[rows.to(roll.completion_mask.device)].sum())
+                    total = 0.0
+                    for micro_start in range(0, len(rows), microbatch):
+                        micro = rows[micro_start:micro_start + microbatch]
+                        part = roll.select(micro)
+                        mask = part.completion_mask.float()  # (b, T)
+                        logprobs, entropy = completion_logprobs(policy.model, part, cfg.temperature,
+                                                                with_entropy=True)  # (b, T)
+                        idx = micro.to(logprobs.device)
+                        old = old_logprobs[idx] if old_logprobs is not None else logprobs.detach()
+                        loss, loss_metrics = grpo_loss(
+                            logprobs, old, advantages[idx], mask,
+                            ref_logprobs=ref_logprobs[idx] if ref_logprobs is not None else None, beta=cfg.beta,
+                            epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_norm=cfg.loss_norm,
+                            max_new_tokens=max_new_tokens, num_sequences=len(rows), num_tokens=num_tokens)
+                        loss.backward()
+                        total += float(loss_metrics.pop("loss/policy"))
+                        loss_metrics["entropy"] = masked_mean(entropy.detach(), mask)
+                        meter.add(loss_metrics, weight=float(mask.sum()))
+                    losses.append(total)
+                    grad_norms.append(clip_and_step(optimizer, params, cfg.max_grad_norm))
+            metrics.update(meter.means())
+            metrics["loss/policy"] = sum(losses) / len(losses)
+            metrics["grad/norm"] = sum(grad_norms) / len(grad_norms)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                metrics.update(eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref))
+            if run.want_samples(step):
+                run.samples(step, sample_rows(roll, rewards, advantages, n=2 * G))
+            yield run.log(step, metrics)
+        run.summary["after"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
+
+
+Config = GRPOConfig

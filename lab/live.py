@@ -1,0 +1,447 @@
+"""Running a trainer in the background and watching it step by step: what the app needs, minus the widgets.
+
+A :class:`Job` runs one trainer generator (``train(cfg, policy=..., stop=..., record=...)``) in a thread. Each
+step's metrics dict is appended to ``job.history`` as soon as the trainer yields it, and ``job.wait(seen)`` wakes
+whoever watches as soon as there is something new, so a UI can redraw once per step without polling the disk.
+The policy is loaded here, not inside the trainer, so that after the run the tuned policy is still in hand for a
+before/after comparison and the per-token view.
+
+A :class:`Session` is what one browser tab keeps between clicks: its current job, the last trained policy and
+the latest samples. Nothing here imports a UI library.
+
+    session = Session()
+    job = start(session, "sft", {"task": "arith", "steps": 20})   # ConfigError / DataError raise right here
+    while not job.done:
+        job.wait(len(job.history), timeout=1.0)
+        print(job.history[-1] if job.history else job.phase)
+    rows, summary = compare(session)                                # before / after on held-out prompts
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("lab.live")
+
+# Fields a UI sets from its own controls rather than from the config's panel.
+SHARED_FIELDS = ("task", "model", "mode", "out")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors a user can fix: shown as one line, never as a traceback
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user (bad value, bad data, missing model, out of memory)."""
+    from lab.config import ConfigError
+    from lab.data import DataError
+    from lab.modeling import ModelNotFound
+
+    kinds: list[type[BaseException]] = [ConfigError, DataError, ModelNotFound, torch.OutOfMemoryError]
+    try:
+        from lab.tasks import UnknownTaskError
+
+        kinds.append(UnknownTaskError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def user_message(err: BaseException) -> str:
+    """One line that says what went wrong and what to change. Never a traceback."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return ("out of memory: lower batch_size, group_size or max_new_tokens, or train with LoRA / 4-bit "
+                "instead of full fine-tuning")
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(err, user_errors()):
+        return first or type(err).__name__
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building a config from loose UI values
+
+
+def coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Turn widget values into the types the config declares: ``2.0`` → ``2`` for an int field, ``""`` → ``None``
+    for an optional field. A value that cannot be converted raises ``ConfigError`` naming the field."""
+    from lab.config import ConfigError, field_types
+
+    types_ = field_types(cls)
+    optional = {f.name for f in dataclasses.fields(cls) if f.default is None}
+    out = {}
+    for name, value in values.items():
+        if name not in types_:
+            raise ConfigError(f"{name}: not a setting of {cls.__name__}")
+        tp = types_[name]
+        if value is None or (isinstance(value, str) and value.strip() == ""):
+            if name in optional:
+                out[name] = None
+                continue
+            if tp is str:
+                out[name] = ""
+                continue
+            raise ConfigError(f"{name}: needs a value")
+        try:
+            if tp is bool:
+                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            elif tp is int:
+                number = float(value)
+                if not number.is_integer():
+                    raise ConfigError(f"{name}: must be a whole number, got {value}")
+                value = int(number)
+            elif tp is float:
+                value = float(value)
+            elif tp is str:
+                value = str(value).strip()
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+        out[name] = value
+    return out
+
+
+def make_config(method: str, values: dict[str, Any]):
+    """The validated config of ``method`` from UI values (unknown or empty values fall back to the defaults)."""
+    from lab.methods import get_method
+
+    cls, _ = get_method(method)
+    return cls(**coerce(cls, values))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A training job
+
+
+@dataclass
+class Job:
+    """One trainer generator running in a thread; ``history`` grows by one metrics dict per step."""
+
+    method: str
+    cfg: Any
+    train_fn: Any
+    policy: Any = None  # set once loaded (kept after the run for before/after)
+    task: Any = None  # the built-in Task, or None for user data
+    record_path: Path | None = None
+    history: list[dict] = field(default_factory=list)
+    phase: str = "starting"  # starting → loading → running → completed | stopped | failed
+    error: str | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.time)
+    first_step_at: float | None = None
+    ended: float | None = None
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _thread: threading.Thread | None = None
+
+    # --- running ------------------------------------------------------------------------------------------------------
+
+    def start(self) -> "Job":
+        self._thread = threading.Thread(target=self._main, name=f"lab-{self.method}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _main(self) -> None:
+        from lab.records import RunRecord
+        from lab.runner import load_for
+
+        record = None
+        try:
+            self._set_phase("loading")
+            if self.policy is None and uses_policy(self.method):
+                self.policy = load_for(self.cfg, self.task)
+            config = {"method": self.method, **dataclasses.asdict(self.cfg)}
+            record = RunRecord.create(out=self.cfg.out, run_id=self.cfg.run_id, config=config, prefix=self.method)
+            self.record_path = record.path
+            self._set_phase("running")
+            kwargs = {"stop": self.stop, "record": record}
+            if self.policy is not None:
+                kwargs["policy"] = self.policy
+            for metrics in self.train_fn(self.cfg, **kwargs):
+                with self._cond:
+                    if self.first_step_at is None:
+                        self.first_step_at = time.time()
+                    self.history.append(dict(metrics))
+                    self._cond.notify_all()
+            status = (record.status.get("status") if record is not None else None) or "completed"
+            self._set_phase("stopped" if status == "stopped" or
+                            (self.stop.is_set() and len(self.history) < self.cfg.steps) else "completed")
+        except BaseException as err:  # noqa: BLE001 - the thread must always report back
+            if not isinstance(err, user_errors()):
+                log.error("run %s failed:\n%s", self.method, traceback.format_exc())
+            if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.error = user_message(err)
+            if record is not None and not record.finished:  # the trainer failed before its own record took over
+                record.finish("failed", error=self.error)
+            self._set_phase("failed")
+        finally:
+            with self._cond:
+                self.ended = time.time()
+                self._cond.notify_all()
+
+    def _set_phase(self, phase: str) -> None:
+        with self._cond:
+            self.phase = phase
+            self._cond.notify_all()
+
+    # --- watching -----------------------------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.ended is not None
+
+    def wait(self, seen: int, timeout: float | None = None) -> bool:
+        """Block until more than ``seen`` steps exist or the job ended; True if there is something new."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.history) > seen or self.done, timeout=timeout)
+            return len(self.history) > seen or self.done
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def request_stop(self) -> None:
+        """The trainer finishes the step it is in, writes its record as ``stopped`` and ends."""
+        self.stop.set()
+
+    def progress(self) -> dict:
+        """Steps done, total, seconds per step (after the first, which includes loading), elapsed and ETA."""
+        now = self.ended or time.time()
+        done = len(self.history)
+        total = int(getattr(self.cfg, "steps", 0) or 0)
+        elapsed = now - self.started
+        per_step = None
+        if done >= 2:
+            t = [m.get("time/elapsed") for m in self.history]
+            if all(isinstance(x, (int, float)) for x in (t[0], t[-1])) and t[-1] > t[0]:
+                per_step = (t[-1] - t[0]) / (done - 1)
+            else:
+                per_step = (now - (self.first_step_at or self.started)) / (done - 1)
+        elif done == 1 and self.first_step_at is not None:
+            per_step = self.first_step_at - self.started
+        eta = None if per_step is None or self.done else per_step * max(total - done, 0)
+        return {"step": done, "steps": total, "elapsed": elapsed, "per_step": per_step, "eta": eta,
+                "phase": self.phase, "first_step_after": (self.first_step_at - self.started)
+                if self.first_step_at else None}
+
+    def samples(self) -> list[dict]:
+        """The rows of the latest step that logged samples (prompt, completion, rewards...)."""
+        if self.record_path is None:
+            return []
+        from lab.records import load_run
+
+        try:
+            rows = load_run(self.record_path).samples
+        except FileNotFoundError:
+            return []
+        if not rows:
+            return []
+        last = max(int(r.get("step", 0)) for r in rows)
+        return [r for r in rows if int(r.get("step", 0)) == last]
+
+
+def uses_policy(method: str) -> bool:
+    """Methods that train a policy (everything but the reward model) take ``policy=`` and get before/after."""
+    return method != "rm"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A browser tab's state
+
+
+@dataclass
+class Session:
+    """What one tab keeps: its job, the last trained policy and task, the samples shown in the table."""
+
+    job: Job | None = None
+    policy: Any = None
+    task: Any = None
+    samples: list[dict] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Stop the tab's run, if any, and drop the policy (called when the tab goes away)."""
+        if self.job is not None and not self.job.done:
+            self.job.request_stop()
+        self.policy = None
+        self.job = None
+
+
+def resolve_task(task_name: str):
+    """The built-in Task for a name, or None for a data source (jsonl:PATH, hf:ID, a path)."""
+    from lab.tasks import TASKS
+
+    return TASKS.get(task_name)
+
+
+def start(session: Session, method: str, values: dict[str, Any]) -> Job:
+    """Validate ``values`` into ``method``'s config and start the run in a thread.
+
+    Raises right away (in the caller's thread) for a bad value (ConfigError), bad or unreachable data (DataError),
+    or user data without a model; a model that cannot be found shows up as ``job.error`` once loading fails.
+    """
+    from lab.config import ConfigError
+    from lab.methods import get_method
+
+    cls, train_fn = get_method(method)
+    cfg = cls(**coerce(cls, values))
+    task = resolve_task(cfg.task)
+    if task is None:
+        from lab.data import load_rows
+
+        load_rows(cfg.task)  # bad rows or an unreachable dataset fail now, with the row and key named
+        if not cfg.model:
+            raise ConfigError("model: your own data needs a model (a built-in name, a local folder or a hub id)")
+    if session.job is not None and not session.job.done:
+        raise RuntimeError("this tab already has a run going; stop it first")
+    session.policy = None  # free the previous policy before loading the next one
+    session.job = Job(method=method, cfg=cfg, train_fn=train_fn, task=task)
+    session.task = task
+    session.samples = []
+    return session.job.start()
+
+
+def finish(session: Session) -> None:
+    """After a run: keep its policy in the session for before/after and the per-token view."""
+    job = session.job
+    if job is not None and job.done and job.policy is not None and job.phase in ("completed", "stopped"):
+        session.policy = job.policy
+        session.task = job.task
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Before / after and the per-token view
+
+
+def compare(session: Session, n: int = 8, prompts: list[str] | None = None) -> tuple[list[dict], dict]:
+    """The same held-out prompts answered greedily by π_ref (adapters off) and by the tuned policy.
+
+    Returns (rows, summary): rows have prompt, before, before_reward, after, after_reward; summary has the mean
+    reward before and after and their difference (None when there is no gold reward, e.g. for your own data).
+    """
+    policy, task = session.policy, session.task
+    if policy is None:
+        raise ValueError("no trained policy in this tab yet: launch a run first")
+    if task is not None:
+        from lab.evaluate import before_after
+
+        rows = before_after(policy, task, prompts=prompts, n=n)
+    else:
+        rows = _before_after_untasked(policy, session, n, prompts)
+    before = [r["before_reward"] for r in rows if r["before_reward"] is not None]
+    after = [r["after_reward"] for r in rows if r["after_reward"] is not None]
+    summary = {"n": len(rows), "before": None, "after": None, "diff": None}
+    if before and after:
+        summary["before"] = sum(before) / len(before)
+        summary["after"] = sum(after) / len(after)
+        summary["diff"] = summary["after"] - summary["before"]
+    return rows, summary
+
+
+def _before_after_untasked(policy, session: Session, n: int, prompts: list[str] | None) -> list[dict]:
+    """Before/after on the user's own prompts: completions only (there is no gold reward to score them)."""
+    from lab.sampling import generate
+
+    if prompts is None:
+        from lab.data import load_rows
+
+        cfg = session.job.cfg if session.job is not None else None
+        rows = load_rows(cfg.task) if cfg is not None else []
+        prompts = [r["prompt"] for r in rows if isinstance(r.get("prompt"), str)][:n]
+    if not prompts:
+        raise ValueError("no text prompts to compare on")
+    cfg = session.job.cfg
+    max_new = cfg.max_new_tokens or 64
+    with policy.reference() as ref:
+        before = generate(ref, policy.tokenizer, prompts, max_new, greedy=True).completions
+    after = generate(policy.model, policy.tokenizer, prompts, max_new, greedy=True).completions
+    return [{"prompt": p, "before": b, "before_reward": None, "after": a, "after_reward": None}
+            for p, b, a in zip(prompts, before, after)]
+
+
+@torch.no_grad()
+def token_kl(policy, prompt, completion: str, add_eos: bool = True) -> list[dict]:
+    """Per completion token: log π_θ, log π_ref and their difference (the k1 KL term of that token).
+
+        kl_t = log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)
+
+    Summed over t this is log π_θ(y|x) − log π_ref(y|x), the single-sample KL estimate of the sequence.
+    Scored at temperature 1, prompt and completion tokenized as the trainers do (``encode_pairs``).
+    """
+    from lab.batching import encode_pairs
+    from lab.ops import sequence_logprobs
+
+    tok = policy.tokenizer
+    batch = encode_pairs(tok, [prompt], [completion], add_eos=add_eos).to(policy.device)
+    T = int(batch.completion_mask.sum())  # completion tokens (+ eos)
+    ids = batch.input_ids  # (1, P+T), one row: no padding
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        logprobs = sequence_logprobs(policy.model, ids, batch.attention_mask, T)[0]  # (T,)
+        with policy.reference() as ref:
+            ref_logprobs = sequence_logprobs(ref, ids, batch.attention_mask, T)[0]  # (T,)
+    finally:
+        policy.model.train(was_training)
+    completion_ids = ids[0, -T:].tolist()
+    out = []
+    for i, token_id in enumerate(completion_ids):
+        text = "</s>" if token_id == tok.eos_token_id else tok.decode([token_id])
+        lp, rlp = float(logprobs[i]), float(ref_logprobs[i])
+        out.append({"token": text, "logprob": lp, "ref_logprob": rlp, "kl": lp - rlp})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Past runs
+
+
+HIGHLIGHT_FIELDS = ("beta", "lr", "group_size", "epsilon_low", "epsilon_high", "cliprange", "temperature",
+                    "lora_r", "mode")
+
+
+def run_label(run) -> str:
+    """Short name for a run in a legend: method, task, the hyperparameters that usually differ, and the id."""
+    cfg = run.config or {}
+    parts = [str(run.method or "?"), str(cfg.get("task", "?"))]
+    for key in ("beta", "lr", "group_size"):
+        if key in cfg and cfg[key] is not None:
+            parts.append(f"{'β' if key == 'beta' else key}={cfg[key]:g}" if isinstance(cfg[key], (int, float))
+                         else f"{key}={cfg[key]}")
+    return f"{' '.join(parts)} · {run.run_id}"
+
+
+def past_runs(out: str) -> list[dict]:
+    """One row per run under ``out``, newest first: id, label, method, task, status, steps, key settings."""
+    from lab.records import list_runs
+
+    rows = []
+    for run in list_runs(out):
+        row = run.summary_row()
+        cfg = run.config or {}
+        rows.append({"id": run.run_id, "label": run_label(run), "method": row.get("method"),
+                     "task": row.get("task"), "status": row.get("status"), "steps": row.get("steps"),
+                     "started": row.get("started"),
+                     **{k: cfg.get(k) for k in HIGHLIGHT_FIELDS if k in cfg}})
+    return rows[::-1]
+
+
+def load_histories(out: str, run_ids: list[str]) -> dict[str, list[dict]]:
+    """label → metrics rows, for overlaying several runs' curves."""
+    from lab.records import load_run, safe_run_dir
+
+    histories = {}
+    for run_id in run_ids:
+        run = load_run(safe_run_dir(out, run_id))
+        histories[run_label(run)] = run.metrics
+    return histories

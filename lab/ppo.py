@@ -1,0 +1,491 @@
+"""PPO-RLHF: maximize a learned reward, stay near the reference policy, keep the language-modelling skill.
+
+Paper card
+----------
+InstructGPT (Ouyang et al. 2022, eq. 2), following Ziegler et al. 2019 and Stiennon et al. 2020::
+
+    max_θ  E_{x~D, y~π_θ(·|x)} [ r_φ(x, y) − β · log(π_θ(y|x) / π_ref(y|x)) ]  +  λ · E_{(x,y)~D_ptx} [ log π_θ(y|x) ]
+
+The first two terms are the KL-regularized reward; the third ("PPO-ptx") keeps predicting the next token on
+pretraining / SFT text so the policy does not forget how to write. The first two are optimized with PPO
+(Schulman et al. 2017) on a token-level MDP: the state is the prompt plus the tokens so far, the action is the
+next token, and the reward is shaped per token (Stiennon et al. 2020)::
+
+    r_t = −β · KL_t + [t = last token] · r_φ(x, y)          KL_t = log π_old(y_t|s_t) − log π_ref(y_t|s_t)  (k1)
+
+Advantages come from a learned value function V(s_t) by GAE (Schulman et al. 2016); PPO then takes several
+clipped steps on the same rollout batch::
+
+    ratio_t = π_θ(y_t|s_t) / π_old(y_t|s_t)
+    L_policy = − E_t[ min(ratio_t · A_t, clip(ratio_t, 1 − ε, 1 + ε) · A_t) ]
+    L_value  = ½ E_t[ max((V_θ − R_t)², (clip(V_θ, V_old − ε_v, V_old + ε_v) − R_t)²) ]
+    L_ptx    = − E_{(x,y)~D_ptx}[ (1/|y|) Σ_t log π_θ(y_t|x, y_<t) ]              (lab.sft.sft_loss)
+    loss     = L_policy + vf_coef · L_value + λ · L_ptx
+
+==========================  ==============================================
+symbol                      code
+==========================  ==============================================
+π_θ(y_t|s_t)                ``logprobs`` (B, T)
+π_old (the rollout policy)  ``old_logprobs`` (B, T)
+π_ref                       ``ref_logprobs`` (B, T), ``policy.reference()``
+r_φ(x, y)                   ``scores`` (B,), ``make_reward(cfg.reward)``
+β                           ``cfg.beta`` (``AdaptiveKLController`` when ``cfg.adaptive_kl``)
+r_t                         ``rewards`` (B, T), ``shaped_rewards``
+V(s_t)                      ``values`` (B, T), ``lab.modeling.add_value_head``
+γ, λ_GAE                    ``cfg.gamma``, ``cfg.lam``
+A_t, R_t                    ``advantages``, ``returns`` (B, T), ``gae``
+ε, ε_v                      ``cfg.cliprange``, ``cfg.cliprange_value``
+λ (ptx)                     ``cfg.ptx_coef``
+==========================  ==============================================
+
+Batch levels: one *rollout batch* of ``batch_size`` prompts per step → ``num_minibatches`` *minibatches* per PPO
+epoch (one optimizer step each) → ``gradient_accumulation`` *microbatches* per minibatch (one forward/backward
+each). Shapes: B batch, P prompt length, T completion length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from lab.config import BaseConfig, check, opt
+from lab.ops import kl_estimate, masked_mean, masked_var, masked_whiten, sequence_logprobs, \
+    sequence_logprobs_and_entropy
+from lab.runner import Run, clip_and_step, load_for, seed_everything
+from lab.sft import sft_loss
+
+KL_ESTIMATORS = ("k1", "k3")
+
+
+@dataclass
+class PPOConfig(BaseConfig):
+    """PPO-RLHF: reward − β·KL(π_θ‖π_ref) + λ·LM loss, with a value function, GAE and clipped updates."""
+
+    task: str = opt("reviews", "built-in task (reviews, arith, bandit) or a prompt source: jsonl:PATH, hf:ID")
+    reward: str = opt("gold", "r(x, y): 'gold' (the task's own reward), a reward-model run folder or checkpoint "
+                              "(lab train rm), or python:module:function")
+    lr: float = opt(1e-3, "AdamW learning rate (policy adapter, value adapter and value head)", min=1e-7, max=1.0)
+    steps: int = opt(30, "PPO iterations: one rollout batch and its PPO epochs each", min=1, max=1_000_000)
+    batch_size: int = opt(32, "prompts per rollout batch (one completion each)", min=1, max=4096)
+    # the KL-regularized reward
+    beta: float = opt(0.05, "β: weight of the per-token KL(π_θ‖π_ref) penalty in the reward", min=0.0, max=10.0)
+    kl_estimator: str = opt("k1", "per-token KL in the reward: k1 = log π/π_ref (unbiased; InstructGPT) or "
+                                  "k3 = (ρ − 1) − log ρ, ρ = π_ref/π (≥ 0, lower variance)", choices=KL_ESTIMATORS)
+    adaptive_kl: bool = opt(False, "adapt β toward target_kl (Ziegler et al. 2019) instead of keeping it fixed")
+    target_kl: float = opt(1.0, "adaptive β: the KL(π_θ‖π_ref) per completion to aim for, in nats",
+                           min=1e-3, max=100.0)
+    horizon: int = opt(1000, "adaptive β: samples over which β moves; each step changes β by at most "
+                             "20% · batch_size / horizon", min=1, max=10_000_000)
+    missing_eos_penalty: float = opt(0.0, "subtracted from the score of completions that never emit EOS "
+                                          "(0 disables)", min=0.0, max=100.0)
+    # advantages
+    gamma: float = opt(1.0, "γ: discount per token", min=0.0, max=1.0)
+    lam: float = opt(0.95, "λ of GAE: 0 = one-step TD (low variance), 1 = Monte Carlo return (no bias)",
+                     min=0.0, max=1.0)
+    whiten_advantages: bool = opt(True, "normalize advantages to mean 0, std 1 over the rollout batch")
+    # the PPO update
+    cliprange: float = opt(0.2, "ε: the probability ratio is clipped to [1 − ε, 1 + ε]", min=1e-3, max=1.0)
+    cliprange_value: float = opt(0.2, "ε_v: new values stay within ±ε_v of the rollout's values", min=1e-3,
+                                 max=100.0)
+    vf_coef: float = opt(0.1, "weight of the value loss in the total loss", min=0.0, max=100.0)
+    ppo_epochs: int = opt(4, "passes over each rollout batch", min=1, max=100)
+    num_minibatches: int = opt(2, "minibatches per pass (one optimizer step each); must divide batch_size",
+                               min=1, max=4096)
+    gradient_accumulation: int = opt(1, "microbatches per minibatch (forward/backward each, one optimizer step); "
+                                        "must divide the minibatch size", min=1, max=4096)
+    # the ptx term
+    ptx_coef: float = opt(0.0, "λ: weight of the LM loss on SFT/pretraining rows (0 disables PPO-ptx)",
+                          min=0.0, max=100.0)
+    ptx_data: str | None = opt(None, "rows for the ptx term: jsonl:PATH, PATH.jsonl or hf:ID with prompt and "
+                                     "completion; default: the built-in task's SFT rows")
+    ptx_batch_size: int = opt(8, "ptx rows per optimizer step", min=1, max=4096)
+    max_length: int = opt(256, "ptx rows: truncate prompt+completion to this many tokens", min=2, max=65536)
+    eval_every: int = opt(0, "evaluate on held-out prompts every N steps (0: only before and after)",
+                          min=0, max=1_000_000)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.kl_estimator in KL_ESTIMATORS, "kl_estimator",
+              f"must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        check(self.num_minibatches <= self.batch_size and self.batch_size % self.num_minibatches == 0,
+              "num_minibatches", f"must divide batch_size ({self.batch_size}) so every minibatch has the same "
+                                 f"size, got {self.num_minibatches}")
+        minibatch = self.batch_size // self.num_minibatches
+        check(minibatch % self.gradient_accumulation == 0, "gradient_accumulation",
+              f"must divide the minibatch size batch_size/num_minibatches = {minibatch}, "
+              f"got {self.gradient_accumulation}")
+        check(not (self.adaptive_kl and self.beta == 0), "adaptive_kl",
+              "needs beta > 0: the controller multiplies β, and 0 stays 0")
+        from lab.tasks import TASKS
+
+        builtin = self.task in TASKS
+        check(builtin or self.reward != "gold", "reward",
+              f"'gold' needs a built-in task ({', '.join(TASKS)}); for {self.task!r} give a reward-model path "
+              "or python:module:function")
+        check(builtin or self.ptx_coef == 0 or self.ptx_data is not None, "ptx_data",
+              f"ptx_coef > 0 needs SFT rows: give --ptx-data jsonl:PATH for task {self.task!r}")
+        check(not (self.task == "bandit" and self.missing_eos_penalty > 0), "missing_eos_penalty",
+              "must be 0 on bandit: its answers are one token and never end with EOS")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pure pieces: tensors in, tensors out
+
+
+@torch.no_grad()
+def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                   completion_mask: torch.Tensor, beta: float, estimator: str = "k1") -> torch.Tensor:
+    """Per-token reward of the token-level MDP (Ziegler et al. 2019; Stiennon et al. 2020)::
+
+        r_t = −β · KL_t + [t = last real token] · score         t = 0 .. T−1
+        KL_t = log π(y_t) − log π_ref(y_t)             (k1)
+        KL_t = (ρ_t − 1) − log ρ_t,  ρ_t = π_ref/π     (k3)
+
+    so Σ_t r_t = score − β · KL(π‖π_ref) of the whole completion (exactly, for k1). r_t = 0 on padding.
+
+    scores (B,), logprobs / ref_logprobs / completion_mask (B, T). Returns rewards (B, T).
+    """
+    keep = completion_mask.bool()  # (B, T)
+    kl = kl_estimate(estimator, logprobs.float(), ref_logprobs.float())  # (B, T)
+    rewards = torch.where(keep, -beta * kl, torch.zeros_like(kl))  # (B, T)
+    last = keep.long().sum(-1).clamp(min=1) - 1  # (B,) index of the last real token (EOS when there is one)
+    return rewards.scatter_add(1, last[:, None], scores.float()[:, None].to(rewards.device))  # (B, T)
+
+
+@torch.no_grad()
+def gae(rewards: torch.Tensor, values: torch.Tensor, completion_mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016), one reverse pass over the tokens::
+
+        δ_t = r_t + γ · V_{t+1} − V_t             V_{t+1} = 0 after the last real token (the episode ends)
+        A_t = δ_t + γλ · A_{t+1}                  i.e. A_t = Σ_{l≥0} (γλ)^l δ_{t+l}
+        R_t = A_t + V_t                           the value target (a λ-return)
+
+    Padding (mask 0, after EOS) gets r = V = 0, so it adds nothing. rewards, values, completion_mask: (B, T).
+    Returns (advantages, returns), both (B, T) and 0 on padding.
+    """
+    keep = completion_mask.bool()  # (B, T)
+    rewards = torch.where(keep, rewards.float(), torch.zeros_like(rewards, dtype=torch.float32))  # (B, T)
+    values = torch.where(keep, values.float(), torch.zeros_like(values, dtype=torch.float32))  # (B, T)
+    B, T = rewards.shape
+    next_value = rewards.new_zeros(B)  # (B,) V_{t+1}
+    next_advantage = rewards.new_zeros(B)  # (B,) A_{t+1}
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
+        next_advantage = delta + gamma * lam * next_advantage  # (B,)
+        advantages_reversed.append(next_advantage)
+        next_value = values[:, t]
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)  # (B, T)
+    advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
+    return advantages, advantages + values
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    completion_mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), averaged over the real tokens::
+
+        ratio_t = exp(log π_θ(y_t) − log π_old(y_t))
+        L = − mean_t min(ratio_t · A_t, clip(ratio_t, 1 − ε, 1 + ε) · A_t)
+
+    The min makes the objective pessimistic: once the ratio has moved past 1 ± ε in the direction the advantage
+    favours, the clipped branch is taken and its gradient is 0. At ratio 1 (the first minibatch) the gradient is
+    the vanilla policy gradient − mean_t A_t ∇log π_θ(y_t).
+
+    logprobs (grad), old_logprobs, advantages, completion_mask: (B, T). Returns (loss, metrics).
+    """
+    log_ratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    unclipped = -advantages * ratio  # (B, T)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
+    loss = masked_mean(torch.max(unclipped, clipped), completion_mask)
+    with torch.no_grad():
+        metrics = {
+            "loss/policy": loss.detach(),
+            # the clipped branch is the larger loss: the token's gradient is 0
+            "clip/frac": masked_mean((clipped > unclipped).float(), completion_mask),
+            # ½ E[(log π_θ − log π_old)²]: how far this update has moved the policy from the rollout (Schulman 2020)
+            "kl/approx": masked_mean(0.5 * log_ratio**2, completion_mask),
+            "ratio/mean": masked_mean(ratio, completion_mask),
+        }
+    return loss, metrics
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   completion_mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss (as in OpenAI's baselines ppo2 and Ziegler et al. 2019's lm-human-preferences)::
+
+        V_clip = V_old + clip(V_θ − V_old, −ε_v, ε_v)
+        L = ½ · mean_t max((V_θ − R_t)², (V_clip − R_t)²)
+
+    values (grad), old_values, returns, completion_mask: (B, T). Returns (loss, metrics).
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)  # (B, T)
+    unclipped = (values - returns) ** 2  # (B, T)
+    clipped = (values_clipped - returns) ** 2  # (B, T)
+    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), completion_mask)
+    with torch.no_grad():
+        metrics = {"loss/value": loss.detach(),
+                   "clip/value_frac": masked_mean((clipped > unclipped).float(), completion_mask)}
+    return loss, metrics
+
+
+@torch.no_grad()
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """1 − Var[R − V] / Var[R] over the real tokens: 1 = V predicts the returns, 0 = no better than their mean."""
+    return 1.0 - masked_var(returns - values, completion_mask) / masked_var(returns, completion_mask).clamp(min=1e-8)
+
+
+class AdaptiveKLController:
+    """β that tracks a KL target (Ziegler et al. 2019, §2.2)::
+
+        e_t = clip(KL_t / KL_target − 1, −0.2, 0.2)
+        β_{t+1} = β_t · (1 + K_β · e_t),      K_β = n_samples / horizon
+
+    KL above target raises β (a stronger pull back to π_ref); below target lowers it.
+    """
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        self.beta, self.target, self.horizon = float(beta), float(target), int(horizon)
+
+    def update(self, kl: float, n_samples: int) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_samples / self.horizon
+        return self.beta
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _prompt_sources(cfg, task) -> tuple[list, list]:
+    """Train and held-out prompts: the task's splits, or the 'prompt' column of a data source."""
+    if task is not None:
+        return task.train_prompts(), task.eval_prompts()
+    from lab.data import DataError, load_rows
+
+    train = load_rows(cfg.task, format="prompt_only", skip_bad_rows=cfg.skip_bad_rows)["prompt"]
+    try:
+        held_out = load_rows(cfg.task, format="prompt_only", split="eval", skip_bad_rows=cfg.skip_bad_rows)["prompt"]
+    except (DataError, ValueError):
+        held_out = []
+    return train, held_out
+
+
+def _ptx_rows(cfg, task) -> list[dict]:
+    if cfg.ptx_coef == 0:
+        return []
+    if cfg.ptx_data is not None:
+        from lab.data import load_rows
+
+        return list(load_rows(cfg.ptx_data, format="prompt_completion", skip_bad_rows=cfg.skip_bad_rows))
+    return task.sft_rows("train")
+
+
+class _Cycle:
+    """Endless shuffled passes over a list, `take(n)` at a time."""
+
+    def __init__(self, items: list, seed: int):
+        self.items, self.rng, self.order = list(items), random.Random(seed), []
+
+    def take(self, n: int) -> list:
+        while len(self.order) < n:
+            fresh = list(range(len(self.items)))
+            self.rng.shuffle(fresh)
+            self.order += fresh
+        picked, self.order = self.order[:n], self.order[n:]
+        return [self.items[i] for i in picked]
+
+
+def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, record=None) -> Iterator[dict]:
+    """One PPO iteration (rollout + PPO epochs) per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
+    from lab.batching import encode_pairs, token_logprobs
+    from lab.modeling import add_value_head
+    from lab.rewards import make_reward
+    from lab.sampling import generate
+    from lab.tasks import TASKS, get_task
+
+    seed_everything(cfg.seed)
+    task = get_task(cfg.task) if cfg.task in TASKS else None
+    train_prompts, eval_prompts = _prompt_sources(cfg, task)
+    ptx_rows = _ptx_rows(cfg, task)
+    reward_fn = make_reward(cfg.reward, task)
+    policy = policy or load_for(cfg, task)
+    value_model = add_value_head(policy)
+    # peft's set_adapter switches requires_grad to the active adapter only, and autograd drops the gradient of a
+    # parameter whose requires_grad is off at backward time. So the value forward AND backward run inside
+    # `value_active()`, and the policy's outside it.
+    value_active = (lambda: policy.adapter("value")) if value_model.adapter_name else contextlib.nullcontext
+    policy_params = policy.trainable_parameters()
+    with value_active():
+        value_params = value_model.trainable_parameters()
+    params = policy_params + value_params
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Dropout stays off throughout: the ratio must be exactly 1 on the first minibatch.
+    policy.model.eval()
+    value_model.eval()
+    device = policy.device
+    max_new_tokens = cfg.max_new_tokens or (task.max_new_tokens if task is not None else 64)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    prompts_cycle, ptx_cycle = _Cycle(train_prompts, cfg.seed), _Cycle(ptx_rows, cfg.seed + 1)
+    kl_controller = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.horizon) if cfg.adaptive_kl else None
+    beta = cfg.beta
+    eval_state = _EvalState(policy, task, eval_prompts[: cfg.eval_size], reward_fn, cfg, max_new_tokens)
+    minibatch_size = cfg.batch_size // cfg.num_minibatches
+    micro_size = minibatch_size // cfg.gradient_accumulation
+
+    with Run(cfg, "ppo", policy=policy, stop=stop, record=record) as run:
+        run.summary["before"] = eval_state.evaluate()
+        for step in run.steps():
+            # 1. rollout: one completion per prompt from the current policy π_old
+            prompts = prompts_cycle.take(cfg.batch_size)
+            roll = generate(policy.model, policy.tokenizer, prompts, max_new_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, generator=generator)
+            input_ids, attention_mask = roll.input_ids, roll.attention_mask  # (B, P+T)
+            mask = roll.completion_mask.float()  # (B, T)
+            P, T = roll.prompt_ids.shape[1], roll.completion_ids.shape[1]
+
+            # 2. score: r_φ(x, y), minus the missing-EOS penalty
+            with torch.no_grad():
+                raw_scores = reward_fn(roll.prompts, roll.completions, roll.truncated.tolist())
+                raw_scores = torch.as_tensor(raw_scores, dtype=torch.float32, device=device)  # (B,)
+            scores = raw_scores - cfg.missing_eos_penalty * roll.truncated.float()  # (B,)
+
+            # 3. reference log-probs & shaped rewards
+            with torch.no_grad():
+                old_logprobs, entropy = sequence_logprobs_and_entropy(policy.model, input_ids, attention_mask, T,
+                                                                      cfg.temperature)  # (B, T), (B, T)
+                with policy.reference() as ref_model:
+                    ref_logprobs = sequence_logprobs(ref_model, input_ids, attention_mask, T,
+                                                     cfg.temperature)  # (B, T)
+                rewards = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)  # (B, T)
+
+            # 4. values & GAE. V(s_t) is read at the position that predicts token t, i.e. after x, y_<t.
+            with torch.no_grad(), value_active():
+                old_values = value_model(input_ids, attention_mask)[:, P - 1: P + T - 1]  # (B, T)
+            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, T), (B, T)
+            if cfg.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)  # (B, T)
+
+            # 5. PPO epochs over minibatches (one optimizer step each), microbatches within
+            update_metrics: list[dict] = []
+            for _epoch in range(cfg.ppo_epochs):
+                order = torch.randperm(cfg.batch_size).tolist()
+                for start in range(0, cfg.batch_size, minibatch_size):
+                    minibatch = order[start: start + minibatch_size]
+                    tokens = mask[minibatch].sum().clamp(min=1)
+                    metrics: dict = {}
+                    for mstart in range(0, minibatch_size, micro_size):
+                        idx = torch.tensor(minibatch[mstart: mstart + micro_size], device=device)
+                        m = mask[idx]  # (b, T)
+                        # a microbatch's token mean × its share of the minibatch's tokens = the minibatch token mean
+                        share = m.sum() / tokens
+                        logprobs = sequence_logprobs(policy.model, input_ids[idx], attention_mask[idx], T,
+                                                     cfg.temperature)  # (b, T)
+                        policy_loss, pm = ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], m,
+                                                          cfg.cliprange)
+                        (policy_loss * share).backward()  # the policy adapter is active: its gradient lands
+                        with value_active():
+                            values = value_model(input_ids[idx], attention_mask[idx])[:, P - 1: P + T - 1]  # (b, T)
+                            value_loss, vm = ppo_value_loss(values, old_values[idx], returns[idx], m,
+                                                            cfg.cliprange_value)
+                            (cfg.vf_coef * value_loss * share).backward()  # while the value adapter is active
+                        for k, v in {**pm, **vm}.items():
+                            metrics[k] = metrics.get(k, 0.0) + float(v) * float(share)
+
+                    # 6. ptx term: λ · LM loss on SFT/pretraining rows, in the same optimizer step
+                    if cfg.ptx_coef > 0:
+                        rows = ptx_cycle.take(cfg.ptx_batch_size)
+                        batch = encode_pairs(policy.tokenizer, [r["prompt"] for r in rows],
+                                             [r["completion"] for r in rows], max_length=cfg.max_length).to(device)
+                        ptx_logprobs, ptx_mask = token_logprobs(policy.model, batch)  # (b, L-1), (b, L-1)
+                        ptx, ptx_metrics = sft_loss(ptx_logprobs, ptx_mask)
+                        (cfg.ptx_coef * ptx).backward()
+                        metrics["loss/ptx"] = float(ptx_metrics["loss/sft"])
+                    metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
+                    update_metrics.append(metrics)
+
+            # 7. adaptive β, from this rollout's KL(π_old‖π_ref) per completion
+            with torch.no_grad():
+                kl_seq = (kl_estimate(cfg.kl_estimator, old_logprobs, ref_logprobs) * mask).sum(-1)  # (B,)
+                out = {k: sum(m[k] for m in update_metrics) / len(update_metrics) for k in update_metrics[0]}
+                out.update({
+                    "reward/mean": raw_scores.mean(),
+                    "reward/shaped": rewards.sum(-1).mean(),
+                    "kl/ref": kl_seq.mean(),
+                    "entropy": masked_mean(entropy, mask),
+                    "value/explained_var": explained_variance(old_values, returns, mask),
+                    "completion/length": mask.sum(-1).mean(),
+                    "completion/no_eos_frac": roll.truncated.float().mean(),
+                    "beta": beta,
+                })
+                if task is not None:
+                    gold = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
+                    out["reward/gold"] = sum(gold) / len(gold)
+            if kl_controller is not None:
+                beta = kl_controller.update(float(out["kl/ref"]), cfg.batch_size)
+
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                out.update({f"eval/{k}": v for k, v in eval_state.evaluate().items()})
+            if step == cfg.steps:
+                run.summary["after"] = eval_state.evaluate()
+                out.update({f"eval/{k}": v for k, v in run.summary["after"].items()})
+            if run.want_samples(step):
+                rows = [{"prompt": p, "completion": c, "reward": s}
+                        for p, c, s in zip(roll.prompts[:4], roll.completions[:4], raw_scores.tolist())]
+                for row, g in zip(rows, gold if task is not None else []):
+                    row["gold_reward"] = g
+                run.samples(step, rows)
+            yield run.log(step, out)
+        run.summary.setdefault("after", eval_state.evaluate())
+
+
+class _EvalState:
+    """Held-out evaluation: greedy answers to the eval prompts, scored by r_φ and (built-in tasks) the gold reward.
+
+    On bandit it also reports the exact expected reward and KL(π*‖π_θ) to the optimum of this run's β.
+    """
+
+    def __init__(self, policy, task, prompts: list, reward_fn, cfg: PPOConfig, max_new_tokens: int):
+        self.policy, self.task, self.prompts, self.reward_fn = policy, task, prompts, reward_fn
+        self.cfg, self.max_new_tokens = cfg, max_new_tokens
+        self.ref_logprobs = None
+        if task is not None and task.kind == "bandit":
+            from lab.tasks import bandit
+
+            with torch.no_grad(), policy.reference() as ref:
+                self.ref_logprobs = bandit.next_token_logprobs(ref, policy.tokenizer, task.eval_prompts())  # (B, V)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if not self.prompts:
+            return {}
+        from lab.sampling import generate
+
+        out: dict = {}
+        roll = generate(self.policy.model, self.policy.tokenizer, self.prompts, self.max_new_tokens, greedy=True)
+        truncated = roll.truncated.tolist()
+        scores = self.reward_fn(roll.prompts, roll.completions, truncated)
+        out["reward"] = float(torch.as_tensor(scores, dtype=torch.float32).mean())
+        if self.task is not None:
+            gold = self.task.gold_rewards(roll.prompts, roll.completions, truncated)
+            out["gold_reward"] = sum(gold) / len(gold)
+        out["length"] = float(roll.completion_mask.sum(-1).float().mean())
+        if self.ref_logprobs is not None:
+            from lab.tasks import bandit
+
+            logprobs = bandit.next_token_logprobs(self.policy.model, self.policy.tokenizer, self.task.eval_prompts())
+            table = bandit.reward_tables(self.task.eval_prompts(), self.policy.tokenizer).to(logprobs)  # (B, V)
+            out["exact_reward"] = float(bandit.expected_reward(logprobs, table).mean())
+            if self.cfg.beta > 0:
+                star = bandit.pi_star(self.ref_logprobs, table, self.cfg.beta)  # (B, V)
+                out["kl_to_optimum"] = float(bandit.kl(star, logprobs).mean())
+        return out
+
+
+Config = PPOConfig

@@ -1,0 +1,180 @@
+"""REINFORCE: the vanilla policy gradient on sampled completions ("attempt 1").
+
+Paper card
+----------
+Objective: maximize the expected reward of sampled completions, optionally minus a KL penalty to π_ref::
+
+    J(θ) = E_{x~D, y~π_θ(·|x)} [ r(x, y) − β · log π_θ(y|x) / π_ref(y|x) ]
+
+Its gradient (Williams 1992, the log-derivative trick) needs only log-probs of the sampled tokens::
+
+    ∇J = E[ Σ_t ∇ log π_θ(y_t | x, y_<t) · (R − b) ],     R = r(x, y) − β Σ_t (log π_θ(y_t|…) − log π_ref(y_t|…))
+
+Any b that does not depend on y keeps the estimate unbiased and can cut its variance a lot:
+
+    none   b = 0                       the textbook estimator; every sample pushes up its own probability
+    batch  b = mean of R in the batch  (includes the sample itself, so the gradient shrinks by a factor 1 − 1/B)
+    ema    b = running mean of R       b_k = d · b_{k−1} + (1 − d) · mean(R_k), used before it sees batch k
+
+One sample per prompt, one gradient step per batch: purely on-policy, so every step pays for a fresh rollout.
+PPO and GRPO reuse a rollout for several steps through an importance ratio and clipping (see lab/grpo.py).
+
+==============================  ==========================
+symbol                          code
+==============================  ==========================
+log π_θ(y_t | x, y_<t)          ``logprobs`` (B, T)
+log π_ref(y_t | x, y_<t)        ``ref_logprobs`` (B, T)
+t ≤ |y| (EOS included)          ``completion_mask`` (B, T)
+r(x, y)                         ``rewards`` (B,)
+b                               ``baseline`` (cfg.baseline, cfg.baseline_decay)
+R − b                           ``advantages`` (B,)
+β                               ``cfg.beta``
+==============================  ==========================
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from lab.config import BaseConfig, check, opt
+from lab.ops import kl_k1, masked_mean
+from lab.rewards import make_reward
+from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics, load_prompts,
+                         prompt_batches, reference_logprobs, resolve_max_new_tokens, rollout, rollout_metrics,
+                         sample_rows, score)
+from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everything
+
+BASELINES = ("none", "batch", "ema")
+
+
+@dataclass
+class ReinforceConfig(BaseConfig):
+    """REINFORCE: policy gradient on sampled completions, with an optional baseline and KL penalty."""
+
+    lr: float = opt(2e-3, "AdamW learning rate", min=1e-7, max=1.0)
+    steps: int = opt(60, "optimizer steps; each samples a fresh batch", min=1, max=1_000_000)
+    batch_size: int = opt(64, "prompts per step (one completion each)", min=1, max=4096)
+    baseline: str = opt("batch", "b subtracted from the reward: none, batch (batch mean) or ema (running mean)",
+                        choices=BASELINES)
+    baseline_decay: float = opt(0.9, "d of the running-mean baseline b ← d·b + (1−d)·mean(R)", min=0.0, max=0.9999)
+    beta: float = opt(0.0, "β of the KL penalty −β·Σ_t log(π_θ/π_ref) added to the reward (0: no reference pass)",
+                      min=0.0, max=100.0)
+    reward: str = opt("gold", "reward: gold (the task's), a reward-model path, or python:module:function")
+    eval_every: int = opt(20, "greedy held-out evaluation every N steps (0: only before and after)",
+                          min=0, max=1_000_000)
+    eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loss
+
+
+def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor):
+    """L(θ) = − (1/B) Σ_b (R_b − b) · Σ_t m_bt · log π_θ(y_bt | x_b, y_b,<t)
+
+    Its gradient is minus the REINFORCE estimate of ∇J above. The advantage is a constant (detached): the
+    reward does not depend on θ through the sample's probability, only through which samples are drawn.
+
+    logprobs, completion_mask: (B, T); advantages: (B,). Returns (loss, metrics).
+    """
+    seq_logprobs = (logprobs * completion_mask).sum(-1)  # (B,) log π_θ(y|x)
+    loss = -(advantages.detach() * seq_logprobs).mean()
+    with torch.no_grad():
+        metrics = {"loss/policy": loss.detach(), "logprobs/mean": masked_mean(logprobs, completion_mask)}
+    return loss, metrics
+
+
+def kl_penalized_rewards(rewards: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         completion_mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """R = r − β · Σ_t k1_t,   k1_t = log π_θ(y_t|…) − log π_ref(y_t|…)   (the sequence log-ratio; detached).
+
+    rewards: (B,); the others (B, T). Returns (B,).
+    """
+    k1 = kl_k1(logprobs.detach(), ref_logprobs) * completion_mask  # (B, T)
+    return rewards - beta * k1.sum(-1)  # (B,)
+
+
+def batch_baseline(returns: torch.Tensor) -> torch.Tensor:
+    """b = (1/B) Σ_b R_b, the same for every row: (B,) -> ()."""
+    return returns.mean()
+
+
+def ema_baseline(previous: float | None, returns: torch.Tensor, decay: float) -> tuple[float, float]:
+    """(b used now, b for the next step). b used now comes only from earlier batches (so it is independent of
+    this batch's samples); the very first step has no history and uses this batch's mean."""
+    now = float(returns.mean()) if previous is None else previous
+    return now, decay * now + (1.0 - decay) * float(returns.mean())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = None, record=None) -> Iterator[dict]:
+    """One rollout and one optimizer step per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
+    from lab.tasks import TASKS, get_task
+
+    seed_everything(cfg.seed)
+    task = get_task(cfg.task) if cfg.task in TASKS else None
+    reward_fn = make_reward(cfg.reward, task)
+    prompts = load_prompts(cfg, task)
+    policy = policy or load_for(cfg, task)
+    params = policy.trainable_parameters()
+    optimizer = make_optimizer(params, cfg)
+    generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    batches = prompt_batches(prompts, cfg.batch_size, cfg.seed)
+    max_new_tokens = resolve_max_new_tokens(cfg, task)
+    bandit_ref = bandit_reference(policy, task)
+    ema: float | None = None
+
+    with Run(cfg, "reinforce", policy=policy, stop=stop, record=record) as run:
+        run.summary["reward"] = reward_fn.name
+        run.summary["before"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
+        for step in run.steps():
+            # 1. rollout: one completion per prompt, no gradients
+            roll = rollout(policy, next(batches), cfg, generator, max_new_tokens)
+            # 2. score
+            rewards = score(reward_fn, roll)  # (B,)
+            # 3. log-probs with gradients (one forward pass; the entropy comes with it)
+            policy.model.train()
+            logprobs, entropy = completion_logprobs(policy.model, roll, cfg.temperature, with_entropy=True)  # (B, T)
+            mask = roll.completion_mask.to(logprobs.dtype)  # (B, T)
+            metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))
+            returns = rewards
+            if cfg.beta > 0:
+                ref_logprobs = reference_logprobs(policy, roll, cfg.temperature)  # (B, T)
+                returns = kl_penalized_rewards(rewards, logprobs, ref_logprobs, mask, cfg.beta)  # (B,)
+                metrics["kl/ref"] = masked_mean(kl_k1(logprobs.detach(), ref_logprobs), mask)
+            # 4. advantages: R − b
+            if cfg.baseline == "none":
+                baseline = torch.zeros(())
+            elif cfg.baseline == "batch":
+                baseline = batch_baseline(returns)
+            else:
+                b, ema = ema_baseline(ema, returns, cfg.baseline_decay)
+                baseline = torch.tensor(b)
+            advantages = returns - baseline.to(returns.device)  # (B,)
+            # 5. update
+            loss, loss_metrics = reinforce_loss(logprobs, advantages, mask)
+            loss.backward()
+            metrics.update(loss_metrics)
+            metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
+            metrics["reward/baseline"] = float(baseline)
+            metrics["entropy"] = masked_mean(entropy.detach(), mask)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                metrics.update(eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref))
+            if run.want_samples(step):
+                run.samples(step, sample_rows(roll, rewards, advantages))
+            yield run.log(step, metrics)
+        run.summary["after"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
+
+
+Config = ReinforceConfig

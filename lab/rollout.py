@@ -1,0 +1,179 @@
+"""What every on-policy method does before its loss: pick prompts, sample, score, and read log-probs back.
+
+REINFORCE, GRPO and PPO all run the same first phases on each step::
+
+    prompts = next(batches)                              # a batch of training prompts
+    roll = rollout(policy, prompts, cfg, generator)      # 1. sample completions (no grad)
+    rewards = score(reward_fn, roll)                     # 2. r(x, y) for each completion, (B,)
+    logprobs = completion_logprobs(policy.model, roll)   # log π_θ(y_t | x, y_<t), (B, T), with grad
+    ref_logprobs = reference_logprobs(policy, roll)      # log π_ref(y_t | x, y_<t), (B, T), no grad
+
+and differ only in how rewards become advantages and how the loss uses them. This module holds those
+shared phases and nothing method-specific. Shape legend: B batch, P prompt length, T completion length.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+
+from lab.ops import masked_mean, sequence_logprobs, sequence_logprobs_and_entropy
+from lab.sampling import Rollout, format_prompt, generate
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def load_prompts(cfg, task=None, split: str = "train") -> list[str]:
+    """Training prompts: a built-in task's split, or the "prompt" column of a data source (``jsonl:PATH``, ``hf:ID``)."""
+    if task is not None:
+        return task.train_prompts() if split == "train" else task.eval_prompts()
+    from lab.data import load_rows
+
+    rows = load_rows(cfg.task, format="prompt_only", split=split, skip_bad_rows=cfg.skip_bad_rows)
+    return [row["prompt"] for row in rows]
+
+
+def prompt_batches(prompts: list, batch_size: int, seed: int) -> Iterator[list]:
+    """Endless batches of prompts: shuffled epochs, each prompt once per epoch, seeded.
+
+    Naive equivalent: ``random.Random(seed).sample(prompts, batch_size)`` every step, except that here no prompt is
+    seen twice before every prompt has been seen once.
+    """
+    if not prompts:
+        raise ValueError("no training prompts")
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            epoch = list(range(len(prompts)))
+            rng.shuffle(epoch)
+            order += epoch
+        yield [prompts[i] for i in order[:batch_size]]
+        del order[:batch_size]
+
+
+def resolve_max_new_tokens(cfg, task=None) -> int:
+    """``cfg.max_new_tokens``, else the task's own budget, else 64 tokens for data without a task."""
+    return cfg.max_new_tokens or (task.max_new_tokens if task is not None else 64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. rollout and 2. score
+
+
+def rollout(policy, prompts: list, cfg, generator: torch.Generator | None = None,
+            max_new_tokens: int | None = None) -> Rollout:
+    """Sample one completion per prompt from π_θ at ``cfg.temperature`` / ``cfg.top_p``. To sample G completions
+    per prompt, repeat each prompt G times first (GRPO does)."""
+    texts = [format_prompt(policy.tokenizer, p) for p in prompts]
+    return generate(policy.model, policy.tokenizer, texts, max_new_tokens or cfg.max_new_tokens,
+                    temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+
+
+@torch.no_grad()
+def score(reward_fn, roll: Rollout) -> torch.Tensor:
+    """r(x, y) for each completion of a rollout: (B,) float32 on the rollout's device."""
+    rewards = reward_fn(roll.prompts, roll.completions, roll.truncated.tolist())  # (B,)
+    rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).to(roll.completion_ids.device)
+    if rewards.numel() != len(roll):
+        raise ValueError(f"reward {getattr(reward_fn, 'name', reward_fn)!r} gave {rewards.numel()} values "
+                         f"for {len(roll)} completions")
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"reward {getattr(reward_fn, 'name', reward_fn)!r} returned a nan or inf")
+    return rewards
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Log-probs of the sampled completions
+
+
+def completion_logprobs(model, roll: Rollout, temperature: float = 1.0,
+                        with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log π(y_t | x, y_<t) of a rollout's completion tokens under ``model``: (B, T) float32, gradients flow.
+
+    Scored at the sampling temperature, so the ratio π_θ / π_old compares the distribution the tokens were drawn
+    from. With ``with_entropy`` also returns the entropy of π at each completion position (B, T), from the same
+    forward pass. Positions after EOS hold values too: mask them with ``roll.completion_mask``.
+    """
+    T = roll.completion_ids.shape[1]
+    if with_entropy:
+        return sequence_logprobs_and_entropy(model, roll.input_ids, roll.attention_mask, T, temperature)
+    return sequence_logprobs(model, roll.input_ids, roll.attention_mask, T, temperature)  # (B, T)
+
+
+@torch.no_grad()
+def reference_logprobs(policy, roll: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """log π_ref(y_t | x, y_<t): (B, T), no gradients (adapters switched off, or the frozen copy in full mode)."""
+    with policy.reference() as ref:
+        return completion_logprobs(ref, roll, temperature)  # (B, T)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics and records shared by the on-policy methods
+
+
+@torch.no_grad()
+def rollout_metrics(roll: Rollout, rewards: torch.Tensor, correct: torch.Tensor | None = None) -> dict:
+    """``reward/mean``, ``reward/std``, ``completion/length`` (tokens, EOS included) and, when ``correct`` (B,) bool is
+    given (verifiable tasks), ``length/correct`` and ``length/incorrect`` (nan when a side is empty)."""
+    lengths = roll.completion_mask.sum(-1).float()  # (B,)
+    out = {"reward/mean": rewards.mean(), "reward/std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
+           "completion/length": lengths.mean(), "completion/truncated_frac": roll.truncated.float().mean()}
+    if correct is not None:
+        correct = correct.to(lengths.device)
+        out["length/correct"] = masked_mean(lengths, correct) if correct.any() else float("nan")
+        out["length/incorrect"] = masked_mean(lengths, ~correct) if (~correct).any() else float("nan")
+    return out
+
+
+def correct_mask(task, roll: Rollout) -> torch.Tensor | None:
+    """(B,) bool: the completion earned the full gold reward, on verifiable tasks; None elsewhere."""
+    if task is None or task.kind != "verifiable":
+        return None
+    gold = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
+    return torch.tensor([g >= 1.0 for g in gold])
+
+
+def eval_metrics(policy, task, n: int, beta: float | None = None, ref_logprobs: torch.Tensor | None = None) -> dict:
+    """Greedy answers on ``n`` held-out prompts scored by the gold reward: ``eval/accuracy`` (verifiable tasks) or
+    ``eval/gold_reward``; on ``bandit`` also the exact ``eval/exact_reward`` and, given β and π_ref's next-token
+    log-probs, ``eval/kl_to_optimum`` = KL(π* ‖ π_θ)."""
+    from lab.evaluate import bandit_exact, evaluate
+
+    if task is None:
+        return {}
+    result = evaluate(policy, task, n=n)
+    out = {"eval/accuracy": result["accuracy"]} if "accuracy" in result else {"eval/gold_reward": result["gold_reward"]}
+    if task.kind == "bandit":
+        with torch.no_grad():
+            exact = bandit_exact(policy.model, policy.tokenizer, task, beta=beta, ref_logprobs=ref_logprobs)
+        out["eval/exact_reward"] = exact["exact_reward"]
+        if "kl_to_optimum" in exact:
+            out["eval/kl_to_optimum"] = exact["kl_to_optimum"]
+    return out
+
+
+def bandit_reference(policy, task) -> torch.Tensor | None:
+    """π_ref's exact next-token log-probs on the bandit prompts (B, V), for ``eval/kl_to_optimum``; None elsewhere."""
+    if task is None or task.kind != "bandit":
+        return None
+    from lab.tasks.bandit import next_token_logprobs
+
+    with torch.no_grad(), policy.reference() as ref:
+        return next_token_logprobs(ref, policy.tokenizer, task.eval_prompts())
+
+
+def sample_rows(roll: Rollout, rewards: torch.Tensor, advantages: torch.Tensor | None = None, n: int = 8) -> list[dict]:
+    """The first ``n`` completions of a rollout as records for samples.jsonl."""
+    rows = []
+    for i in range(min(n, len(roll))):
+        row = {"prompt": roll.prompts[i], "completion": roll.completions[i], "reward": float(rewards[i]),
+               "truncated": bool(roll.truncated[i])}
+        if advantages is not None:
+            row["advantage"] = float(advantages[i])
+        rows.append(row)
+    return rows

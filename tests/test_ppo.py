@@ -1,0 +1,221 @@
+"""PPO-RLHF: hand-computed pieces, identities, the bandit optimum, short runs and the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lab.config import ConfigError
+from lab.ppo import (AdaptiveKLController, PPOConfig, explained_variance, gae, ppo_policy_loss, ppo_value_loss,
+                     shaped_rewards, train)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GAE
+
+
+def test_gae_hand_computed():
+    """γ = 0.9, λ = 0.8 (γλ = 0.72).
+
+    Row 0, three real tokens, r = [0, 0, 1], V = [0.5, 0.2, 0.4]:
+        δ2 = 1 + 0.9·0   − 0.4 =  0.6       (V after the last token is 0)
+        δ1 = 0 + 0.9·0.4 − 0.2 =  0.16
+        δ0 = 0 + 0.9·0.2 − 0.5 = −0.32
+        A2 = 0.6
+        A1 = 0.16 + 0.72·0.6   = 0.592
+        A0 = −0.32 + 0.72·0.592 = 0.10624
+        R  = A + V = [0.60624, 0.792, 1.0]
+    Row 1, two real tokens then padding holding junk (99): r = [0, 2, 99], V = [1, 0.5, 99]:
+        δ1 = 2 − 0.5 = 1.5;  δ0 = 0 + 0.9·0.5 − 1 = −0.55
+        A = [−0.55 + 0.72·1.5, 1.5, 0] = [0.53, 1.5, 0];  R = [1.53, 2.0, 0]
+    """
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 99.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4], [1.0, 0.5, 99.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(advantages, torch.tensor([[0.10624, 0.592, 0.6], [0.53, 1.5, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.60624, 0.792, 1.0], [1.53, 2.0, 0.0]]))
+
+
+def _naive_gae(rewards, values, lengths, gamma, lam):
+    """A_t = Σ_{l=0}^{n-1-t} (γλ)^l δ_{t+l}, δ_k = r_k + γ V_{k+1} − V_k, V_n = 0: an O(T²) double sum."""
+    B, T = rewards.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        n = lengths[b]
+        v = [float(values[b, k]) for k in range(n)] + [0.0]
+        delta = [float(rewards[b, k]) + gamma * v[k + 1] - v[k] for k in range(n)]
+        for t in range(n):
+            adv[b, t] = sum((gamma * lam) ** l * delta[t + l] for l in range(n - t))
+    return adv
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (0.99, 0.0), (0.7, 1.0)])
+def test_gae_equals_naive_double_sum(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 7
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    lengths = [7, 1, 4, 6, 3]
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    expected = _naive_gae(rewards, values, lengths, gamma, lam)
+    torch.testing.assert_close(advantages.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(returns, (advantages + values) * mask)
+
+
+def test_gae_gamma_lambda_one_is_reward_to_go_minus_value():
+    """With γ = λ = 1 the δ's telescope: A_t = Σ_{k≥t} r_k − V_t, so R_t is the reward-to-go Σ_{k≥t} r_k."""
+    g = torch.Generator().manual_seed(1)
+    rewards, values = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5])
+    advantages, returns = gae(rewards, values, mask, 1.0, 1.0)
+    to_go = (rewards * mask).flip(-1).cumsum(-1).flip(-1) * mask  # (B, T) Σ_{k≥t} r_k
+    torch.testing.assert_close(returns, to_go)
+    torch.testing.assert_close(advantages, (to_go - values) * mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shaped rewards
+
+
+def test_shaped_rewards_hand_computed_k1_and_k3():
+    """β = 0.1. Row 0: 3 tokens, score 2; Row 1: 1 token then padding, score −1.
+
+    k1 = log π − log π_ref.  Row 0: [−1 − (−1.5), −2 − (−1), −0.5 − (−0.5)] = [0.5, −1, 0]
+        r = −0.1·k1 + score at t=2 = [−0.05, 0.1, 0 + 2] = [−0.05, 0.1, 2.0]
+    Row 1: k1 = −0.2 − (−0.7) = 0.5 → r0 = −0.05 − 1 = −1.05; padding 0 (its junk log-probs ignored).
+    k3 = (ρ − 1) − log ρ, log ρ = log π_ref − log π. Row 0, t=0: log ρ = −0.5, k3 = e^−0.5 − 1 + 0.5 = 0.1065307
+        → r0 = −0.01065307;  t=1: log ρ = 1, k3 = e − 2 = 0.7182818 → r1 = −0.07182818;  t=2: k3 = 0 → r2 = 2.
+    """
+    scores = torch.tensor([2.0, -1.0])
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, 5.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.7, -9.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    r1 = shaped_rewards(scores, logprobs, ref, mask, beta=0.1, estimator="k1")
+    torch.testing.assert_close(r1, torch.tensor([[-0.05, 0.1, 2.0], [-1.05, 0.0, 0.0]]))
+    r3 = shaped_rewards(scores, logprobs, ref, mask, beta=0.1, estimator="k3")
+    torch.testing.assert_close(r3[0], torch.tensor([-0.01065307, -0.07182818, 2.0]))
+
+
+def test_shaped_rewards_sum_is_score_minus_beta_kl():
+    g = torch.Generator().manual_seed(2)
+    logprobs, ref = -torch.rand(4, 5, generator=g) * 3, -torch.rand(4, 5, generator=g) * 3
+    mask = torch.tensor([[1] * n + [0] * (5 - n) for n in (5, 2, 1, 4)])
+    scores = torch.randn(4, generator=g)
+    rewards = shaped_rewards(scores, logprobs, ref, mask, beta=0.3, estimator="k1")
+    torch.testing.assert_close(rewards.sum(-1), scores - 0.3 * ((logprobs - ref) * mask).sum(-1))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The clipped surrogate and the value loss
+
+
+def test_policy_gradient_at_ratio_one_is_vanilla_policy_gradient():
+    """At π_θ = π_old nothing is clipped, and ∇L_PPO = ∇(− mean_t A_t log π_θ(y_t)) on the same tensors."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 4, 6, generator=g, requires_grad=True)  # (B, T, V)
+    ids = torch.randint(0, 6, (3, 4), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    advantages = torch.randn(3, 4, generator=g)
+
+    logprobs = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)  # (B, T)
+    loss, metrics = ppo_policy_loss(logprobs, logprobs.detach(), advantages, mask, cliprange=0.2)
+    (grad_ppo,) = torch.autograd.grad(loss, logits)
+    logprobs = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+    pg = -((advantages * logprobs) * mask).sum() / mask.sum()
+    (grad_pg,) = torch.autograd.grad(pg, logits)
+    torch.testing.assert_close(grad_ppo, grad_pg, atol=1e-7, rtol=1e-6)
+    assert float(metrics["clip/frac"]) == 0.0 and float(metrics["kl/approx"]) == 0.0
+    assert float(metrics["ratio/mean"]) == 1.0
+
+
+def test_clipping_zeroes_the_gradient_only_where_the_ratio_left_the_trust_region_in_the_advantage_direction():
+    """ε = 0.2, five tokens, ratio and A:
+        1.5, A=+1  → clipped (pushing up past 1.2 earns nothing)  → grad 0
+        1.5, A=−1  → not clipped (the loss still wants it down)   → grad −A·ratio/5 = +0.3
+        0.5, A=−1  → clipped                                       → grad 0
+        0.5, A=+1  → not clipped                                   → grad −0.5/5 = −0.1
+        1.1, A=+2  → inside [0.8, 1.2]                             → grad −2·1.1/5 = −0.44
+    (gradients w.r.t. log π_θ: d(−A·ratio)/d log π = −A·ratio). clip/frac = 2/5.
+    """
+    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1]])
+    advantages = torch.tensor([[1.0, -1.0, -1.0, 1.0, 2.0]])
+    old = torch.full((1, 5), -1.0)
+    logprobs = (old + ratio.log()).requires_grad_(True)
+    loss, metrics = ppo_policy_loss(logprobs, old, advantages, torch.ones(1, 5), cliprange=0.2)
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 0.3, 0.0, -0.1, -0.44]]))
+    # loss = mean(max(−A·ratio, −A·clip(ratio))) = (−1.2 + 1.5 + 0.8 − 0.5 − 2.2)/5 = −0.32
+    torch.testing.assert_close(loss, torch.tensor(-0.32))
+    torch.testing.assert_close(metrics["clip/frac"], torch.tensor(0.4))
+    # kl/approx = ½ mean (log ratio)² = ½ (2·ln²1.5 + 2·ln²0.5 + ln²1.1)/5
+    expected = 0.5 * (2 * math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2 + math.log(1.1) ** 2) / 5
+    assert float(metrics["kl/approx"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_value_loss_clipping_hand_computed():
+    """ε_v = 0.2, V_old = 0.
+    Token 0: V = 0.5, R = 1 → (0.5 − 1)² = 0.25; clipped V = 0.2 → (0.2 − 1)² = 0.64; max 0.64 (clipped: grad 0)
+    Token 1: V = 0.1, R = −1 → inside the clip: (1.1)² = 1.21 both ways
+    L = ½ (0.64 + 1.21)/2 = 0.4625;  dL/dV1 = ½ · 2 · 1.1 / 2 = 0.55;  clip/value_frac = 1/2.
+    """
+    values = torch.tensor([[0.5, 0.1]], requires_grad=True)
+    loss, metrics = ppo_value_loss(values, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), 0.2)
+    loss.backward()
+    torch.testing.assert_close(loss, torch.tensor(0.4625))
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, 0.55]]))
+    assert float(metrics["clip/value_frac"]) == 0.5 and float(metrics["loss/value"]) == pytest.approx(0.4625)
+
+
+def test_explained_variance():
+    """V = R → 1; V = a constant → Var[R − c] = Var[R] → 0; padding ignored."""
+    returns = torch.tensor([[1.0, 2.0, 3.0, 50.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert float(explained_variance(returns, returns, mask)) == pytest.approx(1.0)
+    assert float(explained_variance(torch.full_like(returns, 7.0), returns, mask)) == pytest.approx(0.0, abs=1e-6)
+    # V = [1, 2, 2]: R − V = [0, 0, 1], var 1/3; var R = 1 → 1 − 1/3
+    assert float(explained_variance(torch.tensor([[1.0, 2.0, 2.0, 0.0]]), returns, mask)) == pytest.approx(2 / 3)
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    """β = 0.1, target 1, horizon 100, 10 samples: K = 0.1.
+    KL 1.5 → e = clip(0.5) = 0.2 → β·(1 + 0.02) = 0.102;  KL 0.9 → e = −0.1 → β·(1 − 0.01) = 0.099;
+    KL 1 → unchanged.
+    """
+    assert AdaptiveKLController(0.1, 1.0, 100).update(1.5, 10) == pytest.approx(0.102)
+    assert AdaptiveKLController(0.1, 1.0, 100).update(0.9, 10) == pytest.approx(0.099)
+    assert AdaptiveKLController(0.1, 1.0, 100).update(1.0, 10) == pytest.approx(0.1)
+    ctl = AdaptiveKLController(0.1, 1.0, 100)
+    betas = [ctl.update(5.0, 10) for _ in range(5)]
+    assert all(b2 > b1 for b1, b2 in zip(betas, betas[1:]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config validation
+
+
+@pytest.mark.parametrize("changes,field,text", [
+    ({"cliprange": 0.0}, "cliprange", "[0.001, 1.0]"),
+    ({"gamma": 1.5}, "gamma", "[0.0, 1.0]"),
+    ({"lam": -0.1}, "lam", "[0.0, 1.0]"),
+    ({"beta": -1.0}, "beta", "[0.0, 10.0]"),
+    ({"ppo_epochs": 0}, "ppo_epochs", "[1, 100]"),
+    ({"kl_estimator": "k2"}, "kl_estimator", "k1, k3"),
+    ({"batch_size": 32, "num_minibatches": 3}, "num_minibatches", "divide batch_size (32)"),
+    ({"batch_size": 8, "num_minibatches": 2, "gradient_accumulation": 3}, "gradient_accumulation", "= 4"),
+    ({"adaptive_kl": True, "beta": 0.0}, "adaptive_kl", "beta > 0"),
+    ({"task": "bandit", "missing_eos_penalty": 1.0}, "missing_eos_penalty", "bandit"),
+    ({"task": "jsonl:x.jsonl"}, "reward", "'gold' needs a built-in task"),
+    ({"task": "jsonl:x.jsonl", "reward": "python:m:f", "ptx_coef": 0.1}, "ptx_data", "--ptx-data"),
+])
+def test_bad_hyperparameters_raise_one_line_errors(changes, field, text):
+    with pytest.raises(ConfigError) as err:
+        PPOConfig(**changes)
+    message = str(err.value)
+    assert message.startswith(f"{field}: ") and text in message and "\n" not in message
