@@ -16,7 +16,7 @@ import inspect
 import math
 import os
 import re
-import time
+import threading
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,7 +36,8 @@ from lab.tasks import TASKS  # noqa: E402
 MAIN_FIELDS = ("loss_type", "reward", "beta", "epsilon_low", "epsilon_high", "cliprange", "group_size", "lr",
                "steps", "batch_size", "temperature", "lora_r")
 # Chart panels in this order first, then the method's own metrics alphabetically.
-PANEL_ORDER = ("reward", "kl", "loss", "entropy", "completion", "rewards", "clip", "value", "eval")
+PANEL_ORDER = ("reward", "kl", "loss", "entropy", "completion length", "completion", "rewards", "clip", "value",
+               "eval")
 SKIP_METRICS = ("step", "time/elapsed")
 HAS_CUDA = torch.cuda.is_available()
 COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f", "#475569")
@@ -77,18 +78,24 @@ def field_control(method: str, f: dict) -> gr.components.Component:
     """One widget for one config field, with the field's help as its info line and its range as bounds."""
     name, tp, default, help_ = f["name"], f["type"], f["default"], f["help"]
     elem_id = f"{method}-{name}"
+    if tp is bool and default is None:  # three states: the config decides, on, off
+        return gr.Dropdown([("default", ""), ("on", "true"), ("off", "false")], value="", label=name, info=help_,
+                           elem_id=elem_id)
     if tp is bool:
         return gr.Checkbox(value=bool(default), label=name, info=help_, elem_id=elem_id)
     if f.get("choices"):
         return gr.Dropdown(choices=list(f["choices"]), value=default, label=name, info=help_, elem_id=elem_id)
+    if tp in (int, float) and default is None:
+        # "empty = the default" needs a text box: a browser sends an empty number box as 0.
+        span = f" · range [{f['min']:g}, {f['max']:g}]" if f["min"] is not None and f["max"] is not None else ""
+        return gr.Textbox(value="", label=name, info=help_ + span, placeholder="empty: default", elem_id=elem_id)
     if tp in (int, float):
         if _as_slider(f):
             return gr.Slider(f["min"], f["max"], value=default, step=_slider_step(f["min"], f["max"], tp is int),
                              label=name, info=help_, elem_id=elem_id)
         # No bounds on the widget: the config checks the range and says what to change (ConfigError).
         span = f" · range [{f['min']:g}, {f['max']:g}]" if f["min"] is not None and f["max"] is not None else ""
-        empty = " · empty: default" if default is None else ""
-        return gr.Number(value=default, label=name, info=help_ + span + empty, precision=0 if tp is int else None,
+        return gr.Number(value=default, label=name, info=help_ + span, precision=0 if tp is int else None,
                          elem_id=elem_id)
     return gr.Textbox(value="" if default is None else str(default), label=name, info=help_,
                       placeholder="default" if default is None else None, elem_id=elem_id)
@@ -106,7 +113,7 @@ def method_panel(method: str) -> dict[str, gr.components.Component]:
         gr.Markdown(f"**{method}** — {doc[0]}")
     for f in main:
         controls[f["name"]] = field_control(method, f)
-    with gr.Accordion(f"advanced ({len(rest)} more settings)", open=False):
+    with gr.Accordion(f"advanced ({len(rest)} more settings)", open=False, elem_id=f"{method}-advanced"):
         for f in rest:
             controls[f["name"]] = field_control(method, f)
     return controls
@@ -117,16 +124,38 @@ def method_panel(method: str) -> dict[str, gr.components.Component]:
 
 
 def panel_of(key: str) -> str:
-    """Which chart a metric goes on: its namespace, except that every gold reward sits with the reward."""
+    """Which chart a metric goes on: its namespace ("kl/ref" → "kl"), except that every gold reward sits with
+    the reward and completion lengths (also per-outcome ones such as "length/correct") share one chart."""
     if "gold" in key:
         return "reward"
+    if key == "completion/length" or key.startswith("length/"):
+        return "completion length"
     return key.split("/", 1)[0]
 
 
-def metrics_figure(histories: dict[str, list[dict]], *, overlay: bool = False) -> go.Figure:
-    """One panel per metric namespace (reward, kl, loss, entropy, completion, and the method's own).
+def _panel_title(panel: str, keys: list[str], overlay: bool) -> str:
+    """The chart's title names its lines: in their colour (live) or their dash style (overlay)."""
+    def short(key):
+        return key.split("/", 1)[1] if "/" in key else key
 
-    Live view: one history, one colour per metric. Overlay: one colour per run, one dash per metric.
+    if len(keys) == 1 and short(keys[0]) == panel:
+        return f"<b>{panel}</b>"
+    if overlay:
+        names = [f"{short(k)} ({DASHES[j % len(DASHES)]})" if len(keys) > 1 else short(k) for j, k in enumerate(keys)]
+    else:
+        names = [f"<span style='color:{COLORS[j % len(COLORS)]}'>{short(k)}</span>" for j, k in enumerate(keys)]
+    return f"<b>{panel}</b>: " + ", ".join(names)
+
+
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
+
+
+def metrics_figure(histories: dict[str, list[dict]], *, overlay: bool = False) -> go.Figure:
+    """One chart per metric namespace: reward (with the gold reward), kl, loss, entropy, completion length,
+    then the method's own (clip fractions, DPO margins, value loss...).
+
+    Live view: one run, one colour per metric (named in the chart's title). Overlay: one colour per run (the
+    legend), one dash style per metric.
     """
     keys: dict[str, list[str]] = {}
     for history in histories.values():
@@ -149,9 +178,10 @@ def metrics_figure(histories: dict[str, list[dict]], *, overlay: bool = False) -
         return fig
     cols = 3 if len(panels) > 4 else 2 if len(panels) > 1 else 1
     rows = math.ceil(len(panels) / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=panels, horizontal_spacing=0.07,
-                        vertical_spacing=0.5 / rows if rows > 1 else 0.1)
-    dashes = ("solid", "dash", "dot", "dashdot", "longdash")
+    titles = [_panel_title(p, keys[p], overlay) for p in panels]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.06,
+                        vertical_spacing=min(0.12, 0.35 / rows) if rows > 1 else 0.1)
+    in_legend: set[str] = set()
     for i, panel in enumerate(panels):
         r, c = i // cols + 1, i % cols + 1
         for j, key in enumerate(keys[panel]):
@@ -161,15 +191,22 @@ def metrics_figure(histories: dict[str, list[dict]], *, overlay: bool = False) -
                     continue
                 xs, ys = zip(*points)
                 color = COLORS[(k if overlay else j) % len(COLORS)]
-                name = f"{label} · {key}" if overlay else key
-                fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines+markers" if len(xs) < 30 else "lines",
-                                         line=dict(color=color, dash=dashes[j % len(dashes)] if overlay else "solid"),
-                                         marker=dict(size=4), connectgaps=True, legendgroup=label if overlay else key,
-                                         hovertemplate=f"{key}<br>step %{{x}}: %{{y:.4g}}<extra>{label}</extra>"),
-                              row=r, col=c)
-    fig.update_layout(height=max(280, 240 * rows), template="plotly_white", margin=dict(l=40, r=20, t=40, b=30),
-                      legend=dict(orientation="h", y=-0.12 / rows, font=dict(size=10)), hovermode="closest")
-    fig.update_annotations(font_size=13)
+                fig.add_trace(go.Scatter(
+                    x=xs, y=ys, name=label if overlay else key, mode="lines+markers" if len(xs) < 30 else "lines",
+                    line=dict(color=color, dash=DASHES[j % len(DASHES)] if overlay else "solid", width=2),
+                    marker=dict(size=4), connectgaps=True, legendgroup=label if overlay else key,
+                    showlegend=overlay and label not in in_legend,
+                    hovertemplate=f"{key}<br>step %{{x}}: %{{y:.4g}}<extra>{label if overlay else ''}</extra>"),
+                    row=r, col=c)
+                in_legend.add(label)
+    n_runs = len(histories) if overlay else 0
+    fig.update_layout(height=max(300, 250 * rows + 22 * n_runs), template="plotly_white", hovermode="closest",
+                      margin=dict(l=40, r=20, t=50, b=30 + 22 * n_runs), showlegend=overlay,
+                      legend=dict(orientation="h", yanchor="top", y=-0.25 / rows, x=0, font=dict(size=11)))
+    fig.update_annotations(font_size=12)
+    last_step = max((m.get("step", 0) for h in histories.values() for m in h), default=0)
+    fig.update_xaxes(tickfont=dict(size=10), dtick=1 if last_step <= 8 else None)
+    fig.update_yaxes(tickfont=dict(size=10))
     return fig
 
 
@@ -267,6 +304,7 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
     if not methods:
         raise RuntimeError("no training method could be imported; check the installation (pip install -e .)")
     first = default_method(methods)
+    first_defaults = {f["name"]: f["default"] for f in describe_fields(get_method(first)[0])}
 
     with gr.Blocks(title="lab: RL on language models") as demo:
         session = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)
@@ -279,29 +317,31 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                     # ---------------- settings ----------------
                     with gr.Column(scale=2, min_width=340):
                         method = gr.Dropdown(methods, value=first, label="method", elem_id="method")
-                        task = gr.Dropdown(list(TASKS), value="arith", allow_custom_value=True, label="task / data",
+                        task = gr.Dropdown(list(TASKS), value=first_defaults.get("task") or "arith", allow_custom_value=True, label="task / data",
                                            info="a built-in task, or jsonl:PATH, a local .jsonl, or hf:ID",
                                            elem_id="task")
                         model = gr.Textbox(value="", label="model", elem_id="model",
                                            placeholder="empty: the task's built-in model",
                                            info="a built-in name, a local folder, or a hub id (needs a network)")
                         data_file = gr.File(label="or upload a JSONL (prompt / completion / chosen / rejected)",
-                                            file_types=[".jsonl", ".json"], type="filepath", height=90,
+                                            file_types=[".jsonl", ".json"], type="filepath",
                                             elem_id="data-file")
                         data_status = gr.Markdown(elem_id="data-status")
                         with gr.Row():
-                            mode = gr.Radio(["lora", "full"], value="lora", label="weights", elem_id="mode",
+                            mode = gr.Radio(["lora", "full"], value="full" if first_defaults.get("mode") == "full" else "lora", label="weights", elem_id="mode",
                                             info="lora: train adapters, π_ref = adapters off; full: every weight")
                             four_bit = gr.Checkbox(value=False, label="4-bit base (QLoRA)", interactive=HAS_CUDA,
                                                    elem_id="four-bit",
                                                    info="nf4 base + LoRA adapters" if HAS_CUDA else
                                                    "needs a CUDA GPU; none found here, so it is off")
-                        panels, controls = {}, {}
+                        panels, controls, fields_of = {}, {}, {}  # fields_of: method → {param name: field}
                         for m in methods:
                             with gr.Column(visible=(m == first)) as col:
                                 panels[m] = col
+                                fields_of[m] = {}
                                 for name, comp in method_panel(m).items():
                                     controls[param_name(m, name)] = comp
+                                    fields_of[m][param_name(m, name)] = name
                         with gr.Row():
                             launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -321,12 +361,32 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                     compare_btn = gr.Button("Compare again", scale=1, elem_id="compare")
                 ba_text = gr.Markdown(elem_id="before-after-summary")
                 ba_table = gr.Dataframe(before_after_frame([]), wrap=True, interactive=False, elem_id="before-after")
+                if live.has_best_of_n():
+                    from lab.baselines import BestOfNConfig
+
+                    bon_fields = {f["name"]: f for f in describe_fields(BestOfNConfig)}
+                    with gr.Accordion("Best-of-N from π_ref (no training)", open=False):
+                        gr.Markdown("Sample N completions per held-out prompt from the reference policy and keep "
+                                    "the one the reward scores highest: y = argmax_i r(x, y_i). Its KL to π_ref is "
+                                    "at most log N − (N − 1)/N.")
+                        with gr.Row():
+                            bon_reward = gr.Dropdown(["gold"], value="gold", allow_custom_value=True, label="reward",
+                                                     info="gold (the task's own) or a reward-model run folder",
+                                                     elem_id="bon-reward")
+                            bon_n = gr.Slider(1, 64, value=bon_fields["n"]["default"], step=1, label="N",
+                                              info=bon_fields["n"]["help"])
+                            bon_prompts = gr.Slider(1, 200, value=16, step=1, label="held-out prompts")
+                            bon_btn = gr.Button("Run best-of-N", elem_id="bon")
+                        bon_text = gr.Markdown()
+                        bon_table = gr.Dataframe(pd.DataFrame(), interactive=False, wrap=True, max_height=300)
+                else:
+                    bon_btn = None
                 gr.Markdown("## Per token\nEach completion token coloured by its KL term "
                             "log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t): red where the tuned policy is more "
                             "sure of the token than the reference, blue where less. The sum is the sequence's "
                             "log-ratio, the single-sample KL estimate.")
                 with gr.Row():
-                    sample_pick = gr.Dropdown([], label="sample (from the latest samples)", scale=3,
+                    sample_pick = gr.Dropdown([], label="sample (from the latest samples)", scale=3, allow_custom_value=True,
                                               elem_id="sample-pick")
                     colour_by = gr.Radio(["KL to reference", "advantage"], value="KL to reference",
                                          label="colour by", scale=2)
@@ -343,15 +403,21 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                     refresh_btn = gr.Button("Refresh", scale=1, elem_id="refresh-runs")
                     run_pick = gr.CheckboxGroup([], label="runs", scale=5, elem_id="run-pick")
                 overlay = gr.Plot(metrics_figure({}), label="overlay", elem_id="overlay")
-                runs_table = gr.Dataframe(pd.DataFrame(), interactive=False, label="all runs", wrap=True)
+                runs_table = gr.Dataframe(pd.DataFrame(), interactive=False, label="all runs", wrap=True, elem_id="runs-table")
 
         # ------------------------------------------------------------------------------------------------------------
         # Handlers
 
         def on_method(name):
-            return [gr.update(visible=(m == name)) for m in methods]
+            """Show the method's panel; the task and weights follow the method's own defaults."""
+            cls, _ = get_method(name)
+            defaults = {f["name"]: f["default"] for f in describe_fields(cls)}
+            return [gr.update(visible=(m == name)) for m in methods] + [
+                gr.update(value=defaults.get("task") or "arith"),
+                gr.update(value="full" if defaults.get("mode") == "full" else "lora")]
 
-        method.change(on_method, inputs=method, outputs=list(panels.values()), api_name=False, queue=False)
+        method.change(on_method, inputs=method, outputs=[*panels.values(), task, mode], api_name=False,
+                      queue=False)
 
         def on_upload(path):
             if not path:
@@ -373,14 +439,21 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
             before/after table, sample picker, state."""
             state = state if state is not None else live.Session()
             skip = gr.skip()
+            shown = [skip] * 8  # what each output holds now, so the last update can repeat it for API callers
 
             def out(status_=skip, progress_=skip, plot_=skip, samples_=skip, metrics_=skip, ba_text_=skip,
-                    ba_table_=skip, pick_=skip):
-                return status_, progress_, plot_, samples_, metrics_, ba_text_, ba_table_, pick_, state
+                    ba_table_=skip, pick_=skip, final=False):
+                values = [status_, progress_, plot_, samples_, metrics_, ba_text_, ba_table_, pick_]
+                for i, value in enumerate(values):
+                    if value is not skip:
+                        shown[i] = value
+                return (*(shown if final else values), state)
 
             method = method or first
-            prefix = param_name(method, "")
-            values = {k[len(prefix):]: v for k, v in fields.items() if k.startswith(prefix) and v is not None}
+            if method not in fields_of:
+                yield out(error_text(f"unknown method {method!r}; choose one of: {', '.join(methods)}"), final=True)
+                return
+            values = {field: fields[key] for key, field in fields_of[method].items() if fields.get(key) is not None}
             values.update(task=(f"jsonl:{data_file}" if data_file else (task or "arith")),
                           model=(model or "").strip() or None,
                           mode="qlora" if four_bit else (mode or "lora"), out=runs_dir)
@@ -391,7 +464,7 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                 if data_file:
                     message = message.replace(str(data_file), Path(data_file).name)
                 gr.Warning(message)
-                yield out(error_text(message), progress_html(None))
+                yield out(error_text(message), progress_html(None), final=True)
                 return
             yield out(f"**{method}** on `{job.cfg.task}`: loading the model…", progress_html(job),
                       metrics_figure({}), samples_frame([]), [], "", before_after_frame([]),
@@ -422,7 +495,7 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                     job.join(timeout=600)
             if job.error:
                 gr.Warning(job.error)
-                yield out(error_text(job.error), progress_html(job), metrics_=job.history)
+                yield out(error_text(job.error), progress_html(job), metrics_=job.history, final=True)
                 return
             live.finish(state)
             rows = job.samples()
@@ -434,14 +507,15 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                       samples_frame(rows), job.history,
                       pick_=gr.update(choices=sample_choices(rows), value=0 if rows else None))
             if state.policy is None:
-                yield out(done, ba_text_="Before/after compares policies; this method trains a reward model.")
+                yield out(done, ba_text_="Before/after compares policies; this method trains a reward model.",
+                          final=True)
                 return
             try:
                 ba_rows, summary = live.compare(state, n=8)
             except Exception as err:  # noqa: BLE001
-                yield out(done, ba_text_=error_text(live.user_message(err)))
+                yield out(done, ba_text_=error_text(live.user_message(err)), final=True)
                 return
-            yield out(done, ba_text_=before_after_text(summary), ba_table_=before_after_frame(ba_rows))
+            yield out(done, ba_text_=before_after_text(summary), ba_table_=before_after_frame(ba_rows), final=True)
 
         launch_inputs = {"method": method, "task": task, "model": model, "data_file": data_file, "mode": mode,
                          "four_bit": four_bit, **controls}
@@ -512,12 +586,38 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                                                                                     token_sum],
                          api_name="tokens")
 
+        if bon_btn is not None:
+            def on_bon(state, task_name, reward, n, prompts):
+                state = state if state is not None else live.Session()
+                try:
+                    rows, summary = live.best_of_n(state, task_name, reward or "gold", int(n), int(prompts))
+                except Exception as err:  # noqa: BLE001
+                    return error_text(live.user_message(err)), pd.DataFrame(), state
+                text = (f"Gold reward on {summary['prompts']} held-out prompts: **best of {summary['n']}: "
+                        f"{summary['best_gold']:.3f}** vs. one sample: {summary['sample_gold']:.3f} · "
+                        f"KL(π_BoN ‖ π_ref) ≤ {summary['kl_bound']:.3f} nats")
+                table = pd.DataFrame([{"prompt": _short(r["prompt"]), "best of N": r["completion"],
+                                       "r of pick": _round(r["score"]), "gold of pick": _round(r["gold_reward"]),
+                                       "mean gold of N": _round(r["mean_gold_reward"])} for r in rows])
+                return text, table, state
+
+            bon_btn.click(on_bon, inputs=[session, task, bon_reward, bon_n, bon_prompts],
+                          outputs=[bon_text, bon_table, session], api_name="best_of_n")
+
+            def on_reward_models():
+                return gr.update(choices=["gold", *live.reward_models(runs_dir)])
+
+            demo.load(on_reward_models, outputs=bon_reward, api_name=False)
+
         def on_refresh(selected):
             rows = live.past_runs(runs_dir)
             ids = {r["id"] for r in rows}
             choices = [(r["label"] + f" [{r['status']}]", r["id"]) for r in rows]
             keep = [s for s in (selected or []) if s in ids]
-            return gr.update(choices=choices, value=keep), pd.DataFrame(rows).drop(columns=["label"], errors="ignore")
+            table = pd.DataFrame(rows).drop(columns=["label"], errors="ignore").dropna(axis=1, how="all")
+            if "started" in table:
+                table["started"] = table["started"].astype(str).str[:16].str.replace("T", " ")
+            return gr.update(choices=choices, value=keep), table
 
         refresh_btn.click(on_refresh, inputs=run_pick, outputs=[run_pick, runs_table], api_name="runs")
 
@@ -531,9 +631,15 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
     return demo
 
 
+WARM_UP: threading.Thread | None = None  # imports the model libraries while the first page loads
+
+
 def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, runs_dir: str = "runs",
           prevent_thread_lock: bool = False):
     """Build and launch the app; returns the Blocks (with ``prevent_thread_lock`` the call returns at once)."""
+    global WARM_UP
+    WARM_UP = threading.Thread(target=live.warm_up, name="lab-warm-up", daemon=True)
+    WARM_UP.start()
     demo = build_app(runs_dir)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,

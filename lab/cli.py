@@ -106,7 +106,7 @@ def cmd_eval(args) -> int:
     from lab.tasks import get_task
 
     task = get_task(args.task)
-    policy = load_policy(args.model or task.model, mode="full" if args.model is None else "lora", device=args.device)
+    policy = load_policy(args.model or task.model, mode="lora", device=args.device)
     result = evaluate(policy, task, n=args.n, greedy=not args.sample, seed=args.seed)
     result = {"task": task.name, "model": args.model or task.model, "greedy": not args.sample, **result}
     if args.json:
@@ -125,7 +125,7 @@ def cmd_generate(args) -> int:
     from lab.tasks import get_task
 
     task = get_task(args.task)
-    policy = load_policy(args.model or task.model, mode="full" if args.model is None else "lora", device=args.device)
+    policy = load_policy(args.model or task.model, mode="lora", device=args.device)
     prompts = args.prompt or task.eval_prompts()[: args.n]
     gen = torch.Generator(device=policy.device).manual_seed(args.seed)
     roll = generate(policy.model, policy.tokenizer, prompts, args.max_new_tokens or task.max_new_tokens,

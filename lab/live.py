@@ -251,6 +251,19 @@ class Job:
         return [r for r in rows if int(r.get("step", 0)) == last]
 
 
+def warm_up() -> None:
+    """Import the model libraries ahead of the first run (they take seconds to import), so a user's first Launch
+    does not wait for them. Meant for a background thread at server start."""
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+
+        import lab.modeling  # noqa: F401
+    except ImportError:
+        pass
+
+
 def uses_policy(method: str) -> bool:
     """Methods that train a policy (everything but the reward model) take ``policy=`` and get before/after."""
     return method != "rm"
@@ -400,6 +413,50 @@ def token_kl(policy, prompt, completion: str, add_eos: bool = True) -> list[dict
         lp, rlp = float(logprobs[i]), float(ref_logprobs[i])
         out.append({"token": text, "logprob": lp, "ref_logprob": rlp, "kl": lp - rlp})
     return out
+
+
+def has_best_of_n() -> bool:
+    try:
+        from lab.baselines import best_of_n  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def reward_models(out: str) -> list[str]:
+    """Folders of finished reward-model runs under ``out`` (what best-of-N and PPO can score with)."""
+    return [str(Path(out) / r["id"]) for r in past_runs(out) if r["method"] == "rm" and r["status"] == "completed"]
+
+
+def best_of_n(session: Session, task_name: str, reward: str = "gold", n: int = 8, prompts: int = 16,
+              temperature: float = 1.0, seed: int = 0) -> tuple[list[dict], dict]:
+    """Best-of-N from π_ref on held-out prompts of a built-in task, scored by ``reward`` ("gold" or a reward-model
+    run folder). π_ref is the tab's policy with its adapters off when it has one on this task, else the task's
+    base model. Returns (rows, summary) with the gold reward of the pick, of a single sample, and the KL bound."""
+    from types import SimpleNamespace
+
+    from lab.baselines import best_of_n as bon
+    from lab.baselines import kl_bound
+    from lab.rewards import make_reward
+    from lab.tasks import get_task
+
+    task = get_task(task_name)
+    scorer = make_reward(reward, task)
+    held_out = task.eval_prompts()[:prompts]
+    kwargs = dict(max_new_tokens=task.max_new_tokens, temperature=temperature, seed=seed, task=task)
+    policy = session.policy if session.policy is not None and session.task is task else None
+    if policy is not None and policy.has_adapters:
+        with policy.reference() as ref:
+            rows = bon(SimpleNamespace(model=ref, tokenizer=policy.tokenizer), scorer, held_out, n, **kwargs)
+    else:
+        from lab.modeling import load_policy
+
+        base = load_policy(task.model, task=task_name, mode="lora")  # adapters start at zero: this is π_ref
+        rows = bon(base, scorer, held_out, n, **kwargs)
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    summary = {"n": n, "prompts": len(rows), "best_gold": mean("gold_reward"), "sample_gold": mean("mean_gold_reward"),
+               "kl_bound": kl_bound(n)}
+    return rows, summary
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -117,6 +117,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 def load_causal_lm(name: str, *, quantize_4bit: bool = False, device: str = "auto", trust_remote_code: bool = False):
     """``AutoModelForCausalLM.from_pretrained`` with the lab's defaults (safetensors only, dtype by hardware)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-load bar for tiny models is noise in the CLI and the notebooks
 
     dev = pick_device(device)
     dtype = pick_dtype(dev)

@@ -46,7 +46,6 @@ each). Shapes: B batch, P prompt length, T completion length, V vocabulary.
 from __future__ import annotations
 
 import contextlib
-import random
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -54,8 +53,7 @@ from typing import Iterator
 import torch
 
 from lab.config import BaseConfig, check, opt
-from lab.ops import kl_estimate, masked_mean, masked_var, masked_whiten, sequence_logprobs, \
-    sequence_logprobs_and_entropy
+from lab.ops import kl_estimate, masked_mean, masked_var, masked_whiten
 from lab.runner import Run, clip_and_step, load_for, seed_everything
 from lab.sft import sft_loss
 
@@ -92,6 +90,8 @@ class PPOConfig(BaseConfig):
     cliprange: float = opt(0.2, "ε: the probability ratio is clipped to [1 − ε, 1 + ε]", min=1e-3, max=1.0)
     cliprange_value: float = opt(0.2, "ε_v: new values stay within ±ε_v of the rollout's values", min=1e-3,
                                  max=100.0)
+    # The value function has its own adapter and head, and Adam rescales each parameter's gradient, so vf_coef acts
+    # mainly through the joint gradient-norm clip (it matters fully only when policy and value share weights).
     vf_coef: float = opt(0.1, "weight of the value loss in the total loss", min=0.0, max=100.0)
     ppo_epochs: int = opt(4, "passes over each rollout batch", min=1, max=100)
     num_minibatches: int = opt(2, "minibatches per pass (one optimizer step each); must divide batch_size",
@@ -263,21 +263,8 @@ class AdaptiveKLController:
 # The loop
 
 
-def _prompt_sources(cfg, task) -> tuple[list, list]:
-    """Train and held-out prompts: the task's splits, or the 'prompt' column of a data source."""
-    if task is not None:
-        return task.train_prompts(), task.eval_prompts()
-    from lab.data import DataError, load_rows
-
-    train = load_rows(cfg.task, format="prompt_only", skip_bad_rows=cfg.skip_bad_rows)["prompt"]
-    try:
-        held_out = load_rows(cfg.task, format="prompt_only", split="eval", skip_bad_rows=cfg.skip_bad_rows)["prompt"]
-    except (DataError, ValueError):
-        held_out = []
-    return train, held_out
-
-
 def _ptx_rows(cfg, task) -> list[dict]:
+    """Rows for the ptx term: ``cfg.ptx_data``, else the built-in task's SFT rows."""
     if cfg.ptx_coef == 0:
         return []
     if cfg.ptx_data is not None:
@@ -287,40 +274,31 @@ def _ptx_rows(cfg, task) -> list[dict]:
     return task.sft_rows("train")
 
 
-class _Cycle:
-    """Endless shuffled passes over a list, `take(n)` at a time."""
+def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, record=None,
+          value_model=None) -> Iterator[dict]:
+    """One PPO iteration (rollout + PPO epochs) per ``next()``; see :mod:`lab.runner` for the record and stop rules.
 
-    def __init__(self, items: list, seed: int):
-        self.items, self.rng, self.order = list(items), random.Random(seed), []
-
-    def take(self, n: int) -> list:
-        while len(self.order) < n:
-            fresh = list(range(len(self.items)))
-            self.rng.shuffle(fresh)
-            self.order += fresh
-        picked, self.order = self.order[:n], self.order[n:]
-        return [self.items[i] for i in picked]
-
-
-def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, record=None) -> Iterator[dict]:
-    """One PPO iteration (rollout + PPO epochs) per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
+    ``value_model``: the value function to train, ``lab.modeling.add_value_head(policy)`` when None."""
     from lab.batching import encode_pairs, token_logprobs
     from lab.modeling import add_value_head
     from lab.rewards import make_reward
-    from lab.sampling import generate
+    from lab.rollout import (bandit_reference, completion_logprobs, eval_metrics, load_prompts, prompt_batches,
+                             reference_logprobs, resolve_max_new_tokens, rollout, sample_rows, score)
     from lab.tasks import TASKS, get_task
 
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
-    train_prompts, eval_prompts = _prompt_sources(cfg, task)
+    batches = prompt_batches(load_prompts(cfg, task), cfg.batch_size, cfg.seed)
     ptx_rows = _ptx_rows(cfg, task)
+    ptx_batches = prompt_batches(ptx_rows, cfg.ptx_batch_size, cfg.seed + 1) if ptx_rows else None
     reward_fn = make_reward(cfg.reward, task)
     policy = policy or load_for(cfg, task)
-    value_model = add_value_head(policy)
-    # peft's set_adapter switches requires_grad to the active adapter only, and autograd drops the gradient of a
-    # parameter whose requires_grad is off at backward time. So the value forward AND backward run inside
-    # `value_active()`, and the policy's outside it.
-    value_active = (lambda: policy.adapter("value")) if value_model.adapter_name else contextlib.nullcontext
+    value_model = add_value_head(policy) if value_model is None else value_model
+    # peft's set_adapter gives requires_grad to the active adapter only, and autograd silently drops the gradient of
+    # a parameter whose requires_grad is off at backward time. So the value forward AND its backward run inside
+    # `value_active()`, and the policy's outside it (tests/test_ppo.py checks that both adapters move).
+    value_active = ((lambda: policy.adapter(value_model.adapter_name)) if value_model.adapter_name
+                    else contextlib.nullcontext)
     policy_params = policy.trainable_parameters()
     with value_active():
         value_params = value_model.trainable_parameters()
@@ -330,44 +308,44 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
     policy.model.eval()
     value_model.eval()
     device = policy.device
-    max_new_tokens = cfg.max_new_tokens or (task.max_new_tokens if task is not None else 64)
+    max_new_tokens = resolve_max_new_tokens(cfg, task)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    prompts_cycle, ptx_cycle = _Cycle(train_prompts, cfg.seed), _Cycle(ptx_rows, cfg.seed + 1)
     kl_controller = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.horizon) if cfg.adaptive_kl else None
     beta = cfg.beta
-    eval_state = _EvalState(policy, task, eval_prompts[: cfg.eval_size], reward_fn, cfg, max_new_tokens)
+    bandit_ref = bandit_reference(policy, task)  # π_ref over the vocabulary, for eval/kl_to_optimum on bandit
     minibatch_size = cfg.batch_size // cfg.num_minibatches
     micro_size = minibatch_size // cfg.gradient_accumulation
 
+    def evaluate() -> dict:
+        """eval/gold_reward (greedy, held-out prompts); on bandit also eval/exact_reward and eval/kl_to_optimum."""
+        return eval_metrics(policy, task, cfg.eval_size, beta=cfg.beta if cfg.beta > 0 else None,
+                            ref_logprobs=bandit_ref)
+
+    def unprefixed(metrics: dict) -> dict:
+        return {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
+
     with Run(cfg, "ppo", policy=policy, stop=stop, record=record) as run:
-        run.summary["before"] = eval_state.evaluate()
+        run.summary["before"] = unprefixed(evaluate())
         for step in run.steps():
             # 1. rollout: one completion per prompt from the current policy π_old
-            prompts = prompts_cycle.take(cfg.batch_size)
-            roll = generate(policy.model, policy.tokenizer, prompts, max_new_tokens, temperature=cfg.temperature,
-                            top_p=cfg.top_p, generator=generator)
-            input_ids, attention_mask = roll.input_ids, roll.attention_mask  # (B, P+T)
+            roll = rollout(policy, next(batches), cfg, generator, max_new_tokens)
             mask = roll.completion_mask.float()  # (B, T)
             P, T = roll.prompt_ids.shape[1], roll.completion_ids.shape[1]
 
             # 2. score: r_φ(x, y), minus the missing-EOS penalty
-            with torch.no_grad():
-                raw_scores = reward_fn(roll.prompts, roll.completions, roll.truncated.tolist())
-                raw_scores = torch.as_tensor(raw_scores, dtype=torch.float32, device=device)  # (B,)
+            raw_scores = score(reward_fn, roll)  # (B,)
             scores = raw_scores - cfg.missing_eos_penalty * roll.truncated.float()  # (B,)
 
             # 3. reference log-probs & shaped rewards
             with torch.no_grad():
-                old_logprobs, entropy = sequence_logprobs_and_entropy(policy.model, input_ids, attention_mask, T,
-                                                                      cfg.temperature)  # (B, T), (B, T)
-                with policy.reference() as ref_model:
-                    ref_logprobs = sequence_logprobs(ref_model, input_ids, attention_mask, T,
-                                                     cfg.temperature)  # (B, T)
-                rewards = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)  # (B, T)
+                old_logprobs, entropy = completion_logprobs(policy.model, roll, cfg.temperature,
+                                                            with_entropy=True)  # (B, T), (B, T)
+            ref_logprobs = reference_logprobs(policy, roll, cfg.temperature)  # (B, T)
+            rewards = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)  # (B, T)
 
-            # 4. values & GAE. V(s_t) is read at the position that predicts token t, i.e. after x, y_<t.
+            # 4. values & GAE. V(s_t) is read where token t is predicted: the state x, y_<t.
             with torch.no_grad(), value_active():
-                old_values = value_model(input_ids, attention_mask)[:, P - 1: P + T - 1]  # (B, T)
+                old_values = value_model(roll.input_ids, roll.attention_mask)[:, P - 1: P + T - 1]  # (B, T)
             advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, T), (B, T)
             if cfg.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)  # (B, T)
@@ -375,32 +353,31 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
             # 5. PPO epochs over minibatches (one optimizer step each), microbatches within
             update_metrics: list[dict] = []
             for _epoch in range(cfg.ppo_epochs):
-                order = torch.randperm(cfg.batch_size).tolist()
+                order = torch.randperm(cfg.batch_size, device=device)  # (B,)
                 for start in range(0, cfg.batch_size, minibatch_size):
-                    minibatch = order[start: start + minibatch_size]
+                    minibatch = order[start: start + minibatch_size]  # (B / num_minibatches,)
                     tokens = mask[minibatch].sum().clamp(min=1)
                     metrics: dict = {}
-                    for mstart in range(0, minibatch_size, micro_size):
-                        idx = torch.tensor(minibatch[mstart: mstart + micro_size], device=device)
-                        m = mask[idx]  # (b, T)
+                    for micro_start in range(0, minibatch_size, micro_size):
+                        idx = minibatch[micro_start: micro_start + micro_size]  # (b,)
+                        micro, m = roll.select(idx), mask[idx]  # b rows, (b, T)
                         # a microbatch's token mean × its share of the minibatch's tokens = the minibatch token mean
                         share = m.sum() / tokens
-                        logprobs = sequence_logprobs(policy.model, input_ids[idx], attention_mask[idx], T,
-                                                     cfg.temperature)  # (b, T)
-                        policy_loss, pm = ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], m,
-                                                          cfg.cliprange)
-                        (policy_loss * share).backward()  # the policy adapter is active: its gradient lands
+                        logprobs = completion_logprobs(policy.model, micro, cfg.temperature)  # (b, T)
+                        policy_loss, policy_metrics = ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx],
+                                                                      m, cfg.cliprange)
+                        (policy_loss * share).backward()  # the policy adapter is active here
                         with value_active():
-                            values = value_model(input_ids[idx], attention_mask[idx])[:, P - 1: P + T - 1]  # (b, T)
-                            value_loss, vm = ppo_value_loss(values, old_values[idx], returns[idx], m,
-                                                            cfg.cliprange_value)
-                            (cfg.vf_coef * value_loss * share).backward()  # while the value adapter is active
-                        for k, v in {**pm, **vm}.items():
+                            values = value_model(micro.input_ids, micro.attention_mask)[:, P - 1: P + T - 1]  # (b, T)
+                            value_loss, value_metrics = ppo_value_loss(values, old_values[idx], returns[idx], m,
+                                                                       cfg.cliprange_value)
+                            (cfg.vf_coef * value_loss * share).backward()  # the value adapter is active here
+                        for k, v in {**policy_metrics, **value_metrics}.items():
                             metrics[k] = metrics.get(k, 0.0) + float(v) * float(share)
 
                     # 6. ptx term: λ · LM loss on SFT/pretraining rows, in the same optimizer step
-                    if cfg.ptx_coef > 0:
-                        rows = ptx_cycle.take(cfg.ptx_batch_size)
+                    if ptx_batches is not None:
+                        rows = next(ptx_batches)
                         batch = encode_pairs(policy.tokenizer, [r["prompt"] for r in rows],
                                              [r["completion"] for r in rows], max_length=cfg.max_length).to(device)
                         ptx_logprobs, ptx_mask = token_logprobs(policy.model, batch)  # (b, L-1), (b, L-1)
@@ -430,62 +407,15 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
             if kl_controller is not None:
                 beta = kl_controller.update(float(out["kl/ref"]), cfg.batch_size)
 
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                out.update({f"eval/{k}": v for k, v in eval_state.evaluate().items()})
-            if step == cfg.steps:
-                run.summary["after"] = eval_state.evaluate()
-                out.update({f"eval/{k}": v for k, v in run.summary["after"].items()})
+            if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                out.update(evaluate())
             if run.want_samples(step):
-                rows = [{"prompt": p, "completion": c, "reward": s}
-                        for p, c, s in zip(roll.prompts[:4], roll.completions[:4], raw_scores.tolist())]
-                for row, g in zip(rows, gold if task is not None else []):
-                    row["gold_reward"] = g
-                run.samples(step, rows)
+                run.samples(step, sample_rows(roll, raw_scores, n=4))
             yield run.log(step, out)
-        run.summary.setdefault("after", eval_state.evaluate())
-
-
-class _EvalState:
-    """Held-out evaluation: greedy answers to the eval prompts, scored by r_φ and (built-in tasks) the gold reward.
-
-    On bandit it also reports the exact expected reward and KL(π*‖π_θ) to the optimum of this run's β.
-    """
-
-    def __init__(self, policy, task, prompts: list, reward_fn, cfg: PPOConfig, max_new_tokens: int):
-        self.policy, self.task, self.prompts, self.reward_fn = policy, task, prompts, reward_fn
-        self.cfg, self.max_new_tokens = cfg, max_new_tokens
-        self.ref_logprobs = None
-        if task is not None and task.kind == "bandit":
-            from lab.tasks import bandit
-
-            with torch.no_grad(), policy.reference() as ref:
-                self.ref_logprobs = bandit.next_token_logprobs(ref, policy.tokenizer, task.eval_prompts())  # (B, V)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        if not self.prompts:
-            return {}
-        from lab.sampling import generate
-
-        out: dict = {}
-        roll = generate(self.policy.model, self.policy.tokenizer, self.prompts, self.max_new_tokens, greedy=True)
-        truncated = roll.truncated.tolist()
-        scores = self.reward_fn(roll.prompts, roll.completions, truncated)
-        out["reward"] = float(torch.as_tensor(scores, dtype=torch.float32).mean())
-        if self.task is not None:
-            gold = self.task.gold_rewards(roll.prompts, roll.completions, truncated)
-            out["gold_reward"] = sum(gold) / len(gold)
-        out["length"] = float(roll.completion_mask.sum(-1).float().mean())
-        if self.ref_logprobs is not None:
-            from lab.tasks import bandit
-
-            logprobs = bandit.next_token_logprobs(self.policy.model, self.policy.tokenizer, self.task.eval_prompts())
-            table = bandit.reward_tables(self.task.eval_prompts(), self.policy.tokenizer).to(logprobs)  # (B, V)
-            out["exact_reward"] = float(bandit.expected_reward(logprobs, table).mean())
-            if self.cfg.beta > 0:
-                star = bandit.pi_star(self.ref_logprobs, table, self.cfg.beta)  # (B, V)
-                out["kl_to_optimum"] = float(bandit.kl(star, logprobs).mean())
-        return out
+            if step == cfg.steps:
+                run.summary["after"] = unprefixed(out)
+        if "after" not in run.summary:  # stopped early: evaluate what there is
+            run.summary["after"] = unprefixed(evaluate())
 
 
 Config = PPOConfig

@@ -55,7 +55,7 @@ BASELINES = ("none", "batch", "ema")
 class ReinforceConfig(BaseConfig):
     """REINFORCE: policy gradient on sampled completions, with an optional baseline and KL penalty."""
 
-    lr: float = opt(2e-3, "AdamW learning rate", min=1e-7, max=1.0)
+    lr: float = opt(1e-3, "AdamW learning rate (LoRA on the tiny built-in models: 1e-3)", min=1e-7, max=1.0)
     steps: int = opt(60, "optimizer steps; each samples a fresh batch", min=1, max=1_000_000)
     batch_size: int = opt(64, "prompts per step (one completion each)", min=1, max=4096)
     baseline: str = opt("batch", "b subtracted from the reward: none, batch (batch mean) or ema (running mean)",
@@ -132,7 +132,7 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     batches = prompt_batches(prompts, cfg.batch_size, cfg.seed)
     max_new_tokens = resolve_max_new_tokens(cfg, task)
-    bandit_ref = bandit_reference(policy, task)
+    bandit_ref = bandit_reference(policy, task) if cfg.beta > 0 else None  # π_ref only when β > 0
     ema: float | None = None
 
     with Run(cfg, "reinforce", policy=policy, stop=stop, record=record) as run:

@@ -369,6 +369,9 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
 
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
+    if policy is not None and not hasattr(policy, "score"):
+        raise TypeError("rm.train(policy=...) takes a reward model (something with .score); to start from a causal "
+                        "LM, give its name as cfg.reward_model")
     rows, eval_rows = _heldout_rows(cfg, load_preference_rows(cfg, "train"), task)
     model = policy or load_reward_backbone(cfg, task)
     tokenizer = model.tokenizer

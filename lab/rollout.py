@@ -119,14 +119,16 @@ def reference_logprobs(policy, roll: Rollout, temperature: float = 1.0) -> torch
 @torch.no_grad()
 def rollout_metrics(roll: Rollout, rewards: torch.Tensor, correct: torch.Tensor | None = None) -> dict:
     """``reward/mean``, ``reward/std``, ``completion/length`` (tokens, EOS included) and, when ``correct`` (B,) bool is
-    given (verifiable tasks), ``length/correct`` and ``length/incorrect`` (nan when a side is empty)."""
+    given (verifiable tasks), ``length/correct`` and ``length/incorrect`` (left out when that side is empty)."""
     lengths = roll.completion_mask.sum(-1).float()  # (B,)
     out = {"reward/mean": rewards.mean(), "reward/std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
            "completion/length": lengths.mean(), "completion/truncated_frac": roll.truncated.float().mean()}
     if correct is not None:
         correct = correct.to(lengths.device)
-        out["length/correct"] = masked_mean(lengths, correct) if correct.any() else float("nan")
-        out["length/incorrect"] = masked_mean(lengths, ~correct) if (~correct).any() else float("nan")
+        if correct.any():
+            out["length/correct"] = masked_mean(lengths, correct)
+        if (~correct).any():
+            out["length/incorrect"] = masked_mean(lengths, ~correct)
     return out
 
 
@@ -146,7 +148,8 @@ def eval_metrics(policy, task, n: int, beta: float | None = None, ref_logprobs: 
 
     if task is None:
         return {}
-    result = evaluate(policy, task, n=n)
+    with torch.no_grad():
+        result = evaluate(policy, task, n=n)
     out = {"eval/accuracy": result["accuracy"]} if "accuracy" in result else {"eval/gold_reward": result["gold_reward"]}
     if task.kind == "bandit":
         with torch.no_grad():

@@ -7,14 +7,17 @@
 The built-in policy (lab/models/arith, character-level) was pretrained on data that makes a
 "common mistake": on problems whose ones digits carry (7+8 = 15), the carry into the tens digit
 is dropped on CARRY_DROP_RATE = 60% of the examples (47+38= "75" instead of "85"). A model that
-fits that data well answers greedily wrong on carry problems (0.6 > 0.4) and right otherwise, while
+fits that data answers greedily wrong on carry problems (0.6 > 0.4) and right otherwise, while
 sampling the correct answer about 40% of the time on carry problems: exactly the situation where
 RL on a verifiable reward (GRPO) can push greedy accuracy towards 100%.
 
-Measured on the 200 held-out problems with the shipped model (`python -m lab pretrain arith`, seed 0):
-    greedy accuracy                    0.565   (55.5% of the held-out problems have no carry)
-    sampling accuracy (temperature 1)  0.741
-    on carry problems: P(correct answer) under sampling ≈ 0.4, greedy accuracy 0.0
+Measured on the 200 held-out problems with the shipped model (`python -m lab pretrain arith`, seed 0;
+44% of them carry):
+    greedy accuracy                      0.58   (no-carry problems 1.00)
+    sampling accuracy (temperature 1)    0.73
+    on carry problems, sampled answers   37% correct, 62% dropped carry, 1% other
+The 1,500-step model slightly under-fits the carry (37% rather than 40% correct). At a 70% drop
+rate the same recipe gives greedy 0.56 but only 24% correct samples on carry problems.
 
 Splits (seeded, disjoint): 200 held-out problems never seen in pretraining; the other 7,900 are the
 training prompts and the pretraining set. max_new_tokens = 4 (up to three digits and eos).

@@ -230,7 +230,7 @@ def make_preference_rows(
         for i, prompt in enumerate(prompts):
             y1, y2 = completions[2 * i], completions[2 * i + 1]
             t1, t2 = truncated[2 * i], truncated[2 * i + 1]
-            if y1 == y2 and t1 == t2:
+            if y1 == y2:  # same text (hence same truncation): no preference to learn
                 continue
             r1, r2 = gold_reward(y1, t1), gold_reward(y2, t2)
             p_first = 1.0 / (1.0 + math.exp(-(r1 - r2) / tau))  # σ((r1 − r2) / τ)
