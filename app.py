@@ -17,6 +17,7 @@ import math
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,6 +41,7 @@ PANEL_ORDER = ("reward", "kl", "loss", "entropy", "completion length", "completi
                "eval")
 SKIP_METRICS = ("step", "time/elapsed")
 HAS_CUDA = torch.cuda.is_available()
+UPDATE_EVERY = 1.0  # seconds between redraws of the live view; every step still arrives, batched
 COLORS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f", "#475569")
 
 CSS = """
@@ -278,9 +280,30 @@ def error_text(message: str) -> str:
     return f"<span id='lab-error'>**Error:** {message}</span>"
 
 
-def sample_choices(rows: list[dict]) -> list[tuple[str, int]]:
-    return [(f"#{i} · {_short(r.get('prompt'), 40)!r} → {_short(r.get('completion'), 40)!r}", i)
-            for i, r in enumerate(rows)]
+HELD_OUT = 1000  # picker values from here on are before/after rows, below it training samples
+
+
+def sample_choices(state: live.Session | None) -> dict:
+    """Picker update: the latest training samples, then the tuned policy's held-out answers. The default pick
+    is the first held-out answer that training changed (where the per-token KL has something to show)."""
+    if state is None:
+        return gr.update(choices=[], value=None)
+    choices = [(f"sample #{i} · {_short(r.get('prompt'), 40)!r} → {_short(r.get('completion'), 40)!r}", i)
+               for i, r in enumerate(state.samples)]
+    choices += [(f"held-out #{j} · {_short(r['prompt'], 40)!r} → {_short(r['after'], 40)!r} (tuned)", HELD_OUT + j)
+                for j, r in enumerate(state.compared)]
+    changed = [HELD_OUT + j for j, r in enumerate(state.compared) if r["after"] != r["before"]]
+    value = changed[0] if changed else (choices[0][1] if choices else None)
+    return gr.update(choices=choices, value=value)
+
+
+def picked_row(state: live.Session, index) -> dict | None:
+    """The {prompt, completion, ...} row a picker value points at."""
+    index = int(index or 0)
+    if index >= HELD_OUT and index - HELD_OUT < len(state.compared):
+        row = state.compared[index - HELD_OUT]
+        return {"prompt": row["prompt"], "completion": row["after"]}
+    return state.samples[index] if 0 <= index < len(state.samples) else None
 
 
 def empty_token_view():
@@ -317,9 +340,9 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                     # ---------------- settings ----------------
                     with gr.Column(scale=2, min_width=340):
                         method = gr.Dropdown(methods, value=first, label="method", elem_id="method")
-                        task = gr.Dropdown(list(TASKS), value=first_defaults.get("task") or "arith", allow_custom_value=True, label="task / data",
-                                           info="a built-in task, or jsonl:PATH, a local .jsonl, or hf:ID",
-                                           elem_id="task")
+                        task = gr.Dropdown(list(TASKS), value=first_defaults.get("task") or "arith",
+                                           allow_custom_value=True, label="task / data", elem_id="task",
+                                           info="a built-in task, or jsonl:PATH, a local .jsonl, or hf:ID")
                         model = gr.Textbox(value="", label="model", elem_id="model",
                                            placeholder="empty: the task's built-in model",
                                            info="a built-in name, a local folder, or a hub id (needs a network)")
@@ -328,7 +351,8 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                                             elem_id="data-file")
                         data_status = gr.Markdown(elem_id="data-status")
                         with gr.Row():
-                            mode = gr.Radio(["lora", "full"], value="full" if first_defaults.get("mode") == "full" else "lora", label="weights", elem_id="mode",
+                            mode = gr.Radio(["lora", "full"], label="weights", elem_id="mode",
+                                            value="full" if first_defaults.get("mode") == "full" else "lora",
                                             info="lora: train adapters, π_ref = adapters off; full: every weight")
                             four_bit = gr.Checkbox(value=False, label="4-bit base (QLoRA)", interactive=HAS_CUDA,
                                                    elem_id="four-bit",
@@ -386,8 +410,8 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                             "sure of the token than the reference, blue where less. The sum is the sequence's "
                             "log-ratio, the single-sample KL estimate.")
                 with gr.Row():
-                    sample_pick = gr.Dropdown([], label="sample (from the latest samples)", scale=3, allow_custom_value=True,
-                                              elem_id="sample-pick")
+                    sample_pick = gr.Dropdown([], label="completion (latest training samples, then held-out answers)",
+                                              scale=3, allow_custom_value=True, elem_id="sample-pick")
                     colour_by = gr.Radio(["KL to reference", "advantage"], value="KL to reference",
                                          label="colour by", scale=2)
                     tokens_btn = gr.Button("Show tokens", scale=1, elem_id="show-tokens")
@@ -403,7 +427,8 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                     refresh_btn = gr.Button("Refresh", scale=1, elem_id="refresh-runs")
                     run_pick = gr.CheckboxGroup([], label="runs", scale=5, elem_id="run-pick")
                 overlay = gr.Plot(metrics_figure({}), label="overlay", elem_id="overlay")
-                runs_table = gr.Dataframe(pd.DataFrame(), interactive=False, label="all runs", wrap=True, elem_id="runs-table")
+                runs_table = gr.Dataframe(pd.DataFrame(), interactive=False, label="all runs", wrap=True,
+                                          elem_id="runs-table")
 
         # ------------------------------------------------------------------------------------------------------------
         # Handlers
@@ -469,11 +494,15 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
             yield out(f"**{method}** on `{job.cfg.task}`: loading the model…", progress_html(job),
                       metrics_figure({}), samples_frame([]), [], "", before_after_frame([]),
                       gr.update(choices=[], value=None))
-            seen, shown_samples = 0, None
+            seen, shown_samples, shown_at = 0, None, 0.0
             try:
                 while True:
                     job.wait(seen, timeout=1.0)
+                    if len(job.history) > seen and not job.done and time.time() - shown_at < UPDATE_EVERY:
+                        # fast steps: redraw at most once per UPDATE_EVERY, with every step since the last one
+                        time.sleep(UPDATE_EVERY - (time.time() - shown_at))
                     if len(job.history) > seen:
+                        shown_at = time.time()
                         seen = len(job.history)
                         rows = job.samples()
                         new_samples = rows and (shown_samples is None or rows[0].get("step") != shown_samples)
@@ -484,7 +513,7 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                                   " · stopping after this step" if job.stop.is_set() else ""),
                                   progress_html(job), metrics_figure({method: job.history}),
                                   samples_frame(rows) if new_samples else skip, job.history,
-                                  pick_=gr.update(choices=sample_choices(rows), value=0) if new_samples else skip)
+                                  pick_=sample_choices(state) if new_samples else skip)
                     elif not job.done:
                         yield out(progress_=progress_html(job))
                     if job.done:
@@ -503,9 +532,9 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                 state.samples = rows
             done = (f"**{method}** on `{job.cfg.task}`: {job.phase} after {len(job.history)} steps · record "
                     f"`{job.record_path}`")
-            yield out(done + " · comparing before and after…", progress_html(job), metrics_figure({method: job.history}),
-                      samples_frame(rows), job.history,
-                      pick_=gr.update(choices=sample_choices(rows), value=0 if rows else None))
+            yield out(done + " · comparing before and after…", progress_html(job),
+                      metrics_figure({method: job.history}), samples_frame(rows), job.history,
+                      pick_=sample_choices(state))
             if state.policy is None:
                 yield out(done, ba_text_="Before/after compares policies; this method trains a reward model.",
                           final=True)
@@ -515,7 +544,8 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
             except Exception as err:  # noqa: BLE001
                 yield out(done, ba_text_=error_text(live.user_message(err)), final=True)
                 return
-            yield out(done, ba_text_=before_after_text(summary), ba_table_=before_after_frame(ba_rows), final=True)
+            yield out(done, ba_text_=before_after_text(summary), ba_table_=before_after_frame(ba_rows),
+                      pick_=sample_choices(state), final=True)
 
         launch_inputs = {"method": method, "task": task, "model": model, "data_file": data_file, "mode": mode,
                          "four_bit": four_bit, **controls}
@@ -540,24 +570,25 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
 
         def on_compare(state, n):
             if state is None or state.policy is None:
-                return error_text("no trained policy in this tab yet: launch a run first"), before_after_frame([])
+                return (error_text("no trained policy in this tab yet: launch a run first"), before_after_frame([]),
+                        gr.skip())
             try:
                 rows, summary = live.compare(state, n=int(n))
             except Exception as err:  # noqa: BLE001
-                return error_text(live.user_message(err)), before_after_frame([])
-            return before_after_text(summary), before_after_frame(rows)
+                return error_text(live.user_message(err)), before_after_frame([]), gr.skip()
+            return before_after_text(summary), before_after_frame(rows), sample_choices(state)
 
-        compare_btn.click(on_compare, inputs=[session, n_compare], outputs=[ba_text, ba_table],
+        compare_btn.click(on_compare, inputs=[session, n_compare], outputs=[ba_text, ba_table, sample_pick],
                           api_name="before_after")
 
         def on_tokens(state, index, colour):
-            if state is None or not state.samples:
+            row = picked_row(state, index) if state is not None else None
+            if row is None:
                 return *empty_token_view()[:2], "No samples yet: launch a run first."
             if state.policy is None and (state.job is None or state.job.policy is None):
                 return *empty_token_view()[:2], "No policy in this tab (a reward model run has no per-token KL)."
             if state.job is not None and not state.job.done:
                 return *empty_token_view()[:2], "Wait for the run to end (or stop it): the policy is training."
-            row = state.samples[int(index or 0) % len(state.samples)]
             policy = state.policy or state.job.policy
             try:
                 tokens = live.token_kl(policy, row["prompt"], row["completion"],
@@ -634,11 +665,18 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
 WARM_UP: threading.Thread | None = None  # imports the model libraries while the first page loads
 
 
+def warm_up() -> None:
+    """Do the slow first-time work (library imports, the first model call, plotly's first subplot figure) while
+    the page loads, not after the user's first click on Launch."""
+    live.warm_up()
+    metrics_figure({"warm-up": [{"step": 1, "reward/mean": 0.0, "loss/policy": 0.0}]}).to_json()
+
+
 def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, runs_dir: str = "runs",
           prevent_thread_lock: bool = False):
     """Build and launch the app; returns the Blocks (with ``prevent_thread_lock`` the call returns at once)."""
     global WARM_UP
-    WARM_UP = threading.Thread(target=live.warm_up, name="lab-warm-up", daemon=True)
+    WARM_UP = threading.Thread(target=warm_up, name="lab-warm-up", daemon=True)
     WARM_UP.start()
     demo = build_app(runs_dir)
     demo.queue(default_concurrency_limit=4)

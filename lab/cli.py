@@ -205,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["bon"]:
+        # argparse's REMAINDER cannot start with a flag (`bon --reward-model ...`), so bon parses its own flags
+        args = argparse.Namespace(command="bon", rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         if args.command == "pretrain":
             from lab.pretrain import main as pretrain_main

@@ -112,14 +112,6 @@ def coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_config(method: str, values: dict[str, Any]):
-    """The validated config of ``method`` from UI values (unknown or empty values fall back to the defaults)."""
-    from lab.methods import get_method
-
-    cls, _ = get_method(method)
-    return cls(**coerce(cls, values))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # A training job
 
@@ -251,17 +243,27 @@ class Job:
         return [r for r in rows if int(r.get("step", 0)) == last]
 
 
-def warm_up() -> None:
-    """Import the model libraries ahead of the first run (they take seconds to import), so a user's first Launch
-    does not wait for them. Meant for a background thread at server start."""
+def warm_up(task: str | None = "arith") -> None:
+    """Import the model libraries and run the default task's model once, ahead of the first run, so a user's
+    first Launch does not wait for seconds of imports and first-call set-up. Meant for a background thread at
+    server start; any failure here is left for the real run to report."""
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
         from transformers import AutoModelForCausalLM  # noqa: F401
 
-        import lab.modeling  # noqa: F401
-    except ImportError:
-        pass
+        from lab.modeling import load_policy
+        from lab.sampling import generate
+
+        if task is not None:
+            from lab.tasks import get_task
+
+            policy = load_policy(task=task, mode="lora")
+            roll = generate(policy.model, policy.tokenizer, get_task(task).eval_prompts()[:2], 2, greedy=True)
+            # the first backward pass starts autograd's machinery: seconds on a busy CPU
+            policy.model(input_ids=roll.input_ids, attention_mask=roll.attention_mask).logits.mean().backward()
+    except Exception:  # noqa: BLE001
+        log.debug("warm-up skipped:\n%s", traceback.format_exc())
 
 
 def uses_policy(method: str) -> bool:
@@ -281,6 +283,7 @@ class Session:
     policy: Any = None
     task: Any = None
     samples: list[dict] = field(default_factory=list)
+    compared: list[dict] = field(default_factory=list)  # the latest before/after rows
 
     def close(self) -> None:
         """Stop the tab's run, if any, and drop the policy (called when the tab goes away)."""
@@ -321,6 +324,7 @@ def start(session: Session, method: str, values: dict[str, Any]) -> Job:
     session.job = Job(method=method, cfg=cfg, train_fn=train_fn, task=task)
     session.task = task
     session.samples = []
+    session.compared = []
     return session.job.start()
 
 
@@ -351,6 +355,7 @@ def compare(session: Session, n: int = 8, prompts: list[str] | None = None) -> t
         rows = before_after(policy, task, prompts=prompts, n=n)
     else:
         rows = _before_after_untasked(policy, session, n, prompts)
+    session.compared = rows
     before = [r["before_reward"] for r in rows if r["before_reward"] is not None]
     after = [r["after_reward"] for r in rows if r["after_reward"] is not None]
     summary = {"n": len(rows), "before": None, "after": None, "diff": None}

@@ -14,14 +14,17 @@ For a built-in task (arith, reviews, bandit) this
    task's shipped data that depends on the model (reviews preference pairs);
 5. reports the greedy and sampled gold reward on the eval prompts.
 
-Everything is seeded (`--seed`), so a rerun on the same machine reproduces the same weights.
+Everything is seeded (`--seed`) and runs on one CPU thread (the matrices are tiny: a second
+thread buys little and, on a busy machine, costs several times the CPU in synchronization), so a
+rerun reproduces the same weights.
 
-Measured on 2 CPU cores (default steps, seed 0), shipped in lab/models/:
+Measured with the default steps and seed 0; "CPU" is the single-thread compute time, about the
+wall time on an idle machine (on a busy one, wall time can be several times longer):
 
-    task      steps   runtime   size     base policy on eval prompts
-    arith     2000    ~150 s    3.2 MB   greedy accuracy 0.565, sampling accuracy 0.741
-    reviews    800     ~45 s    3.3 MB   sampled r_gold mean -0.35 (std 4.9)
-    bandit     300      ~8 s    1.6 MB   answer probabilities within 0.02 of REF_PROBS
+    task      steps   CPU     size     base policy on the eval prompts
+    arith     1500    158 s   3.2 MB   greedy accuracy 0.58, sampling accuracy 0.73
+    reviews    800    202 s   3.2 MB   sampled r_gold mean -2.5 (std 6.9)
+    bandit     600     48 s   1.3 MB   answer probabilities within 0.023 of REF_PROBS
 """
 
 from __future__ import annotations

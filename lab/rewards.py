@@ -30,6 +30,8 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from lab.config import ConfigError
+
 
 @runtime_checkable
 class RewardFn(Protocol):
@@ -42,8 +44,9 @@ class RewardFn(Protocol):
         ...
 
 
-class RewardSpecError(ValueError):
-    """A reward spec that names nothing usable. The message says which specs exist."""
+class RewardSpecError(ConfigError):
+    """A reward spec that names nothing usable. The message says which specs exist. A ConfigError, so the CLI
+    shows it as one line: the spec is the ``reward`` field of a method's config."""
 
 
 def _as_tensor(values, n: int, name: str) -> torch.Tensor:

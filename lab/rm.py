@@ -65,6 +65,8 @@ class RewardConfig(BaseConfig):
     steps: int = opt(150, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(64, "preference pairs per step", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
+    lr_decay: bool = opt(True, "decay the learning rate linearly to 0 over the run (the HF Trainer default); "
+                               "the last steps then refine instead of chasing label noise")
     eval_every: int = opt(50, "held-out accuracy / Spearman every N steps (0: at the end only)", min=0, max=1_000_000)
     eval_pairs: int = opt(500, "held-out pairs used for eval/* metrics", min=1, max=1_000_000)
 
@@ -378,6 +380,7 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
     device = next(model.parameters()).device
     params = model.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / cfg.steps if cfg.lr_decay else 1.0)
     rng = random.Random(cfg.seed)
     order: list[int] = []
 
@@ -399,6 +402,7 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
             # 4. update
             loss.backward()
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
+            schedule.step()
             # 5. held-out accuracy, Spearman with the gold reward, and the Bayes limit
             if step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
                 heldout = evaluate_reward_model(model, tokenizer, eval_rows, max_length=cfg.max_length)

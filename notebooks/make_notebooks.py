@@ -25,6 +25,7 @@ from __future__ import annotations
 import sys
 import textwrap
 from pathlib import Path
+from typing import Callable
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
@@ -32,7 +33,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 HERE = Path(__file__).resolve().parent
 REPO = "lab-rl/lab"  # owner/name of the repository on GitHub, used by the Colab badge and the install cell
 
-NOTEBOOKS: dict[str, callable] = {}  # file stem -> function returning (title, cells)
+NOTEBOOKS: dict[str, Callable] = {}  # file stem -> function returning (title, cells)
 
 
 def notebook(stem: str):
@@ -125,12 +126,14 @@ LIVE = code("""
     class LiveChart:
         \"\"\"One line chart per metric name; `update(metrics)` appends a step and redraws.\"\"\"
 
-        def __init__(self, keys, title=""):
+        def __init__(self, keys, title="", per_row=3):
             self.keys = list(keys)
-            self.fig = make_subplots(rows=1, cols=len(self.keys), subplot_titles=self.keys)
-            for col, key in enumerate(self.keys, start=1):
-                self.fig.add_scatter(x=[], y=[], mode="lines+markers", name=key, row=1, col=col)
-            self.fig.update_layout(height=300, showlegend=False, title=title, margin=dict(t=70, b=40))
+            rows = -(-len(self.keys) // per_row)
+            self.fig = make_subplots(rows=rows, cols=min(per_row, len(self.keys)), subplot_titles=self.keys)
+            for i, key in enumerate(self.keys):
+                self.fig.add_scatter(x=[], y=[], mode="lines+markers", name=key,
+                                     row=i // per_row + 1, col=i % per_row + 1)
+            self.fig.update_layout(height=260 * rows + 60, showlegend=False, title=title, margin=dict(t=80, b=40))
             # A Figure's own display hook ignores display_id, so the figure goes out as a mime bundle.
             self.handle = display(self.fig._repr_mimebundle_(), raw=True, display_id=True)
 
@@ -164,8 +167,8 @@ def tour():
         """),
         INSTALL,
         params_cell("""
-            N_EVAL = 64 if LAB_FAST else 200        # held-out arith prompts to score
-            KL_SAMPLES = 2_000 if LAB_FAST else 20_000  # samples per KL estimate
+            N_EVAL = 32 if LAB_FAST else 200        # held-out arith prompts to score
+            KL_SAMPLES = 1_000 if LAB_FAST else 20_000  # samples per KL estimate
         """),
         code("""
             import math
@@ -509,13 +512,14 @@ def reward_model():
         """),
         INSTALL,
         params_cell("""
-            STEPS = 8 if LAB_FAST else 150         # optimizer steps
-            BATCH_SIZE = 32 if LAB_FAST else 64    # preference pairs per step
-            EVAL_PAIRS = 100 if LAB_FAST else 500  # held-out pairs for eval/accuracy and eval/spearman
+            STEPS = 5 if LAB_FAST else 150         # optimizer steps
+            BATCH_SIZE = 16 if LAB_FAST else 64    # preference pairs per step
+            EVAL_PAIRS = 64 if LAB_FAST else 500   # held-out pairs for eval/accuracy and eval/spearman
             N = 4 if LAB_FAST else 8               # best-of-N: samples per prompt
         """),
         *hub_switch("""
             HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+            HUB_POLICY_MODE = "qlora"  # the policy that samples for best-of-N (§6), in 4-bit
             HUB_SETTINGS = dict(  # a starting point, not a tuned recipe
                 task="hf:trl-lib/ultrafeedback_binarized",  # {chosen, rejected} conversations, prompt inside
                 reward_model=HUB_MODEL, mode="lora", lr=5e-5, max_length=1024,
@@ -672,12 +676,12 @@ def reward_model():
         """),
         code("""
             policy = load_policy(HUB_MODEL if USE_HUB else None, task=cfg.task if task is not None else None,
-                                 mode="qlora" if USE_HUB else "lora")
+                                 mode=HUB_POLICY_MODE if USE_HUB else "lora")
             if task is not None:
                 prompts, max_new_tokens = task.eval_prompts()[:8], task.max_new_tokens
-            else:
-                prompts, max_new_tokens = list(dict.fromkeys(r["prompt"] for r in load_preference_rows(cfg)))[:4], 128
-                prompts = [format_prompt(policy.tokenizer, p) for p in prompts]
+            else:  # the first distinct prompts of the pairs, rendered with the chat template
+                prompts = [format_prompt(policy.tokenizer, r["prompt"]) for r in load_preference_rows(cfg)]
+                prompts, max_new_tokens = list(dict.fromkeys(prompts))[:4], 128
             rows = best_of_n(policy, scorer, prompts, N, max_new_tokens=max_new_tokens, task=task)
             table = pd.DataFrame(rows)
             print(f"KL(best-of-{N} ‖ π_ref) ≤ {kl_bound(N):.3f} nats")
@@ -717,8 +721,8 @@ def ppo_rlhf():
         """),
         INSTALL,
         params_cell("""
-            RM_STEPS = 8 if LAB_FAST else 150      # reward-model steps (see 02_reward_model)
-            STEPS = 3 if LAB_FAST else 40          # PPO iterations: one rollout batch + its PPO epochs each
+            RM_STEPS = 4 if LAB_FAST else 150      # reward-model steps (see 02_reward_model)
+            STEPS = 2 if LAB_FAST else 40          # PPO iterations: one rollout batch + its PPO epochs each
             BATCH_SIZE = 8 if LAB_FAST else 32     # prompts per rollout batch
             PPO_EPOCHS = 1 if LAB_FAST else 4      # passes over each rollout batch
             BETA = 0.05                            # β: weight of the per-token KL penalty
@@ -854,7 +858,7 @@ def ppo_rlhf():
             if USE_HUB:
                 settings.update(HUB_SETTINGS)
             else:
-                rm_cfg = rm.RewardConfig(task="reviews", steps=RM_STEPS, eval_every=0, eval_pairs=200)
+                rm_cfg = rm.RewardConfig(task="reviews", steps=RM_STEPS, eval_every=0, eval_pairs=64 if LAB_FAST else 500)
                 rm_record = RunRecord.create(out=rm_cfg.out, config={"method": "rm", **rm_cfg.to_dict()}, prefix="rm")
                 for m in tqdm(rm.train(rm_cfg, record=rm_record), total=rm_cfg.steps, desc="reward model"):
                     pass
@@ -886,7 +890,10 @@ def ppo_rlhf():
         ## 5. Before and after
 
         The same held-out prompts answered greedily by π_ref (adapters off) and by the tuned policy, with the
-        gold reward and the reward model's score of each answer.
+        gold reward and the reward model's score of each answer. Look for answers that r_φ scores above what
+        their gold reward deserves: repeated words are this reward model's blind spot (`02_reward_model`, §5).
+        In one of our full runs the tuned policy settled on "the soup was great and great .", gold reward 1
+        (the repeat costs 3), which r_φ scored above the plain "the script was quite great ." (gold 2).
         """),
         code("""
             scorer = make_reward(cfg.reward, task)
@@ -935,10 +942,10 @@ def dpo():
         """),
         INSTALL,
         params_cell("""
-            STEPS = 4 if LAB_FAST else 60          # optimizer steps
-            BATCH_SIZE = 16 if LAB_FAST else 32    # preference pairs per step
+            STEPS = 3 if LAB_FAST else 60          # optimizer steps
+            BATCH_SIZE = 8 if LAB_FAST else 32     # preference pairs per step
             BETA = 0.1                             # β of the sigmoid (DPO) loss
-            VARIANT_STEPS = 2 if LAB_FAST else 40  # steps for each variant in §6
+            VARIANT_STEPS = 1 if LAB_FAST else 40  # steps for each variant in §6
         """),
         *hub_switch("""
             HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -1072,7 +1079,9 @@ def dpo():
         ## 5. Before and after
 
         The same held-out prompts answered greedily by π_ref (adapters off) and the tuned policy, with the gold
-        reward of each answer.
+        reward of each answer. Read the answers, not only the rewards: in one of our full runs (60 steps) every
+        held-out prompt got the same answer, "honestly but amazing .", gold reward 2 each, at a sampled `kl/ref`
+        of about 10 nats. The gold reward scores words, not grammar, and nothing in DPO's loss asks for either.
         """),
         code("""
             if task is not None:
@@ -1380,7 +1389,7 @@ def compare():
         INSTALL,
         params_cell("""
             BETA = 0.1                          # the same KL weight for every method
-            STEPS = 3 if LAB_FAST else 100      # optimizer steps (rollouts for the online methods) per method
+            STEPS = 2 if LAB_FAST else 100      # optimizer steps (rollouts for the online methods) per method
         """),
         md("""
         There is no hub switch here on purpose: the comparison is exact only where π* and the KL can be computed,

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(GRPOConfig, args, **({} if "out" in vars(args) else {"out": str(ROOT / "runs")}))
     cfg = cfg.replace(task="arith")
 
+    load_before = os.getloadavg()[0]
     started = time.time()
     history = []
     reached = None
@@ -59,8 +60,9 @@ def main(argv=None) -> int:
         "before_accuracy": before, "after_accuracy": after, "eval_prompts": cfg.eval_size,
         "target": TARGET, "reached_target": reached, "steps": cfg.steps,
         "completions_per_step": cfg.batch_size * cfg.group_size, "wall_time_s": round(wall, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {_threads()}",
-        "run": str(run.path),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {_threads()}, "
+                   f"load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end",
+        "run": _relative(run.path),
         "curve": [{"step": m["step"], "reward/mean": m["reward/mean"], "eval/accuracy": m.get("eval/accuracy")}
                   for m in history],
     }
@@ -71,6 +73,13 @@ def main(argv=None) -> int:
     _figure(history, out / "grpo_arith.html")
     print(_markdown(result))
     return 0
+
+
+def _relative(path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _threads() -> int:
@@ -117,7 +126,7 @@ def _figure(history: list[dict], path: Path) -> None:
                              name="eval/accuracy", mode="lines+markers"), row=1, col=2)
     fig.add_hline(y=TARGET, line_dash="dot", row=1, col=2)
     fig.update_layout(title="GRPO on arith", height=400, width=950)
-    fig.write_html(path, include_plotlyjs=True)
+    fig.write_html(path, include_plotlyjs="directory")  # plotly.min.js once, beside the figures, offline
 
 
 if __name__ == "__main__":

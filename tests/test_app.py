@@ -21,6 +21,12 @@ SHORT_GRPO = dict(method="grpo", task="arith", grpo_steps=2, grpo_batch_size=2, 
                   grpo_eval_size=4, grpo_eval_every=0)
 
 
+def app_held_out() -> int:
+    import app
+
+    return app.HELD_OUT  # picker value of the first held-out before/after row
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,7 +36,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     import app
-    from gradio_client import Client
 
     runs = tmp_path_factory.mktemp("runs")
     port = _free_port()
@@ -119,6 +124,27 @@ def test_bad_jsonl_upload_names_the_row(other_client, tmp_path):
     assert "row 2 (line 2 of prefs.jsonl)" in out[STATUS]
 
 
+def test_out_of_memory_is_a_message_and_the_app_keeps_serving(other_client, served, monkeypatch):
+    """A trainer that runs out of memory mid-run: the tab gets one line saying what to lower, the run's record
+    says "failed", and the next launch works."""
+    import lab.methods
+
+    real = lab.methods.get_method
+
+    def oom_train(cfg, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)")
+        yield  # a generator, like every trainer
+
+    monkeypatch.setattr(lab.methods, "get_method",
+                        lambda name: (real(name)[0], oom_train) if name == "grpo" else real(name))
+    out = other_client.predict(**{**SHORT_GRPO, "grpo_run_id": "oom-run"}, api_name="/launch")
+    assert out[STATUS].count("out of memory") == 1 and "batch_size" in out[STATUS]
+    assert json.loads((served[1] / "oom-run" / "status.json").read_text())["status"] == "failed"
+    monkeypatch.undo()
+    out = other_client.predict(**{**SHORT_GRPO, "grpo_steps": 1}, api_name="/launch")
+    assert "completed after 1 steps" in out[STATUS]
+
+
 def test_tabs_do_not_share_state(client, short_run, served):
     """A fresh client is a new browser tab: it has no run to stop and no policy to compare, while the first
     tab has both."""
@@ -126,9 +152,9 @@ def test_tabs_do_not_share_state(client, short_run, served):
 
     fresh = Client(served[0], verbose=False)
     assert fresh.predict(api_name="/stop") == "No run is going in this tab."
-    text, _ = fresh.predict(8, api_name="/before_after")
+    text, _, _ = fresh.predict(8, api_name="/before_after")
     assert "no trained policy in this tab" in text
-    text, table = client.predict(2, api_name="/before_after")
+    text, table, _ = client.predict(2, api_name="/before_after")
     assert "Mean reward on 2 held-out prompts" in text and len(table["data"]) == 2
 
 
@@ -138,6 +164,8 @@ def test_per_token_view_after_a_run(client, short_run):
     kl = [row[3] for row in table["data"]]
     assert all(row[3] == pytest.approx(row[1] - row[2], abs=2e-4) for row in table["data"])  # kl = lp − ref lp
     assert f"{sum(kl):+.3f}"[:-1] in note  # Σ_t kl_t is reported (to 3 decimals; last digit may round)
+    spans, table, note = client.predict(app_held_out(), "KL to reference", api_name="/tokens")
+    assert spans and table["data"][-1][0] == "</s>", note  # a held-out answer of the tuned policy, eos included
 
 
 def test_stop_ends_the_run_as_stopped_and_the_next_tab_waits_its_turn(client, other_client, served):

@@ -99,8 +99,9 @@ def test_preferred_sft_run_changes_the_adapter_and_reports_dpo_metrics(tmp_path)
     for key in ("loss/sft", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
                 "logprobs/chosen", "logprobs/rejected"):
         assert key in metrics[0], key
-    # step 1's implicit rewards are measured after its update, against the untouched reference
-    assert metrics[0]["rewards/chosen"] != 0
+    # implicit rewards come from each step's forward pass, before its update: 0 at step 1 (π_θ = π_ref), as in DPO
+    assert metrics[0]["rewards/chosen"] == 0 and metrics[0]["loss/dpo"] == pytest.approx(math.log(2))
+    assert metrics[1]["rewards/chosen"] != 0
     for key in ("kl/ref", "eval/gold_reward", "eval/sample_reward"):
         assert key in metrics[-1], key
 

@@ -17,13 +17,14 @@ optimizing such a model then exploits (reward over-optimization).
 
 The built-in policy (lab/models/reviews) is pretrained on a mix of positive, negative, neutral,
 mixed and rambling/repetitive reviews (MOODS), so its samples vary widely in gold reward.
-Measured on 2,000 samples (temperature 1, 16 new tokens, eval prompts) from the shipped model:
-    r_gold mean -0.35, std 4.9, min -33.5, max 6.0; 11% truncated
+Measured on 2,000 samples (temperature 1, 16 new tokens, 200 per eval prompt) from the shipped model:
+    r_gold mean -2.5, std 6.9, median -1, min -38, max 6; 8% truncated
+    greedy decoding: mean r_gold -1.2 ("the soup was quite wonderful .", "the bed was mediocre and mediocre .")
 
 Preference pairs (`preference_rows`, shipped in lab/tasks/data/reviews_prefs_{train,eval}.jsonl):
 two samples y1, y2 from the built-in policy for a prompt; y1 is chosen with probability
 σ((r_gold(y1) − r_gold(y2)) / TAU), the Bradley–Terry model with temperature TAU = 1. The gold
-reward itself agrees with those noisy labels on 88% of the held-out pairs (`bayes_accuracy`), an
+reward itself agrees with those noisy labels on 86% of the held-out pairs (`bayes_accuracy`), an
 upper bound of sorts for a reward model. Rebuild them with `python -m lab.tasks.reviews`.
 
 Splits: 2 items per topic are held out (10 eval prompts, 30 train prompts). The language model saw
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .base import DATA_DIR, Task, builtin_model_dir, normalize_split, sample_completions
+from .base import DATA_DIR, Task, builtin_model_dir, load_builtin, normalize_split, sample_completions
 
 # --- the gold reward -----------------------------------------------------------------------------
 MAX_WORDS = 12  # longer completions pay LENGTH_PENALTY per extra word
@@ -214,8 +215,6 @@ def make_preference_rows(
     `rejected_truncated`, because r_gold of a truncated completion cannot be recomputed from its text.
     """
     if model is None or tokenizer is None:
-        from .base import load_builtin
-
         model, tokenizer = load_builtin(task.model)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
