@@ -193,7 +193,12 @@ class Policy:
 
     def save(self, path: str | os.PathLike) -> None:
         """Adapters only in adapter modes (small), full weights in full mode; the tokenizer always."""
-        self.model.save_pretrained(path)
+        import warnings
+
+        with warnings.catch_warnings():
+            # peft looks for a config at the base name ("arith") to check the vocabulary; built-ins never change it
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     save_pretrained = save

@@ -67,7 +67,7 @@ class PPOConfig(BaseConfig):
     task: str = opt("reviews", "built-in task (reviews, arith, bandit) or a prompt source: jsonl:PATH, hf:ID")
     reward: str = opt("gold", "r(x, y): 'gold' (the task's own reward), a reward-model run folder or checkpoint "
                               "(lab train rm), or python:module:function")
-    lr: float = opt(1e-3, "AdamW learning rate (policy adapter, value adapter and value head)", min=1e-7, max=1.0)
+    lr: float = opt(3e-4, "AdamW learning rate (policy adapter, value adapter and value head)", min=1e-7, max=1.0)
     steps: int = opt(30, "PPO iterations: one rollout batch and its PPO epochs each", min=1, max=1_000_000)
     batch_size: int = opt(32, "prompts per rollout batch (one completion each)", min=1, max=4096)
     # the KL-regularized reward
