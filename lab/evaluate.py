@@ -60,6 +60,7 @@ def evaluate(policy_or_model, task, *, n: int | None = None, greedy: bool = True
     return result
 
 
+@torch.no_grad()
 def bandit_exact(model, tokenizer, task, beta: float | None = None, ref_logprobs=None) -> dict:
     """Exact E_π[r] over the bandit's prompts and, when ``beta`` is given, KL(π*‖π_θ)."""
     from lab.tasks import bandit

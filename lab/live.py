@@ -258,9 +258,11 @@ def warm_up(task: str | None = "arith") -> None:
         if task is not None:
             from lab.tasks import get_task
 
+            # One held-out evaluation's worth of sampling and one backward pass: the first call at a batch size
+            # sets up kernels and memory (seconds on a busy CPU), later ones reuse them.
             policy = load_policy(task=task, mode="lora")
-            roll = generate(policy.model, policy.tokenizer, get_task(task).eval_prompts()[:2], 2, greedy=True)
-            # the first backward pass starts autograd's machinery: seconds on a busy CPU
+            t = get_task(task)
+            roll = generate(policy.model, policy.tokenizer, t.eval_prompts(), t.max_new_tokens, greedy=True)
             policy.model(input_ids=roll.input_ids, attention_mask=roll.attention_mask).logits.mean().backward()
     except Exception:  # noqa: BLE001
         log.debug("warm-up skipped:\n%s", traceback.format_exc())

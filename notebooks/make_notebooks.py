@@ -891,9 +891,8 @@ def ppo_rlhf():
 
         The same held-out prompts answered greedily by π_ref (adapters off) and by the tuned policy, with the
         gold reward and the reward model's score of each answer. Look for answers that r_φ scores above what
-        their gold reward deserves: repeated words are this reward model's blind spot (`02_reward_model`, §5).
-        In one of our full runs the tuned policy settled on "the soup was great and great .", gold reward 1
-        (the repeat costs 3), which r_φ scored above the plain "the script was quite great ." (gold 2).
+        their gold reward deserves: repeated words are this reward model's blind spot (`02_reward_model`, §5),
+        so a policy that learns to repeat a word the reward model likes is optimizing r_φ, not the task.
         """),
         code("""
             scorer = make_reward(cfg.reward, task)
@@ -1079,9 +1078,10 @@ def dpo():
         ## 5. Before and after
 
         The same held-out prompts answered greedily by π_ref (adapters off) and the tuned policy, with the gold
-        reward of each answer. Read the answers, not only the rewards: in one of our full runs (60 steps) every
-        held-out prompt got the same answer, "honestly but amazing .", gold reward 2 each, at a sampled `kl/ref`
-        of about 10 nats. The gold reward scores words, not grammar, and nothing in DPO's loss asks for either.
+        reward of each answer. Read the answers, not only the rewards: in our full runs (60 steps) the answers
+        converged on one template for every prompt (e.g. "honestly the … was so wonderful ."), far from π_ref
+        (a sampled `kl/ref` of 7 to 10 nats). The gold reward scores words, not variety or grammar, and nothing
+        in DPO's loss asks for either.
         """),
         code("""
             if task is not None:
@@ -1356,9 +1356,9 @@ def grpo():
         md("""
         ## Try this
 
-        * **`GROUP_SIZE = 2`** against **16**: a carry problem the model gets right a quarter of the time
-          yields an all-equal group (`groups/zero_std_frac`), which teaches nothing, with probability
-          0.25² + 0.75² = 0.63 when G = 2, and 0.75¹⁶ + 0.25¹⁶ ≈ 0.01 when G = 16, at 8 times the sampling cost.
+        * **`GROUP_SIZE = 2`** against **16**: a problem the model solves with probability p gives an all-equal
+          group (`groups/zero_std_frac`), which teaches nothing, with probability pᴳ + (1 − p)ᴳ. For p = 0.4 that
+          is 0.4² + 0.6² = 0.52 when G = 2 and 0.0003 when G = 16, at 8 times the sampling cost.
         * **`settings["num_iterations"] = 4`**: each rollout is reused for 4 updates, the ratio moves away from 1
           and `clip/frac` becomes non-zero; try `epsilon_high=0.28` (DAPO's asymmetric clip) to let good answers
           rise faster.

@@ -114,7 +114,7 @@ def test_clipped_surrogate_matches_trl_per_token():
             inputs = {"prompt_ids": one, "prompt_mask": one, "completion_ids": one, "completion_mask": one,
                       "advantages": advantages[b:b + 1], "old_per_token_logps": old[b:b + 1, t:t + 1]}
             theirs = trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
-            assert abs(float(per_token[b, t]) - float(theirs)) < 1e-6
+            assert abs(float(per_token[b, t].detach()) - float(theirs.detach())) < 1e-6
 
 
 @pytest.mark.parametrize("scale", [True, False])
