@@ -673,11 +673,13 @@ def warm_up() -> None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, runs_dir: str = "runs",
-          prevent_thread_lock: bool = False):
-    """Build and launch the app; returns the Blocks (with ``prevent_thread_lock`` the call returns at once)."""
+          prevent_thread_lock: bool = False, warm: bool = True):
+    """Build and launch the app; returns the Blocks (with ``prevent_thread_lock`` the call returns at once).
+    ``warm``: do the first-time work in the background right away (tests turn it off to keep the CPU)."""
     global WARM_UP
-    WARM_UP = threading.Thread(target=warm_up, name="lab-warm-up", daemon=True)
-    WARM_UP.start()
+    if warm:
+        WARM_UP = threading.Thread(target=warm_up, name="lab-warm-up", daemon=True)
+        WARM_UP.start()
     demo = build_app(runs_dir)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,

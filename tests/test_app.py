@@ -39,7 +39,7 @@ def served(tmp_path_factory):
 
     runs = tmp_path_factory.mktemp("runs")
     port = _free_port()
-    demo = app.serve(port=port, runs_dir=str(runs), prevent_thread_lock=True)
+    demo = app.serve(port=port, runs_dir=str(runs), prevent_thread_lock=True, warm=False)
     try:
         yield f"http://127.0.0.1:{port}/", runs
     finally:

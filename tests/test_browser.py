@@ -36,7 +36,7 @@ def test_launch_watch_stop_and_compare(tmp_path):
 
     runs = tmp_path / "runs"
     port = _free_port()
-    demo = app.serve(port=port, runs_dir=str(runs), prevent_thread_lock=True)
+    demo = app.serve(port=port, runs_dir=str(runs), prevent_thread_lock=True, warm=False)
     m = app.default_method(app.available())
     try:
         with sync_api.sync_playwright() as p:
