@@ -26,6 +26,7 @@ Bad rows raise `DataError` naming the row and the key:
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,6 +370,15 @@ def _read_hub(dataset_id: str, split: str, source: str) -> Iterator[Record]:
     """Records of a Hugging Face dataset split. Offline, this fails with a one-line DataError."""
     import datasets  # lazy: importing `datasets` is slow and only this source needs it
 
+    from lab.modeling import hub_reachable
+
+    # With HF_HUB_OFFLINE set, `datasets` reads its cache and fails fast by itself; otherwise one quick connect
+    # spares an offline user the library's retries (tens of seconds).
+    offline_mode = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if not offline_mode and not os.path.isdir(dataset_id) and not hub_reachable():
+        raise DataError(
+            f"dataset '{dataset_id}' could not be reached (the hub is offline from here); without a network, use "
+            f"a built-in task ({', '.join(task_names())}) or a local jsonl:PATH")
     try:
         dataset = datasets.load_dataset(dataset_id, split=split)
     except OSError as err:
