@@ -326,8 +326,12 @@ class ScalarModel(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        import warnings
+
         if self.adapter_name is not None:
-            self.lm.save_pretrained(path, selected_adapters=[self.adapter_name])
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Could not find a config file")  # see Policy.save
+                self.lm.save_pretrained(path, selected_adapters=[self.adapter_name])
             sub = path / self.adapter_name  # peft puts a non-default adapter in a subfolder: lift it up
             if sub.is_dir():
                 for item in sub.iterdir():

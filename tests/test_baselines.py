@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lab.baselines import BestOfNConfig, PreferredSFTConfig, best_of_n, bon_main, kl_bound, train_preferred
+from lab.baselines import BestOfNConfig, PreferredSFTConfig, best_of_n, kl_bound, train_preferred
 from lab.config import ConfigError
 
 
