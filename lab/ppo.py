@@ -77,8 +77,8 @@ class PPOConfig(BaseConfig):
     adaptive_kl: bool = opt(False, "adapt β toward target_kl (Ziegler et al. 2019) instead of keeping it fixed")
     target_kl: float = opt(1.0, "adaptive β: the KL(π_θ‖π_ref) per completion to aim for, in nats",
                            min=1e-3, max=100.0)
-    horizon: int = opt(1000, "adaptive β: samples over which β moves; each step changes β by at most "
-                             "20% · batch_size / horizon", min=1, max=10_000_000)
+    horizon: int = opt(1000, "adaptive β: samples over which β moves; each step changes β by a factor "
+                             "within 1 ± 0.2 · batch_size / horizon", min=1, max=10_000_000)
     missing_eos_penalty: float = opt(0.0, "subtracted from the score of completions that never emit EOS "
                                           "(0 disables)", min=0.0, max=100.0)
     # advantages
@@ -355,7 +355,7 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
             # 5. PPO epochs over minibatches (one optimizer step each), microbatches within
             update_metrics: list[dict] = []
             for _epoch in range(cfg.ppo_epochs):
-                order = torch.randperm(cfg.batch_size, device=device)  # (B,)
+                order = torch.randperm(cfg.batch_size)  # (B,) on the CPU: it indexes the rollout's tensors and lists
                 for start in range(0, cfg.batch_size, minibatch_size):
                     minibatch = order[start: start + minibatch_size]  # (B / num_minibatches,)
                     tokens = mask[minibatch].sum().clamp(min=1)
@@ -389,7 +389,7 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
                     metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
                     update_metrics.append(metrics)
 
-            # 7. adaptive β, from this rollout's KL(π_old‖π_ref) per completion
+            # metrics of this iteration: update metrics averaged over its optimizer steps, then the rollout's
             with torch.no_grad():
                 kl_seq = (kl_estimate(cfg.kl_estimator, old_logprobs, ref_logprobs) * mask).sum(-1)  # (B,)
                 out = {k: sum(m[k] for m in update_metrics) / len(update_metrics) for k in update_metrics[0]}
@@ -406,6 +406,8 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
                 if task is not None:
                     gold = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
                     out["reward/gold"] = sum(gold) / len(gold)
+
+            # 7. adaptive β, from this rollout's KL(π_old‖π_ref) per completion
             if kl_controller is not None:
                 beta = kl_controller.update(float(out["kl/ref"]), cfg.batch_size)
 

@@ -62,12 +62,12 @@ class RewardConfig(BaseConfig):
                                min=0.0, max=10.0)
     mode: str = opt("full", "full (all weights), lora (peft adapters) or qlora (4-bit nf4 base + adapters)")
     lr: float = opt(3e-4, "AdamW learning rate", min=1e-7, max=1.0)
-    steps: int = opt(150, "optimizer steps", min=1, max=1_000_000)
-    batch_size: int = opt(64, "preference pairs per step", min=1, max=4096)
+    steps: int = opt(300, "optimizer steps", min=1, max=1_000_000)
+    batch_size: int = opt(32, "preference pairs per step", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
     lr_decay: bool = opt(True, "decay the learning rate linearly to 0 over the run (the HF Trainer default); "
                                "the last steps then refine instead of chasing label noise")
-    eval_every: int = opt(50, "held-out accuracy / Spearman every N steps (0: at the end only)", min=0, max=1_000_000)
+    eval_every: int = opt(100, "held-out accuracy / Spearman every N steps (0: at the end only)", min=0, max=1_000_000)
     eval_pairs: int = opt(500, "held-out pairs used for eval/* metrics", min=1, max=1_000_000)
 
     def __post_init__(self) -> None:

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rm-steps", type=int, default=150, help="reward-model optimizer steps")
     parser.add_argument("--steps", type=int, default=60, help="PPO iterations")
     parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient β")
-    parser.add_argument("--samples", type=int, default=16, help="held-out samples per prompt")
+    parser.add_argument("--samples", type=int, default=32, help="held-out samples per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the tiny models run fastest on one)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "ppo_reviews"), help="folder for run records")
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
 
     print(f"1. reward model: {args.rm_steps} steps on the reviews preference pairs")
     rm_path, rm_summary = train_reward_model(out, args.rm_steps, args.seed)
-    rm_eval = {k: v for k, v in (rm_summary.get("eval") or rm_summary.get("after") or {}).items()
+    rm_eval = {k.removeprefix("eval/"): v for k, v in (rm_summary.get("eval") or {}).items()
                if isinstance(v, (int, float))}
     print(f"   {rm_path}  held-out: " + "  ".join(f"{k}={v:.3f}" for k, v in rm_eval.items()))
     reward_fn = make_reward(str(rm_path), task)
@@ -102,11 +102,11 @@ def main(argv=None) -> int:
     after = held_out(policy, task, reward_fn, args.samples, args.seed)
     elapsed = time.time() - started
 
-    rows = [("held-out gold reward, sampled", "sampled", "gold_reward"),
-            ("held-out RM score, sampled", "sampled", "rm_score"),
-            ("held-out gold reward, greedy", "greedy", "gold_reward"),
-            ("no-EOS fraction, sampled", "sampled", "no_eos_frac"),
-            ("words per completion, sampled", "sampled", "words")]
+    rows = [("held-out gold reward, sampled", "sampled", "gold_reward", "{:+.2f}"),
+            ("held-out RM score, sampled", "sampled", "rm_score", "{:+.2f}"),
+            ("held-out gold reward, greedy", "greedy", "gold_reward", "{:+.2f}"),
+            ("no-EOS fraction, sampled", "sampled", "no_eos_frac", "{:.3f}"),
+            ("words per completion, sampled", "sampled", "words", "{:.1f}")]
     command = "python scripts/ppo_reviews.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     lines = [f"# PPO on reviews with a learned reward model\n",
              f"Command: `{command}` ({elapsed:.0f} s on this machine)\n",
@@ -116,8 +116,8 @@ def main(argv=None) -> int:
              f"{cfg.ppo_epochs} epochs × {cfg.num_minibatches} minibatches, lr {cfg.lr}. "
              f"Held-out: {len(task.eval_prompts())} prompts × {args.samples} samples (temperature 1) and greedy.\n",
              "| metric | before | after |", "|---|---:|---:|"]
-    for label, mode, key in rows:
-        lines.append(f"| {label} | {before[mode][key]:+.3f} | {after[mode][key]:+.3f} |")
+    for label, mode, key, fmt in rows:
+        lines.append(f"| {label} | {fmt.format(before[mode][key])} | {fmt.format(after[mode][key])} |")
     lines += ["", "Sampled completions after PPO:", ""]
     lines += [f"- `{e['prompt']}` → `{e['completion']}` (gold {e['gold']:+.1f})" for e in after["sampled"]["examples"]]
     (results / "ppo_reviews.md").write_text("\n".join(lines) + "\n")

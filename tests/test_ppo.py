@@ -353,6 +353,9 @@ def test_cli_trains_ppo_and_rejects_bad_values_in_one_line(tmp_path, capsys):
     assert main(["train", "ppo", "--cliprange", "5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: cliprange: must be in [0.001, 1.0], got 5.0"
+    with pytest.raises(SystemExit) as done:  # every field's help text renders
+        main(["train", "ppo", "--help"])
+    assert done.value.code == 0 and "--kl-estimator" in capsys.readouterr().out
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "lab", "train", "ppo", "--task", "reviews", "--steps", "2",
