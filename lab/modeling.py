@@ -198,10 +198,15 @@ class Policy:
         with warnings.catch_warnings():
             # peft looks for a config at the base name ("arith") to check the vocabulary; built-ins never change it
             warnings.filterwarnings("ignore", message="Could not find a config file")
-            self.model.save_pretrained(path)
+            # the lab never resizes embeddings, so peft need not look the base config up (on the hub, for a name)
+            self.model.save_pretrained(path, **_adapter_save_kwargs(self.model))
         self.tokenizer.save_pretrained(path)
 
     save_pretrained = save
+
+
+def _adapter_save_kwargs(model) -> dict:
+    return {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
 
 
 def _lora_config(r: int, alpha: int, dropout: float):
@@ -331,7 +336,7 @@ class ScalarModel(nn.Module):
         if self.adapter_name is not None:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Could not find a config file")  # see Policy.save
-                self.lm.save_pretrained(path, selected_adapters=[self.adapter_name])
+                self.lm.save_pretrained(path, selected_adapters=[self.adapter_name], save_embedding_layers=False)
             sub = path / self.adapter_name  # peft puts a non-default adapter in a subfolder: lift it up
             if sub.is_dir():
                 for item in sub.iterdir():

@@ -400,7 +400,7 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
                     "entropy": masked_mean(entropy, mask),
                     "value/explained_var": explained_variance(old_values, returns, mask),
                     "completion/length": mask.sum(-1).mean(),
-                    "completion/no_eos_frac": roll.truncated.float().mean(),
+                    "completion/truncated_frac": roll.truncated.float().mean(),
                     "beta": beta,
                 })
                 if task is not None:

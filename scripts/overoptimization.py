@@ -39,7 +39,7 @@ from lab.ppo import PPOConfig, train as train_ppo  # noqa: E402
 from lab.rm import RewardConfig, train as train_rm  # noqa: E402
 from lab.tasks import get_task  # noqa: E402
 
-KEYS = ("step", "reward/mean", "reward/gold", "kl/ref", "completion/length", "completion/no_eos_frac", "entropy")
+KEYS = ("step", "reward/mean", "reward/gold", "kl/ref", "completion/length", "completion/truncated_frac", "entropy")
 EARLY = (11, 20)  # steps of the "early" window
 TAIL = 40  # the "final" window: this many last steps
 

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     for m in train_ppo(cfg, policy=policy):
         curve.append({k: m.get(k) for k in ("step", "reward/mean", "reward/gold", "kl/ref", "entropy",
                                             "value/explained_var", "clip/frac", "kl/approx",
-                                            "completion/length", "completion/no_eos_frac")})
+                                            "completion/length", "completion/truncated_frac")})
         if m["step"] % 10 == 0 or m["step"] == 1:
             print(f"   step {m['step']:>3}  rm {m['reward/mean']:+.2f}  gold {m['reward/gold']:+.2f}  "
                   f"kl {m['kl/ref']:.2f}  clip {m['clip/frac']:.3f}  ev {m['value/explained_var']:+.2f}")

@@ -275,9 +275,9 @@ def test_reviews_run_moves_policy_and_value_adapters_and_writes_the_record(tmp_p
     # Σ_t r_t = score − penalty·[no EOS] − β·KL (k1), averaged over the batch; reward/mean is the score before
     for m in (m1, m2):
         assert m["reward/shaped"] == pytest.approx(
-            m["reward/mean"] - 1.0 * m["completion/no_eos_frac"] - m["beta"] * m["kl/ref"], abs=1e-5)
+            m["reward/mean"] - 1.0 * m["completion/truncated_frac"] - m["beta"] * m["kl/ref"], abs=1e-5)
         assert m["reward/mean"] == pytest.approx(m["reward/gold"], abs=1e-5)  # the reward IS the gold reward here
-        assert 1 <= m["completion/length"] <= 8 and 0 <= m["completion/no_eos_frac"] <= 1
+        assert 1 <= m["completion/length"] <= 8 and 0 <= m["completion/truncated_frac"] <= 1
         assert m["entropy"] > 0 and 0 <= m["clip/frac"] <= 1 and m["kl/approx"] >= 0
         assert m["loss/ptx"] > 0 and m["loss/value"] >= 0 and math.isfinite(m["value/explained_var"])
     # adaptive β: KL 0 < target → e = −0.2 → β·(1 − 0.2·8/80) = 0.1·0.98
