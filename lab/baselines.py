@@ -62,7 +62,7 @@ class PreferredSFTConfig(BaseConfig):
 
     task: str = opt("reviews", "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
                                "{prompt, chosen, rejected} rows")
-    lr: float = opt(5e-4, "AdamW learning rate", min=1e-7, max=1.0)
+    lr: float = opt(3e-4, "AdamW learning rate", min=1e-7, max=1.0)
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "preference pairs per step (their chosen answers are the targets)", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)

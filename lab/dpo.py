@@ -63,9 +63,9 @@ from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everyt
 
 LOSS_TYPES = ("sigmoid", "length_normalized", "simpo", "ipo")
 # β means different things per loss (a KL weight on summed or per-token log-ratios, a reward scale for SimPO),
-# so its default follows the loss: 0.1 for DPO and IPO (Rafailov et al.), 5 for length-normalized DPO (Tulu 3),
-# 2 for SimPO (Meng et al. use 2–10).
-DEFAULT_BETA = {"sigmoid": 0.1, "length_normalized": 5.0, "simpo": 2.0, "ipo": 0.1}
+# so its default follows the loss: 0.1 for DPO (Rafailov et al.), 5 for length-normalized DPO (Tulu 3), 2 for SimPO
+# (Meng et al. use 2–10), and 0.5 for IPO, whose per-token log-ratio margin is pulled to 1/(2β) = 1 nat.
+DEFAULT_BETA = {"sigmoid": 0.1, "length_normalized": 5.0, "simpo": 2.0, "ipo": 0.5}
 
 
 @dataclass
@@ -77,11 +77,13 @@ class DPOConfig(BaseConfig):
     loss_type: str = opt("sigmoid", "sigmoid (DPO), length_normalized (Tulu 3), simpo (no reference), ipo",
                          choices=LOSS_TYPES)
     beta: float | None = opt(None, "β: KL strength (sigmoid, length_normalized, ipo) or reward scale (simpo); "
-                                   "default 0.1, 5, 2, 0.1 by loss_type", min=1e-3, max=100.0)
+                                   "default 0.1, 5, 2, 0.5 by loss_type", min=1e-3, max=100.0)
     simpo_gamma: float = opt(0.5, "γ: SimPO's target reward margin (simpo only)", min=0.0, max=20.0)
     label_smoothing: float = opt(0.0, "ε: assumed probability that a label is flipped (conservative DPO); "
                                       "sigmoid, length_normalized and simpo", min=0.0, max=0.49)
-    lr: float = opt(5e-4, "AdamW learning rate", min=1e-7, max=1.0)
+    # 60 steps × 32 pairs is just under one pass over reviews' 2,000 pairs: a second pass overfits and the
+    # policy collapses into word salad (kl/ref jumps from ~1 to >10 nats).
+    lr: float = opt(3e-4, "AdamW learning rate", min=1e-7, max=1.0)
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "preference pairs per step", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)

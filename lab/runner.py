@@ -48,6 +48,21 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params, max_grad_norm: float
     return float(norm)
 
 
+def shuffled_batches(rows: list, batch_size: int, seed: int):
+    """Endless batches of ``rows``, walking through shuffled epochs: a fresh permutation is appended whenever
+    fewer than ``batch_size`` indices are left, so every row is seen once per epoch and batches stay full.
+    Naive equivalent: ``random.shuffle(rows)`` each epoch and slice, dropping nothing at epoch ends."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            fresh = list(range(len(rows)))
+            rng.shuffle(fresh)
+            order += fresh
+        yield [rows[i] for i in order[:batch_size]]
+        del order[:batch_size]
+
+
 def load_for(cfg, task=None):
     """The policy a config asks for: ``cfg.model`` or the task's built-in model, in ``cfg.mode``."""
     from lab.modeling import load_policy

@@ -22,7 +22,6 @@ The same loss, weighted by λ, is the "pretraining mix" (ptx) term of PPO-RLHF.
 
 from __future__ import annotations
 
-import random
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -32,7 +31,7 @@ import torch
 from lab.batching import encode_pairs, token_logprobs
 from lab.config import BaseConfig, check, opt
 from lab.ops import masked_mean
-from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everything
+from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everything, shuffled_batches
 
 
 @dataclass
@@ -84,19 +83,13 @@ def train(cfg: SFTConfig, *, policy=None, stop: threading.Event | None = None, r
     policy = policy or load_for(cfg, task)
     params = policy.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
+    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
 
     with Run(cfg, "sft", policy=policy, stop=stop, record=record) as run:
         run.summary["rows"] = len(rows)
         for step in run.steps():
-            # 1. batch: walk through shuffled epochs of the data
-            if len(order) < cfg.batch_size:
-                fresh = list(range(len(rows)))
-                rng.shuffle(fresh)
-                order += fresh
-            batch_rows = [rows[i] for i in order[: cfg.batch_size]]
-            del order[: cfg.batch_size]
+            # 1. batch: the next B rows of shuffled epochs of the data
+            batch_rows = next(batches)
             batch = encode_pairs(policy.tokenizer, [r["prompt"] for r in batch_rows],
                                  [r["completion"] for r in batch_rows], max_length=cfg.max_length).to(policy.device)
             # 2. loss on completion tokens only

@@ -154,7 +154,7 @@ def test_config_rejects_bad_values_naming_the_field():
 
 
 def test_beta_default_follows_the_loss_type():
-    assert [DPOConfig(loss_type=name).beta for name in LOSS_TYPES] == [0.1, 5.0, 2.0, 0.1]
+    assert [DPOConfig(loss_type=name).beta for name in LOSS_TYPES] == [0.1, 5.0, 2.0, 0.5]
     assert DPOConfig(loss_type="simpo", beta=0.3).beta == 0.3
 
 

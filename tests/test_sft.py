@@ -78,3 +78,18 @@ def test_sft_stop_after_current_step(tmp_path):
 def test_bad_hyperparameters_name_the_field(field, value, needle):
     with pytest.raises(ConfigError, match=needle):
         SFTConfig(**{field: value})
+
+
+def test_shuffled_batches_cover_every_row_once_per_epoch():
+    """10 rows in batches of 4: the first 10 indices drawn are a permutation of all rows (one epoch), batches are
+    always full, and the same seed gives the same order."""
+    from itertools import islice
+
+    from lab.runner import shuffled_batches
+
+    rows = list(range(10))
+    drawn = [i for batch in islice(shuffled_batches(rows, 4, seed=3), 5) for i in batch]
+    assert sorted(drawn[:10]) == rows and sorted(drawn[10:20]) == rows
+    assert all(len(b) == 4 for b in islice(shuffled_batches(rows, 4, seed=3), 5))
+    assert drawn == [i for b in islice(shuffled_batches(rows, 4, seed=3), 5) for i in b]
+    assert drawn != [i for b in islice(shuffled_batches(rows, 4, seed=4), 5) for i in b]
