@@ -75,3 +75,27 @@ def test_sigkill_leaves_a_readable_record(tmp_path):
     run = load_run(tmp_path / "killed")
     assert len(run.metrics) >= 3 and run.interrupted
     assert [m["step"] for m in run.metrics] == list(range(1, len(run.metrics) + 1))
+
+
+def test_generate_prints_scored_completions():
+    out = run_cli("generate", "--task", "arith", "--n", "3", "--greedy", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert len(rows) == 3 and all(r["prompt"].endswith("=") for r in rows)
+    a, b = rows[0]["prompt"][:-1].split("+")
+    assert rows[0]["gold_reward"] == float(rows[0]["completion"] == str(int(a) + int(b)))
+
+
+def test_pretrain_is_seeded_and_writes_a_loadable_model(tmp_path):
+    """Two short pretraining runs with the same seed give identical weights that load like a hub model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("a", "b"):
+        out = run_cli("pretrain", "bandit", "--steps", "3", "--seed", "0", "--out", str(tmp_path / name))
+        assert out.returncode == 0, out.stderr
+    wa = load_file(str(tmp_path / "a" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert AutoTokenizer.from_pretrained(tmp_path / "a").eos_token is not None
