@@ -49,7 +49,8 @@ from lab.batching import token_logprobs
 from lab.config import BaseConfig, add_config_arguments, check, config_from_args, opt
 from lab.dpo import (dpo_loss, encode_preference_batch, ends_with_eos, greedy_samples, heldout_metrics,
                      load_preference_rows)
-from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everything
+from lab.runner import (Run, clip_and_step, load_for, make_optimizer, seed_everything,
+                        use_one_thread_for_tiny_models)
 from lab.sft import sft_loss
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -218,6 +219,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     task = get_task(cfg.task)
     policy = _load_frozen_policy(cfg.model or task.model, cfg.device)
     policy.model.eval()
+    use_one_thread_for_tiny_models(policy)
     scorer = load_reward_model(cfg.reward_model, device=cfg.device)
     prompts = task.eval_prompts()[: cfg.eval_size] * cfg.rounds
     rows = best_of_n(policy, scorer, prompts, cfg.n, max_new_tokens=cfg.max_new_tokens or task.max_new_tokens,

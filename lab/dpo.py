@@ -59,7 +59,8 @@ import torch.nn.functional as F
 
 from lab.batching import PairBatch, sequence_logprob
 from lab.config import BaseConfig, check, opt
-from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everything
+from lab.runner import (Run, clip_and_step, load_for, make_optimizer, seed_everything,
+                        use_one_thread_for_tiny_models)
 
 LOSS_TYPES = ("sigmoid", "length_normalized", "simpo", "ipo")
 # β means different things per loss (a KL weight on summed or per-token log-ratios, a reward scale for SimPO),
@@ -268,7 +269,9 @@ def _load_policy(cfg: DPOConfig, task):
         raise ValueError("a data source that is not a built-in task needs --model")
     tokenizer = load_tokenizer(name, cfg.trust_remote_code)
     model = load_causal_lm(name, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    return Policy(model, tokenizer, "full", name, ref_model=None)
+    policy = Policy(model, tokenizer, "full", name, ref_model=None)
+    use_one_thread_for_tiny_models(policy)
+    return policy
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -47,7 +48,7 @@ from torch import nn
 
 from lab.batching import PairBatch, encode_pairs
 from lab.config import BaseConfig, check, opt
-from lab.runner import Run, clip_and_step, make_optimizer, seed_everything
+from lab.runner import Run, clip_and_step, make_optimizer, seed_everything, use_one_thread_for_tiny_models
 
 
 @dataclass
@@ -378,6 +379,9 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
     model = policy or load_reward_backbone(cfg, task)
     tokenizer = model.tokenizer
     device = next(model.parameters()).device
+    # the same rule as the policy trainers (lab.runner.load_for): a tiny model on the CPU runs faster on one thread
+    use_one_thread_for_tiny_models(SimpleNamespace(device=device, num_parameters=lambda: {
+        "total": sum(p.numel() for p in model.parameters())}))
     params = model.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / cfg.steps if cfg.lr_decay else 1.0)

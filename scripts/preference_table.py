@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     n_prompts = len(task.eval_prompts())
     table = [f"# Learning from preferences on `{args.task}`", "",
              f"Measured with `python scripts/preference_table.py` on {platform.machine()} CPU "
-             f"({torch.get_num_threads()} threads), seed {args.seed}; total {time.time() - start_all:.0f} s.",
+             f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}), seed {args.seed}; total {time.time() - start_all:.0f} s.",
              f"Held-out: {n_prompts} prompts; greedy = one answer each, sampled = {args.samples} temperature-1 "
              f"samples each. kl/ref is KL(π_θ‖π_ref) in nats per completion (k1 over the samples); for best-of-N "
              f"it is the bound log N − (N−1)/N.", ""]

@@ -119,6 +119,7 @@ def test_the_gold_reward_scores_exactly_the_bayes_accuracy_and_spearman_one():
     assert out["eval/accuracy"] == pytest.approx(out["eval/bayes_accuracy"])
     assert 0.6 < out["eval/bayes_accuracy"] < 1.0  # noisy labels: the gold reward itself misses some
     assert out["eval/spearman"] == pytest.approx(1.0)
+    assert out["eval/margin"] == pytest.approx(sum(r["chosen_gold"] - r["rejected_gold"] for r in rows) / len(rows))
     negated = SimpleNamespace(score=lambda i, m: -gold_model.score(i, m), parameters=gold_model.parameters,
                               training=False, eval=lambda: None, train=lambda mode=True: None)
     flipped = evaluate_reward_model(negated, tok, rows, batch_size=64)
