@@ -46,6 +46,7 @@ from typing import Iterator
 import torch
 
 from lab.batching import token_logprobs
+from lab.data import unique_prompts
 from lab.config import BaseConfig, add_config_arguments, check, config_from_args, opt
 from lab.dpo import (dpo_loss, encode_preference_batch, ends_with_eos, greedy_samples, heldout_metrics,
                      load_preference_rows)
@@ -93,7 +94,7 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
     optimizer = make_optimizer(params, cfg)
     rng = random.Random(cfg.seed)
     order: list[int] = []
-    heldout_prompts = None if task is not None else list(dict.fromkeys(r["prompt"] for r in rows))[: cfg.eval_size]
+    heldout_prompts = None if task is not None else unique_prompts(rows)[: cfg.eval_size]
 
     with Run(cfg, "sft-preferred", policy=policy, stop=stop, record=record) as run:
         run.summary["rows"] = len(rows)

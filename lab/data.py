@@ -517,3 +517,12 @@ def _split_last_assistant(messages: list[dict], key: str, loc: str) -> tuple[lis
         where = f"{key}[{len(messages) - 1}].content"
         raise DataError(f"{loc}key '{where}' must be a non-empty string, got an empty string")
     return messages[:-1], last["content"]
+
+
+def unique_prompts(rows) -> list:
+    """The distinct prompts of ``rows`` in first-seen order. Naive equivalent: ``list(dict.fromkeys(prompts))``,
+    which fails on conversational prompts (lists of messages are unhashable), hence the JSON key."""
+    seen: dict[str, object] = {}
+    for row in rows:
+        seen.setdefault(json.dumps(row["prompt"], sort_keys=True), row["prompt"])
+    return list(seen.values())

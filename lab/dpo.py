@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from lab.batching import PairBatch, sequence_logprob
 from lab.config import BaseConfig, check, opt
+from lab.data import unique_prompts
 from lab.runner import (Run, clip_and_step, load_for, make_optimizer, seed_everything,
                         use_one_thread_for_tiny_models)
 
@@ -381,7 +382,7 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
     optimizer = make_optimizer(params, cfg)
     rng = random.Random(cfg.seed)
     order: list[int] = []
-    heldout_prompts = None if task is not None else list(dict.fromkeys(r["prompt"] for r in rows))[: cfg.eval_size]
+    heldout_prompts = None if task is not None else unique_prompts(rows)[: cfg.eval_size]
 
     with Run(cfg, "dpo", policy=policy, stop=stop, record=record) as run:
         run.summary["rows"] = len(rows)

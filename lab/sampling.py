@@ -216,6 +216,8 @@ def generate(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
 
+    # Conversational prompts (lists of messages) go through the tokenizer's chat template, as in training.
+    prompts = [p if isinstance(p, str) else format_prompt(tokenizer, p) for p in prompts]
     batch_size = batch_size or len(prompts)
     was_training = model.training
     model.eval()  # no dropout while sampling

@@ -322,3 +322,12 @@ def test_task_source_delegates_by_format(fake_tasks):
         load_rows("toy", format="preference")
     with pytest.raises(DataError, match=r"unknown data source 'arith'.*built-in task \(toy\)"):
         load_rows("arith")  # names come from the registry, not a fixed list
+
+
+def test_unique_prompts_handles_conversational_prompts():
+    """Message-list prompts are unhashable; unique_prompts keeps first-seen order like dict.fromkeys would."""
+    from lab.data import unique_prompts
+
+    chat = [{"role": "user", "content": "hi"}]
+    rows = [{"prompt": "a"}, {"prompt": chat}, {"prompt": "a"}, {"prompt": [dict(m) for m in chat]}, {"prompt": "b"}]
+    assert unique_prompts(rows) == ["a", chat, "b"]

@@ -360,3 +360,26 @@ def test_format_prompt():
     assert format_prompt(tokenizer, "w1 w2") == "w1 w2"  # strings never go through the template
     with pytest.raises(TypeError):
         format_prompt(tokenizer, [{"text": "no role"}])
+
+
+def test_generate_applies_the_chat_template_to_message_prompts():
+    """A conversational prompt samples exactly like its chat-template string."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lab.sampling import generate
+
+    words = ["<pad>", "</s>", "<unk>", "user", ":", "hi", "there", "assistant"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant : {% endif %}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0,
+                                         eos_token_id=1))
+    chat = generate(model, tok, [[{"role": "user", "content": "hi there"}]], 4, greedy=True)
+    text = generate(model, tok, ["user : hi there assistant : "], 4, greedy=True)
+    assert chat.prompts == text.prompts and torch.equal(chat.completion_ids, text.completion_ids)
