@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -50,7 +49,7 @@ from lab.data import unique_prompts
 from lab.config import BaseConfig, add_config_arguments, check, config_from_args, opt
 from lab.dpo import (dpo_loss, encode_preference_batch, ends_with_eos, greedy_samples, heldout_metrics,
                      load_preference_rows)
-from lab.runner import (Run, clip_and_step, load_for, make_optimizer, seed_everything,
+from lab.runner import (Run, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
                         use_one_thread_for_tiny_models)
 from lab.sft import sft_loss
 
@@ -92,8 +91,7 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
     add_eos = ends_with_eos(task)
     params = policy.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
+    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
     heldout_prompts = None if task is not None else unique_prompts(rows)[: cfg.eval_size]
 
     with Run(cfg, "sft-preferred", policy=policy, stop=stop, record=record) as run:
@@ -101,12 +99,7 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
         run.summary["before"] = heldout_metrics(policy, task, cfg, use_reference=False, prompts=heldout_prompts)
         for step in run.steps():
             # 1. batch: B pairs; chosen rows 0..B-1, rejected rows B..2B-1
-            if len(order) < cfg.batch_size:
-                fresh = list(range(len(rows)))
-                rng.shuffle(fresh)
-                order += fresh
-            batch_rows = [rows[i] for i in order[: cfg.batch_size]]
-            del order[: cfg.batch_size]
+            batch_rows = next(batches)
             batch = encode_preference_batch(policy.tokenizer, batch_rows, cfg.max_length, add_eos).to(policy.device)
             B = len(batch_rows)
 

@@ -49,7 +49,6 @@ r̂(y_w) = β log-ratio        metric ``rewards/chosen``
 
 from __future__ import annotations
 
-import random
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 from lab.batching import PairBatch, sequence_logprob
 from lab.config import BaseConfig, check, opt
 from lab.data import unique_prompts
-from lab.runner import (Run, clip_and_step, load_for, make_optimizer, seed_everything,
+from lab.runner import (Run, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
                         use_one_thread_for_tiny_models)
 
 LOSS_TYPES = ("sigmoid", "length_normalized", "simpo", "ipo")
@@ -380,8 +379,7 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
     add_eos = ends_with_eos(task)
     params = policy.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
+    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
     heldout_prompts = None if task is not None else unique_prompts(rows)[: cfg.eval_size]
 
     with Run(cfg, "dpo", policy=policy, stop=stop, record=record) as run:
@@ -390,12 +388,7 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
         run.summary["before"] = heldout_metrics(policy, task, cfg, use_reference=False, prompts=heldout_prompts)
         for step in run.steps():
             # 1. batch: B preference pairs from shuffled epochs of the data
-            if len(order) < cfg.batch_size:
-                fresh = list(range(len(rows)))
-                rng.shuffle(fresh)
-                order += fresh
-            batch_rows = [rows[i] for i in order[: cfg.batch_size]]
-            del order[: cfg.batch_size]
+            batch_rows = next(batches)
             batch = encode_preference_batch(policy.tokenizer, batch_rows, cfg.max_length, add_eos).to(policy.device)
 
             # 2. policy log-probs of chosen and rejected, one forward pass over 2B sequences

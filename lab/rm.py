@@ -48,7 +48,7 @@ from torch import nn
 
 from lab.batching import PairBatch, encode_pairs
 from lab.config import BaseConfig, check, opt
-from lab.runner import Run, clip_and_step, make_optimizer, seed_everything, use_one_thread_for_tiny_models
+from lab.runner import Run, shuffled_batches, clip_and_step, make_optimizer, seed_everything, use_one_thread_for_tiny_models
 
 
 @dataclass
@@ -385,19 +385,13 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
     params = model.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / cfg.steps if cfg.lr_decay else 1.0)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
+    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
 
     with Run(cfg, "rm", save=model, stop=stop, record=record) as run:
         run.summary["rows"] = len(rows)
         for step in run.steps():
             # 1. batch: B pairs from shuffled epochs of the data
-            if len(order) < cfg.batch_size:
-                fresh = list(range(len(rows)))
-                rng.shuffle(fresh)
-                order += fresh
-            batch_rows = [rows[i] for i in order[: cfg.batch_size]]
-            del order[: cfg.batch_size]
+            batch_rows = next(batches)
             # 2. score chosen and rejected in one forward pass
             model.train()
             chosen_rewards, rejected_rewards = _score_rows(model, tokenizer, batch_rows, cfg.max_length, device)
