@@ -48,7 +48,7 @@ from lab.batching import token_logprobs
 from lab.data import unique_prompts
 from lab.config import BaseConfig, add_config_arguments, check, config_from_args, opt
 from lab.dpo import (dpo_loss, encode_preference_batch, ends_with_eos, greedy_samples, heldout_metrics,
-                     load_preference_rows)
+                     load_preference_rows, pair_microbatch, select_pairs)
 from lab.runner import (Run, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
                         use_one_thread_for_tiny_models)
 from lab.sft import sft_loss
@@ -63,7 +63,8 @@ class PreferredSFTConfig(BaseConfig):
 
     task: str = opt("reviews", "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
                                "{prompt, chosen, rejected} rows")
-    lr: float = opt(3e-4, "AdamW learning rate", min=1e-7, max=1.0)
+    lr: float | None = opt(None, "AdamW learning rate; default: 3e-4 on the built-in models, "
+                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=3e-4)
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "preference pairs per step (their chosen answers are the targets)", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
@@ -73,6 +74,9 @@ class PreferredSFTConfig(BaseConfig):
     eval_every: int = opt(0, "held-out kl/ref and eval/gold_reward every N steps (0: at the end only)",
                           min=0, max=1_000_000)
     kl_samples: int = opt(8, "completions sampled per held-out prompt for the kl/ref estimate", min=1, max=1024)
+    microbatch_size: int | None = opt(None, "pairs per forward/backward (gradients accumulate over the batch); "
+                                            "default: the most that fit in memory (LAB_MICROBATCH_GB)",
+                                      min=1, max=4096)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,12 +91,13 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
     rows = load_preference_rows(cfg, "train")
-    policy = policy or load_for(cfg, task)
+    policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
     add_eos = ends_with_eos(task)
     params = policy.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
     batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
     heldout_prompts = None if task is not None else unique_prompts(rows)[: cfg.eval_size]
+    micro = pair_microbatch(cfg, policy)
 
     with Run(cfg, "sft-preferred", policy=policy, stop=stop, record=record) as run:
         run.summary["rows"] = len(rows)
@@ -100,28 +105,45 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
         for step in run.steps():
             # 1. batch: B pairs; chosen rows 0..B-1, rejected rows B..2B-1
             batch_rows = next(batches)
-            batch = encode_preference_batch(policy.tokenizer, batch_rows, cfg.max_length, add_eos).to(policy.device)
+            batch = encode_preference_batch(policy.tokenizer, batch_rows, cfg.max_length, add_eos)
             B = len(batch_rows)
-
-            # 2. loss: SFT on the chosen half only
+            chosen_tokens = batch.completion_mask[:B].sum().clamp(min=1)
             policy.model.train()
-            logprobs, mask = token_logprobs(policy.model, batch)  # (2B, L-1), (2B, L-1)
-            loss, metrics = sft_loss(logprobs[:B], mask[:B], cfg.per_sequence)
+            metrics: dict = {}
+            sequence, ref_sequence = [], []  # (b,) pieces of log π_θ(y|x) and log π_ref(y|x), chosen then rejected
+            for start in range(0, B, micro):  # microbatches of b pairs
+                stop_ = min(start + micro, B)
+                part = select_pairs(batch, start, stop_).to(policy.device)
+                b = stop_ - start
 
-            # 3. update
-            loss.backward()
+                # 2. loss: SFT on the chosen half only, accumulated with the weight that makes the sum the batch's
+                #    token mean (per_sequence: its row mean)
+                logprobs, mask = token_logprobs(policy.model, part)  # (2b, L-1), (2b, L-1)
+                loss, part_metrics = sft_loss(logprobs[:b], mask[:b], cfg.per_sequence)
+                token_share = float(mask[:b].sum() / chosen_tokens)
+                share = b / B if cfg.per_sequence else token_share
+                (loss * share).backward()
+                part_metrics.pop("ppl")  # exp of the token-mean NLL: recomputed from the batch's mean below
+                weights = {"tokens": 1.0, "loss/sft": share}
+                for k, v in part_metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + float(v) * weights.get(k, token_share)
+
+                # 3. the implicit DPO rewards of this policy, for comparison with DPO (reported, not optimized)
+                with torch.no_grad():
+                    sequence.append((logprobs.detach() * mask).sum(-1).view(2, b))  # (2, b)
+                    with policy.reference() as ref:
+                        ref_logprobs, _ = token_logprobs(ref, part)  # (2b, L-1)
+                    ref_sequence.append((ref_logprobs * mask).sum(-1).view(2, b))  # (2, b)
+            metrics["ppl"] = math.exp(-metrics["logprobs/mean"])
+
+            # 4. update
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
-
-            # 4. the implicit DPO rewards of this policy, for comparison with DPO (reported, not optimized)
             with torch.no_grad():
-                sequence = (logprobs.detach() * mask).sum(-1)  # (2B,)
-                with policy.reference() as ref:
-                    ref_logprobs, _ = token_logprobs(ref, batch)  # (2B, L-1)
-                ref_sequence = (ref_logprobs * mask).sum(-1)  # (2B,)
-                _, implicit = dpo_loss(sequence[:B], sequence[B:], ref_sequence[:B], ref_sequence[B:], cfg.beta)
+                sequence_, ref_ = torch.cat(sequence, 1), torch.cat(ref_sequence, 1)  # (2, B), (2, B)
+                _, implicit = dpo_loss(sequence_[0], sequence_[1], ref_[0], ref_[1], cfg.beta)
                 metrics.update(implicit)
-                metrics["logprobs/chosen"] = sequence[:B].mean()
-                metrics["logprobs/rejected"] = sequence[B:].mean()
+                metrics["logprobs/chosen"] = sequence_[0].mean()
+                metrics["logprobs/rejected"] = sequence_[1].mean()
 
             # 5. held-out evaluation
             if step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
@@ -130,7 +152,7 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
                 run.summary["after"] = heldout
             if run.want_samples(step) and task is not None:
                 run.samples(step, greedy_samples(policy, task, cfg))
-            yield run.log(step, metrics)
+            yield run.log(step, metrics, tokens=int(batch.attention_mask.sum()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MODES = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+
+# Own-model learning rates (TRL's defaults for full fine-tuning are 1e-6; LoRA adapters start at zero and take a
+# larger step). The built-in models keep the larger rates in each field's ``builtin`` metadata.
+OWN_MODEL_LR = {"full": 1e-6, "lora": 2e-5, "qlora": 2e-5}
 
 
 class ConfigError(ValueError):
@@ -48,7 +53,8 @@ class BaseConfig:
     lora_r: int = opt(16, "LoRA rank", min=1, max=256)
     lora_alpha: int = opt(32, "LoRA scale numerator (the update is scaled by alpha / r)", min=1, max=512)
     lora_dropout: float = opt(0.0, "dropout on the LoRA branch", min=0.0, max=0.9)
-    lr: float = opt(1e-3, "AdamW learning rate", min=1e-7, max=1.0)
+    lr: float | None = opt(None, "AdamW learning rate; default: 1e-3 on the built-in models, "
+                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=1e-3)
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0, max=1.0)
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 disables)", min=0.0, max=100.0)
     steps: int = opt(50, "optimizer steps (for RL: one rollout + update per step)", min=1, max=1_000_000)
@@ -68,10 +74,20 @@ class BaseConfig:
     # loading
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust the repository)")
+    # memory and speed on real models
+    gradient_checkpointing: bool | None = opt(None, "recompute activations in the backward pass (less memory, ~30% "
+                                                    "more compute); default: on for your own model on a GPU")
+    optim: str = opt("adamw", "optimizer: adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes, GPU)",
+                     choices=OPTIMIZERS)
     skip_bad_rows: bool = opt(False, "skip and count malformed data rows instead of stopping at the first one")
 
     def __post_init__(self) -> None:
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check(self.optim in OPTIMIZERS, "optim", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
+        if getattr(self, "lr", 0) is None:
+            # tiny built-in models learn at 1e-3; a real model's LoRA at that rate diverges in a few steps
+            builtin = next(f.metadata.get("builtin") for f in dataclasses.fields(self) if f.name == "lr")
+            self.lr = builtin if self.uses_builtin_model() else OWN_MODEL_LR[self.mode]
         self._check_ranges()
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -91,6 +107,12 @@ class BaseConfig:
                 check(value >= lo, f.name, f"must be ≥ {lo}, got {value}")
             elif hi is not None:
                 check(value <= hi, f.name, f"must be ≤ {hi}, got {value}")
+
+    def uses_builtin_model(self) -> bool:
+        """True when the policy is one of the lab's tiny built-in models (no --model, or a built-in name)."""
+        from lab.modeling import builtin_models
+
+        return self.model is None or self.model in builtin_models()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,7 +182,8 @@ def describe_fields(cls: type) -> list[dict]:
         rows.append({
             "name": f.name,
             "type": types_[f.name],
-            "default": f.default if f.default is not dataclasses.MISSING else None,
+            # fields resolved in __post_init__ show the built-in models' value (the app runs on them)
+            "default": f.metadata.get("builtin", f.default if f.default is not dataclasses.MISSING else None),
             "help": f.metadata.get("help", ""),
             "min": f.metadata.get("min"),
             "max": f.metadata.get("max"),

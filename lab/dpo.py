@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from lab.batching import PairBatch, sequence_logprob
 from lab.config import BaseConfig, check, opt
 from lab.data import unique_prompts
-from lab.runner import (Run, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
+from lab.runner import (Run, auto_microbatch, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
                         use_one_thread_for_tiny_models)
 
 LOSS_TYPES = ("sigmoid", "length_normalized", "simpo", "ipo")
@@ -84,13 +84,17 @@ class DPOConfig(BaseConfig):
                                       "sigmoid, length_normalized and simpo", min=0.0, max=0.49)
     # 60 steps × 32 pairs is just under one pass over reviews' 2,000 pairs: a second pass overfits and the
     # policy collapses into word salad (kl/ref jumps from ~1 to >10 nats).
-    lr: float = opt(3e-4, "AdamW learning rate", min=1e-7, max=1.0)
+    lr: float | None = opt(None, "AdamW learning rate; default: 3e-4 on the built-in models, "
+                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=3e-4)
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "preference pairs per step", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
     eval_every: int = opt(0, "held-out kl/ref and eval/gold_reward every N steps (0: at the end only)",
                           min=0, max=1_000_000)
     kl_samples: int = opt(8, "completions sampled per held-out prompt for the kl/ref estimate", min=1, max=1024)
+    microbatch_size: int | None = opt(None, "pairs per forward/backward (gradients accumulate over the batch); "
+                                            "default: the most that fit in memory (LAB_MICROBATCH_GB)",
+                                      min=1, max=4096)
 
     def __post_init__(self) -> None:
         check(self.loss_type in LOSS_TYPES, "loss_type",
@@ -249,6 +253,23 @@ def encode_preference_batch(tokenizer, rows: list[dict], max_length: int, add_eo
     return encode_completions(tokenizer, prompts + prompts, completions, ended, max_length=max_length)
 
 
+def select_pairs(batch: PairBatch, start: int, stop: int) -> PairBatch:
+    """Pairs start..stop-1 of a batch from ``encode_preference_batch`` (chosen rows first, then rejected), still
+    chosen-then-rejected, with the columns that are padding in every kept row cut off. Naive equivalent:
+    ``encode_preference_batch`` of ``rows[start:stop]``."""
+    B = batch.input_ids.shape[0] // 2
+    rows = torch.cat([torch.arange(start, stop), torch.arange(B + start, B + stop)])  # (2b,)
+    width = int(batch.attention_mask[rows].sum(-1).max())  # right padding: real tokens come first
+    return PairBatch(batch.input_ids[rows, :width], batch.attention_mask[rows, :width],
+                     batch.completion_mask[rows, :width])
+
+
+def pair_microbatch(cfg, policy) -> int:
+    """``cfg.microbatch_size``, or the most pairs (2 sequences of up to ``max_length`` tokens each) per
+    forward/backward that fit in memory."""
+    return cfg.microbatch_size or auto_microbatch(policy.model, cfg.batch_size, 2 * cfg.max_length)
+
+
 def pair_logprobs(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs_chosen, logprobs_rejected, chosen_lengths, rejected_lengths), each (B,), from one forward pass
     over a batch built by ``encode_preference_batch``."""
@@ -258,10 +279,10 @@ def pair_logprobs(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, 
     return chosen, rejected, chosen_lengths, rejected_lengths
 
 
-def _load_policy(cfg: DPOConfig, task):
+def _load_policy(cfg: DPOConfig, task, prompts: list | None = None):
     """The policy to train. SimPO in full mode gets no frozen reference copy: it never uses one."""
     if cfg.mode != "full" or USES_REFERENCE[cfg.loss_type]:
-        return load_for(cfg, task)
+        return load_for(cfg, task, prompts)
     from lab.modeling import Policy, load_causal_lm, load_tokenizer
 
     name = cfg.model or (task.model if task is not None else None)
@@ -285,7 +306,10 @@ def sample_heldout(policy, prompts: list[str], *, max_new_tokens: int, samples: 
 
     gen = torch.Generator().manual_seed(seed)
     repeated = [p for p in prompts for _ in range(samples)]
-    return generate(policy.model, policy.tokenizer, repeated, max_new_tokens, temperature=1.0, generator=gen)
+    # in chunks: 64 prompts × 8 samples in one batch would hold a 512 × V logits row per step and its KV cache
+    rows = auto_microbatch(policy.model, len(repeated), max_new_tokens)
+    return generate(policy.model, policy.tokenizer, repeated, max_new_tokens, temperature=1.0, generator=gen,
+                    batch_size=rows)
 
 
 @torch.no_grad()
@@ -299,12 +323,13 @@ def sampled_kl(policy, roll, reference=None) -> float:
     """
     from contextlib import nullcontext
 
-    from lab.ops import masked_sum, sequence_logprobs
+    from lab.ops import masked_sum
+    from lab.rollout import logprobs_in_chunks
 
-    T = roll.completion_ids.shape[1]
-    logprobs = sequence_logprobs(policy.model, roll.input_ids, roll.attention_mask, T)  # (B, T)
+    rows = auto_microbatch(policy.model, len(roll), roll.completion_ids.shape[1])
+    logprobs = logprobs_in_chunks(policy.model, roll, 1.0, rows)  # (B, T)
     with (nullcontext(reference) if reference is not None else policy.reference()) as ref:
-        ref_logprobs = sequence_logprobs(ref, roll.input_ids, roll.attention_mask, T)  # (B, T)
+        ref_logprobs = logprobs_in_chunks(ref, roll, 1.0, rows)  # (B, T)
     kl = masked_sum(logprobs - ref_logprobs, roll.completion_mask, dim=-1)  # (B,) k1 per sequence
     return kl.mean().item()
 
@@ -334,7 +359,9 @@ def heldout_metrics(policy, task, cfg, *, use_reference: bool = True, prompts: l
                     out["eval/kl_to_optimum"] = bandit.kl(star, logprobs).mean().item()
         elif prompts or task is not None:
             prompts = prompts or task.eval_prompts()[: cfg.eval_size]
-            max_new = cfg.max_new_tokens or (task.max_new_tokens if task is not None else 64)
+            from lab.rollout import resolve_max_new_tokens
+
+            max_new = resolve_max_new_tokens(cfg, task)
             roll = sample_heldout(policy, prompts, max_new_tokens=max_new, samples=cfg.kl_samples, seed=cfg.seed)
             if task is not None:
                 gold = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
@@ -374,13 +401,14 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
     rows = load_preference_rows(cfg, "train")
-    policy = policy or _load_policy(cfg, task)
+    policy = policy or _load_policy(cfg, task, [r["prompt"] for r in rows])
     uses_reference = USES_REFERENCE[cfg.loss_type]
     add_eos = ends_with_eos(task)
     params = policy.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
     batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
     heldout_prompts = None if task is not None else unique_prompts(rows)[: cfg.eval_size]
+    micro = pair_microbatch(cfg, policy)
 
     with Run(cfg, "dpo", policy=policy, stop=stop, record=record) as run:
         run.summary["rows"] = len(rows)
@@ -389,25 +417,32 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
         for step in run.steps():
             # 1. batch: B preference pairs from shuffled epochs of the data
             batch_rows = next(batches)
-            batch = encode_preference_batch(policy.tokenizer, batch_rows, cfg.max_length, add_eos).to(policy.device)
-
-            # 2. policy log-probs of chosen and rejected, one forward pass over 2B sequences
+            batch = encode_preference_batch(policy.tokenizer, batch_rows, cfg.max_length, add_eos)
+            B = len(batch_rows)
             policy.model.train()
-            chosen, rejected, chosen_lengths, rejected_lengths = pair_logprobs(policy.model, batch)  # 4 × (B,)
-            pair = PairLogprobs(chosen, rejected, chosen_lengths, rejected_lengths)
+            metrics: dict = {}
+            for start in range(0, B, micro):  # microbatches of b pairs; the loss is a pair mean, so × b/B
+                part = select_pairs(batch, start, min(start + micro, B)).to(policy.device)
+                share = min(micro, B - start) / B
 
-            # 3. reference log-probs (never for simpo: it has no reference)
-            if uses_reference:
-                with torch.no_grad(), policy.reference() as ref:
-                    pair.ref_chosen, pair.ref_rejected, _, _ = pair_logprobs(ref, batch)  # (B,), (B,)
+                # 2. policy log-probs of chosen and rejected, one forward pass over 2b sequences
+                chosen, rejected, chosen_lengths, rejected_lengths = pair_logprobs(policy.model, part)  # 4 × (b,)
+                pair = PairLogprobs(chosen, rejected, chosen_lengths, rejected_lengths)
 
-            # 4. loss
-            loss, metrics = LOSSES[cfg.loss_type](pair, cfg)
-            metrics["logprobs/chosen"] = chosen.detach().mean()
-            metrics["logprobs/rejected"] = rejected.detach().mean()
+                # 3. reference log-probs (never for simpo: it has no reference)
+                if uses_reference:
+                    with torch.no_grad(), policy.reference() as ref:
+                        pair.ref_chosen, pair.ref_rejected, _, _ = pair_logprobs(ref, part)  # (b,), (b,)
+
+                # 4. loss, accumulated
+                loss, part_metrics = LOSSES[cfg.loss_type](pair, cfg)
+                part_metrics["logprobs/chosen"] = chosen.detach().mean()
+                part_metrics["logprobs/rejected"] = rejected.detach().mean()
+                (loss * share).backward()
+                for k, v in part_metrics.items():  # every metric is a mean over pairs
+                    metrics[k] = metrics.get(k, 0.0) + float(v) * share
 
             # 5. update
-            loss.backward()
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
 
             # 6. held-out evaluation
@@ -417,7 +452,7 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
                 run.summary["after"] = heldout
             if run.want_samples(step) and task is not None:
                 run.samples(step, greedy_samples(policy, task, cfg))
-            yield run.log(step, metrics)
+            yield run.log(step, metrics, tokens=int(batch.attention_mask.sum()))
 
 
 Config = DPOConfig

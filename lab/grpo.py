@@ -57,17 +57,18 @@ import torch
 from lab.config import BaseConfig, ConfigError, check, opt
 from lab.ops import kl_k3, masked_mean, masked_sum
 from lab.rewards import make_reward
-from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics, load_prompts,
-                         prompt_batches, reference_logprobs, resolve_max_new_tokens, rollout, rollout_metrics,
-                         sample_rows, score)
-from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everything
+from lab.rollout import (bandit_reference, columns_of, completion_logprobs, correct_mask, eval_metrics,
+                         load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
+                         rollout_metrics, rollout_tokens, sample_rows, score)
+from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
 
 
 @dataclass
 class GRPOConfig(BaseConfig):
     """GRPO: group-normalized advantages, clipped surrogate, k3 KL to the reference."""
 
-    lr: float = opt(1e-3, "AdamW learning rate (LoRA on the tiny built-in models: 1e-3)", min=1e-7, max=1.0)
+    lr: float | None = opt(None, "AdamW learning rate; default: 1e-3 on the built-in models, "
+                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=1e-3)
     steps: int = opt(60, "rollouts; each is followed by num_iterations × (minibatches) optimizer steps",
                      min=1, max=1_000_000)
     batch_size: int = opt(8, "prompts per rollout (each gets group_size completions)", min=1, max=4096)
@@ -88,7 +89,8 @@ class GRPOConfig(BaseConfig):
     minibatch_size: int | None = opt(None, "completions per optimizer step; default: the whole rollout batch",
                                      min=1, max=1_000_000)
     microbatch_size: int | None = opt(None, "completions per forward/backward (gradient accumulation); "
-                                            "default: the minibatch", min=1, max=1_000_000)
+                                            "default: the most that fit in memory (LAB_MICROBATCH_GB)",
+                                      min=1, max=1_000_000)
     eval_every: int = opt(10, "greedy held-out evaluation every N steps (0: only before and after)",
                           min=0, max=1_000_000)
     eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
@@ -225,13 +227,6 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
 # The loop
 
 
-@torch.no_grad()
-def _fixed_logprobs(model, roll, temperature: float, microbatch: int) -> torch.Tensor:
-    """log-probs of the whole rollout under a model that will not change during the update: (B·G, T)."""
-    return torch.cat([completion_logprobs(model, roll.select(slice(i, i + microbatch)), temperature)
-                      for i in range(0, len(roll), microbatch)])
-
-
 class _Mean:
     """Weighted running means of per-microbatch metrics."""
 
@@ -255,18 +250,19 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
     reward_fn = make_reward(cfg.reward, task)
-    prompts = load_prompts(cfg, task)
-    policy = policy or load_for(cfg, task)
+    rows = load_prompt_rows(cfg, task)  # {"prompt", **columns}: the columns go to the reward function
+    policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
     params = policy.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     shuffler = torch.Generator().manual_seed(cfg.seed)
-    batches = prompt_batches(prompts, cfg.batch_size, cfg.seed)
+    batches = prompt_batches(rows, cfg.batch_size, cfg.seed)
     max_new_tokens = resolve_max_new_tokens(cfg, task)
     G = cfg.group_size
     rollout_size = cfg.batch_size * G
     minibatch = cfg.minibatch_size or rollout_size
-    microbatch = cfg.microbatch_size or minibatch
+    # default microbatch: the largest that keeps one forward/backward's logits and activations within memory
+    microbatch = cfg.microbatch_size or auto_microbatch(policy.model, minibatch, max_new_tokens)
     reuse = cfg.num_iterations > 1 or minibatch < rollout_size  # later updates see a stale rollout
     bandit_ref = bandit_reference(policy, task) if cfg.beta > 0 else None  # π_ref only when β > 0
 
@@ -275,10 +271,10 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
         run.summary["before"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
         for step in run.steps():
             # 1. rollout: every prompt G times, side by side, so groups are contiguous rows
-            group_prompts = [p for p in next(batches) for _ in range(G)]
-            roll = rollout(policy, group_prompts, cfg, generator, max_new_tokens)  # B·G completions
+            group_rows = [row for row in next(batches) for _ in range(G)]
+            roll = rollout(policy, [r["prompt"] for r in group_rows], cfg, generator, max_new_tokens)  # B·G rows
             # 2. score
-            rewards = score(reward_fn, roll)  # (B·G,)
+            rewards = score(reward_fn, roll, columns_of(group_rows))  # (B·G,)
             # 3. advantages, from the group alone
             advantages = group_advantages(rewards, G, cfg.epsilon_std, cfg.scale_rewards)  # (B·G,)
             metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))
@@ -286,12 +282,11 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
             metrics["groups/zero_std_frac"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()
             # 4. log-probs that stay fixed during the update: π_old (only if the rollout is reused; else the
             #    ratio is 1 and logprobs.detach() serves) and π_ref (only if β > 0)
-            old_logprobs = _fixed_logprobs(policy.model, roll, cfg.temperature, microbatch) if reuse else None
+            old_logprobs = logprobs_in_chunks(policy.model, roll, cfg.temperature, microbatch) if reuse else None
             ref_logprobs = None
             if cfg.beta > 0:
-                ref_logprobs = torch.cat([reference_logprobs(policy, roll.select(slice(i, i + microbatch)),
-                                                             cfg.temperature)
-                                          for i in range(0, len(roll), microbatch)])  # (B·G, T)
+                with policy.reference() as ref:
+                    ref_logprobs = logprobs_in_chunks(ref, roll, cfg.temperature, microbatch)  # (B·G, T)
             # 5. update: μ passes; each pass: minibatches (one optimizer step) of microbatches (accumulated)
             policy.model.train()
             meter, grad_norms, losses = _Mean(), [], []
@@ -327,7 +322,7 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
                 metrics.update(eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref))
             if run.want_samples(step):
                 run.samples(step, sample_rows(roll, rewards, advantages, n=2 * G))
-            yield run.log(step, metrics)
+            yield run.log(step, metrics, tokens=rollout_tokens(roll))
         run.summary["after"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
 
 

@@ -39,10 +39,18 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(device: torch.device) -> torch.dtype:
-    # bf16 halves memory but is emulated (slow) where the hardware lacks it; fp16 would need loss scaling.
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+def pick_dtype(device: torch.device, frozen_base: bool = False) -> torch.dtype:
+    """The compute dtype of the base weights.
+
+    bf16 wherever the GPU has it natively (Ampere and newer). On older GPUs (a Colab T4) bf16 is emulated and slow,
+    so a *frozen* base (LoRA, QLoRA) computes in fp16: only the adapters are trained, and peft keeps them in fp32,
+    so no loss scaling is needed. Full fine-tuning there stays fp32 (fp16 weights would need a gradient scaler).
+    The CPU computes in fp32."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16
+        if frozen_base:
+            return torch.float16
     return torch.float32
 
 
@@ -114,15 +122,17 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(name: str, *, quantize_4bit: bool = False, device: str = "auto", trust_remote_code: bool = False):
-    """``AutoModelForCausalLM.from_pretrained`` with the lab's defaults (safetensors only, dtype by hardware)."""
+def load_causal_lm(name: str, *, quantize_4bit: bool = False, device: str = "auto", trust_remote_code: bool = False,
+                   frozen_base: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` with the lab's defaults (safetensors only, dtype by hardware;
+    ``frozen_base``: only adapters will train, see :func:`pick_dtype`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-load bar for tiny models is noise in the CLI and the notebooks
 
     dev = pick_device(device)
-    dtype = pick_dtype(dev)
+    dtype = pick_dtype(dev, frozen_base=frozen_base or quantize_4bit)
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
@@ -219,7 +229,7 @@ def _lora_config(r: int, alpha: int, dropout: float):
 
 def load_policy(name: str | None = None, *, task: str | None = None, mode: str = "lora", lora_r: int = 16,
                 lora_alpha: int = 32, lora_dropout: float = 0.0, device: str = "auto",
-                trust_remote_code: bool = False) -> Policy:
+                trust_remote_code: bool = False, gradient_checkpointing: bool = False) -> Policy:
     """Load a policy by built-in name, local path or hub id (``name=None`` → the built-in model of ``task``).
 
     A folder holding a saved adapter (``adapter_config.json``) is loaded on top of its base model, and the adapter
@@ -233,11 +243,17 @@ def load_policy(name: str | None = None, *, task: str | None = None, mode: str =
         raise ValueError(f"mode must be full, lora or qlora, got {mode!r}")
     path = resolve_model_path(name)
     if _is_adapter_dir(path):
-        return _load_adapter_policy(path, mode, device, trust_remote_code)
+        policy = _load_adapter_policy(path, mode, device, trust_remote_code)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(policy.model)
+        return policy
     tokenizer = load_tokenizer(name, trust_remote_code)
-    model = load_causal_lm(name, quantize_4bit=mode == "qlora", device=device, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(name, quantize_4bit=mode == "qlora", device=device, trust_remote_code=trust_remote_code,
+                           frozen_base=mode != "full")
     if mode == "full":
         ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         return Policy(model, tokenizer, mode, name, ref_model=ref)
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -245,9 +261,30 @@ def load_policy(name: str | None = None, *, task: str | None = None, mode: str =
         # Casts norms to fp32 and enables input grads so the adapters below a frozen 4-bit layer get gradients.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, _lora_config(lora_r, lora_alpha, lora_dropout))
-    # Record the name the user gave ("arith"), not this machine's absolute path, so saved adapters load anywhere.
-    model.peft_config["default"].base_model_name_or_path = name
+    model.peft_config["default"].base_model_name_or_path = base_reference(name)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return Policy(model, tokenizer, mode, name)
+
+
+def base_reference(name: str) -> str:
+    """What a saved adapter records as its base: a built-in or hub name as given ("arith", "Qwen/Qwen2.5-0.5B"), so
+    it loads on any machine, but a local folder as an absolute path, so "./my-model" still resolves when the
+    adapter is loaded from another working directory."""
+    if (MODELS_DIR / name / "config.json").exists() or not os.path.isdir(os.path.expanduser(name)):
+        return name
+    return os.path.abspath(os.path.expanduser(name))
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass instead of storing them. The non-reentrant variant
+    needs no input that requires grad, so it works under a frozen (or 4-bit) base with adapters on top."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        from lab.config import ConfigError
+
+        raise ConfigError(f"gradient_checkpointing: {type(base).__name__} does not support it; turn it off")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _load_adapter_policy(path: str, mode: str, device: str, trust_remote_code: bool) -> Policy:
@@ -257,7 +294,7 @@ def _load_adapter_policy(path: str, mode: str, device: str, trust_remote_code: b
         base_name = json.load(f)["base_model_name_or_path"]
     mode = "qlora" if mode == "qlora" else "lora"
     model = load_causal_lm(base_name, quantize_4bit=mode == "qlora", device=device,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, frozen_base=True)
     model = PeftModel.from_pretrained(model, path, is_trainable=True)
     tokenizer = load_tokenizer(path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_name,
                                trust_remote_code)
@@ -377,7 +414,7 @@ def load_scalar_model(name: str, *, mode: str = "lora", lora_r: int = 16, lora_a
         with open(os.path.join(path, "adapter_config.json")) as f:
             base_name = json.load(f)["base_model_name_or_path"]
         lm = load_causal_lm(base_name, quantize_4bit=mode == "qlora", device=device,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, frozen_base=True)
         lm = PeftModel.from_pretrained(lm, path, adapter_name="reward", is_trainable=True)
         model = ScalarModel(lm, "reward", lm.config.hidden_size)
         model.head.load_state_dict(torch.load(head_file, map_location=model.head.weight.device))
@@ -385,7 +422,8 @@ def load_scalar_model(name: str, *, mode: str = "lora", lora_r: int = 16, lora_a
         model.tokenizer = load_tokenizer(tok_src, trust_remote_code)
         return model, model.tokenizer
     tokenizer = load_tokenizer(name, trust_remote_code)
-    lm = load_causal_lm(name, quantize_4bit=mode == "qlora", device=device, trust_remote_code=trust_remote_code)
+    lm = load_causal_lm(name, quantize_4bit=mode == "qlora", device=device, trust_remote_code=trust_remote_code,
+                        frozen_base=mode != "full")
     if mode == "full":
         model = ScalarModel(lm, None, lm.config.hidden_size)
         model.tokenizer = tokenizer
@@ -395,7 +433,7 @@ def load_scalar_model(name: str, *, mode: str = "lora", lora_r: int = 16, lora_a
     if mode == "qlora":
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
     lm = get_peft_model(lm, _lora_config(lora_r, lora_alpha, 0.0), adapter_name="reward")
-    lm.peft_config["reward"].base_model_name_or_path = name
+    lm.peft_config["reward"].base_model_name_or_path = base_reference(name)
     model = ScalarModel(lm, "reward", lm.config.hidden_size)
     model.tokenizer = tokenizer
     return model, tokenizer

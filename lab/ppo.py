@@ -54,7 +54,7 @@ import torch
 
 from lab.config import BaseConfig, check, opt
 from lab.ops import kl_estimate, masked_mean, masked_var, masked_whiten
-from lab.runner import Run, clip_and_step, load_for, seed_everything
+from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
 from lab.sft import sft_loss
 
 KL_ESTIMATORS = ("k1", "k3")
@@ -67,7 +67,9 @@ class PPOConfig(BaseConfig):
     task: str = opt("reviews", "built-in task (reviews, arith, bandit) or a prompt source: jsonl:PATH, hf:ID")
     reward: str = opt("gold", "r(x, y): 'gold' (the task's own reward), a reward-model run folder or checkpoint "
                               "(lab train rm), or python:module:function")
-    lr: float = opt(3e-4, "AdamW learning rate (policy adapter, value adapter and value head)", min=1e-7, max=1.0)
+    lr: float | None = opt(None, "AdamW learning rate (policy adapter, value adapter and value head); default: 3e-4 "
+                                  "on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
+                        min=1e-7, max=1.0, builtin=3e-4)
     steps: int = opt(30, "PPO iterations: one rollout batch and its PPO epochs each", min=1, max=1_000_000)
     batch_size: int = opt(32, "prompts per rollout batch (one completion each)", min=1, max=4096)
     # the KL-regularized reward
@@ -276,6 +278,25 @@ def _ptx_rows(cfg, task) -> list[dict]:
     return task.sft_rows("train")
 
 
+class PPOCheckpoint:
+    """What a PPO checkpoint holds: the policy (its adapter, and the value adapter in the ``value/`` subfolder that
+    peft gives a second adapter) plus the value head, ``value_head.pt``; in full mode the value model's own trunk
+    goes to ``value/``."""
+
+    def __init__(self, policy, value_model):
+        self.policy, self.value_model = policy, value_model
+        self.tokenizer = policy.tokenizer
+
+    def save(self, path) -> None:
+        from pathlib import Path
+
+        path = Path(path)
+        self.policy.save(path)
+        if self.value_model.adapter_name is None:
+            self.value_model.save(path / "value")
+        torch.save(self.value_model.head.state_dict(), path / "value_head.pt")
+
+
 def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, record=None,
           value_model=None) -> Iterator[dict]:
     """One PPO iteration (rollout + PPO epochs) per ``next()``; see :mod:`lab.runner` for the record and stop rules.
@@ -284,17 +305,19 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
     from lab.batching import encode_pairs, token_logprobs
     from lab.modeling import add_value_head
     from lab.rewards import make_reward
-    from lab.rollout import (bandit_reference, completion_logprobs, eval_metrics, load_prompts, prompt_batches,
-                             reference_logprobs, resolve_max_new_tokens, rollout, sample_rows, score)
+    from lab.rollout import (bandit_reference, columns_of, completion_logprobs, eval_metrics, load_prompt_rows,
+                             logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout, rollout_tokens,
+                             sample_rows, score)
     from lab.tasks import TASKS, get_task
 
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
-    batches = prompt_batches(load_prompts(cfg, task), cfg.batch_size, cfg.seed)
+    rows = load_prompt_rows(cfg, task)  # {"prompt", **columns}: the columns go to the reward function
+    batches = prompt_batches(rows, cfg.batch_size, cfg.seed)
     ptx_rows = _ptx_rows(cfg, task)
     ptx_batches = prompt_batches(ptx_rows, cfg.ptx_batch_size, cfg.seed + 1) if ptx_rows else None
     reward_fn = make_reward(cfg.reward, task)
-    policy = policy or load_for(cfg, task)
+    policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
     value_model = add_value_head(policy) if value_model is None else value_model
     # peft's set_adapter gives requires_grad to the active adapter only, and autograd silently drops the gradient of
     # a parameter whose requires_grad is off at backward time. So the value forward AND its backward run inside
@@ -305,7 +328,7 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
     with value_active():
         value_params = value_model.trainable_parameters()
     params = policy_params + value_params
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg)
     # Dropout stays off throughout: the ratio must be exactly 1 on the first minibatch.
     policy.model.eval()
     value_model.eval()
@@ -317,6 +340,8 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
     bandit_ref = bandit_reference(policy, task)  # π_ref over the vocabulary, for eval/kl_to_optimum on bandit
     minibatch_size = cfg.batch_size // cfg.num_minibatches
     micro_size = minibatch_size // cfg.gradient_accumulation
+    # the no-grad passes over the whole rollout batch (π_old, π_ref, V_old) go in chunks that fit in memory
+    chunk = auto_microbatch(policy.model, cfg.batch_size, max_new_tokens)
 
     def evaluate() -> dict:
         """eval/gold_reward (greedy, held-out prompts); on bandit also eval/exact_reward and eval/kl_to_optimum."""
@@ -326,28 +351,34 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
     def unprefixed(metrics: dict) -> dict:
         return {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
 
-    with Run(cfg, "ppo", policy=policy, stop=stop, record=record) as run:
+    with Run(cfg, "ppo", policy=policy, stop=stop, record=record, save=PPOCheckpoint(policy, value_model)) as run:
         run.summary["before"] = unprefixed(evaluate())
         for step in run.steps():
             # 1. rollout: one completion per prompt from the current policy π_old
-            roll = rollout(policy, next(batches), cfg, generator, max_new_tokens)
+            batch_rows = next(batches)
+            roll = rollout(policy, [r["prompt"] for r in batch_rows], cfg, generator, max_new_tokens)
             mask = roll.completion_mask.float()  # (B, T)
             P, T = roll.prompt_ids.shape[1], roll.completion_ids.shape[1]
 
             # 2. score: r_φ(x, y), minus the missing-EOS penalty
-            raw_scores = score(reward_fn, roll)  # (B,)
+            raw_scores = score(reward_fn, roll, columns_of(batch_rows))  # (B,)
             scores = raw_scores - cfg.missing_eos_penalty * roll.truncated.float()  # (B,)
 
             # 3. reference log-probs & shaped rewards
             with torch.no_grad():
-                old_logprobs, entropy = completion_logprobs(policy.model, roll, cfg.temperature,
-                                                            with_entropy=True)  # (B, T), (B, T)
-            ref_logprobs = reference_logprobs(policy, roll, cfg.temperature)  # (B, T)
+                pieces = [completion_logprobs(policy.model, roll.select(slice(i, i + chunk)), cfg.temperature,
+                                              with_entropy=True) for i in range(0, len(roll), chunk)]
+                old_logprobs = torch.cat([lp for lp, _ in pieces])  # (B, T)
+                entropy = torch.cat([h for _, h in pieces])  # (B, T)
+                with policy.reference() as ref:
+                    ref_logprobs = logprobs_in_chunks(ref, roll, cfg.temperature, chunk)  # (B, T)
             rewards = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)  # (B, T)
 
             # 4. values & GAE. V(s_t) is read where token t is predicted: the state x, y_<t.
             with torch.no_grad(), value_active():
-                old_values = value_model(roll.input_ids, roll.attention_mask)[:, P - 1: P + T - 1]  # (B, T)
+                old_values = torch.cat([value_model(part.input_ids, part.attention_mask)[:, P - 1: P + T - 1]
+                                        for part in (roll.select(slice(i, i + chunk))
+                                                     for i in range(0, len(roll), chunk))])  # (B, T)
             advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, T), (B, T)
             if cfg.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)  # (B, T)
@@ -415,7 +446,7 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
                 out.update(evaluate())
             if run.want_samples(step):
                 run.samples(step, sample_rows(roll, raw_scores, n=4))
-            yield run.log(step, out)
+            yield run.log(step, out, tokens=rollout_tokens(roll))
             if step == cfg.steps:
                 run.summary["after"] = unprefixed(out)
         if "after" not in run.summary:  # stopped early: evaluate what there is

@@ -43,10 +43,10 @@ import torch
 from lab.config import BaseConfig, check, opt
 from lab.ops import kl_k1, masked_mean
 from lab.rewards import make_reward
-from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics, load_prompts,
-                         prompt_batches, reference_logprobs, resolve_max_new_tokens, rollout, rollout_metrics,
-                         sample_rows, score)
-from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everything
+from lab.rollout import (bandit_reference, columns_of, completion_logprobs, correct_mask, eval_metrics,
+                         load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
+                         rollout_metrics, rollout_tokens, sample_rows, score)
+from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
 
 BASELINES = ("none", "batch", "ema")
 
@@ -55,7 +55,8 @@ BASELINES = ("none", "batch", "ema")
 class ReinforceConfig(BaseConfig):
     """REINFORCE: policy gradient on sampled completions, with an optional baseline and KL penalty."""
 
-    lr: float = opt(1e-3, "AdamW learning rate (LoRA on the tiny built-in models: 1e-3)", min=1e-7, max=1.0)
+    lr: float | None = opt(None, "AdamW learning rate; default: 1e-3 on the built-in models, "
+                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=1e-3)
     steps: int = opt(60, "optimizer steps; each samples a fresh batch", min=1, max=1_000_000)
     batch_size: int = opt(64, "prompts per step (one completion each)", min=1, max=4096)
     baseline: str = opt("batch", "b subtracted from the reward: none, batch (batch mean) or ema (running mean)",
@@ -64,6 +65,9 @@ class ReinforceConfig(BaseConfig):
     beta: float = opt(0.0, "β of the KL penalty −β·Σ_t log(π_θ/π_ref) added to the reward (0: no reference pass)",
                       min=0.0, max=100.0)
     reward: str = opt("gold", "reward: gold (the task's), a reward-model path, or python:module:function")
+    microbatch_size: int | None = opt(None, "completions per forward/backward (gradients accumulate over the batch); "
+                                            "default: the most that fit in memory (LAB_MICROBATCH_GB)",
+                                      min=1, max=1_000_000)
     eval_every: int = opt(20, "greedy held-out evaluation every N steps (0: only before and after)",
                           min=0, max=1_000_000)
     eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
@@ -71,6 +75,9 @@ class ReinforceConfig(BaseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.microbatch_size is not None:
+            check(self.batch_size % self.microbatch_size == 0, "microbatch_size",
+                  f"must divide batch_size ({self.batch_size}), got {self.microbatch_size}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -125,13 +132,14 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
     reward_fn = make_reward(cfg.reward, task)
-    prompts = load_prompts(cfg, task)
-    policy = policy or load_for(cfg, task)
+    rows = load_prompt_rows(cfg, task)  # {"prompt", **columns}: the columns go to the reward function
+    policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
     params = policy.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    batches = prompt_batches(prompts, cfg.batch_size, cfg.seed)
+    batches = prompt_batches(rows, cfg.batch_size, cfg.seed)
     max_new_tokens = resolve_max_new_tokens(cfg, task)
+    microbatch = cfg.microbatch_size or auto_microbatch(policy.model, cfg.batch_size, max_new_tokens)
     bandit_ref = bandit_reference(policy, task) if cfg.beta > 0 else None  # π_ref only when β > 0
     ema: float | None = None
 
@@ -140,19 +148,20 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
         run.summary["before"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
         for step in run.steps():
             # 1. rollout: one completion per prompt, no gradients
-            roll = rollout(policy, next(batches), cfg, generator, max_new_tokens)
+            batch = next(batches)
+            roll = rollout(policy, [r["prompt"] for r in batch], cfg, generator, max_new_tokens)
             # 2. score
-            rewards = score(reward_fn, roll)  # (B,)
-            # 3. log-probs with gradients (one forward pass; the entropy comes with it)
-            policy.model.train()
-            logprobs, entropy = completion_logprobs(policy.model, roll, cfg.temperature, with_entropy=True)  # (B, T)
-            mask = roll.completion_mask.to(logprobs.dtype)  # (B, T)
+            rewards = score(reward_fn, roll, columns_of(batch))  # (B,)
+            mask = roll.completion_mask.float()  # (B, T)
             metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))
             returns = rewards
             if cfg.beta > 0:
-                ref_logprobs = reference_logprobs(policy, roll, cfg.temperature)  # (B, T)
-                returns = kl_penalized_rewards(rewards, logprobs, ref_logprobs, mask, cfg.beta)  # (B,)
-                metrics["kl/ref"] = masked_mean(kl_k1(logprobs.detach(), ref_logprobs), mask)
+                # 3. the KL penalty needs log π_θ of the whole batch before any advantage exists: a no-grad pass
+                sampled_logprobs = logprobs_in_chunks(policy.model, roll, cfg.temperature, microbatch)  # (B, T)
+                with policy.reference() as ref:
+                    ref_logprobs = logprobs_in_chunks(ref, roll, cfg.temperature, microbatch)  # (B, T)
+                returns = kl_penalized_rewards(rewards, sampled_logprobs, ref_logprobs, mask, cfg.beta)  # (B,)
+                metrics["kl/ref"] = masked_mean(kl_k1(sampled_logprobs, ref_logprobs), mask)
             # 4. advantages: R − b
             if cfg.baseline == "none":
                 baseline = torch.zeros(())
@@ -162,18 +171,29 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
                 b, ema = ema_baseline(ema, returns, cfg.baseline_decay)
                 baseline = torch.tensor(b)
             advantages = returns - baseline.to(returns.device)  # (B,)
-            # 5. update
-            loss, loss_metrics = reinforce_loss(logprobs, advantages, mask)
-            loss.backward()
-            metrics.update(loss_metrics)
+            # 5. update: microbatches of b rows; each loss is a mean over b, so × b/B makes the sum the batch mean
+            policy.model.train()
+            totals: dict = {}
+            for start in range(0, len(roll), microbatch):
+                rows_ = slice(start, start + microbatch)
+                part = roll.select(rows_)
+                logprobs, entropy = completion_logprobs(policy.model, part, cfg.temperature,
+                                                        with_entropy=True)  # (b, T), entropy without grad
+                share = len(part) / len(roll)
+                loss, loss_metrics = reinforce_loss(logprobs, advantages[rows_], mask[rows_])
+                (loss * share).backward()
+                loss_metrics["entropy"] = masked_mean(entropy, mask[rows_])
+                tokens_share = float(mask[rows_].sum() / mask.sum().clamp(min=1))
+                for k, v in loss_metrics.items():  # the loss is a row mean, the rest are token means
+                    totals[k] = totals.get(k, 0.0) + float(v) * (share if k == "loss/policy" else tokens_share)
+            metrics.update(totals)
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
             metrics["reward/baseline"] = float(baseline)
-            metrics["entropy"] = masked_mean(entropy.detach(), mask)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 metrics.update(eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref))
             if run.want_samples(step):
                 run.samples(step, sample_rows(roll, rewards, advantages))
-            yield run.log(step, metrics)
+            yield run.log(step, metrics, tokens=rollout_tokens(roll))
         run.summary["after"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
 
 

@@ -62,7 +62,8 @@ class RewardConfig(BaseConfig):
     center_weight: float = opt(0.0, "η: weight of the centering term η·mean((r_w + r_l)²); 0 disables",
                                min=0.0, max=10.0)
     mode: str = opt("full", "full (all weights), lora (peft adapters) or qlora (4-bit nf4 base + adapters)")
-    lr: float = opt(3e-4, "AdamW learning rate", min=1e-7, max=1.0)
+    lr: float | None = opt(None, "AdamW learning rate; default: 3e-4 on the built-in models, "
+                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=3e-4)
     steps: int = opt(300, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "preference pairs per step", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)

@@ -2,9 +2,9 @@
 
 REINFORCE, GRPO and PPO all run the same first phases on each step::
 
-    prompts = next(batches)                              # a batch of training prompts
-    roll = rollout(policy, prompts, cfg, generator)      # 1. sample completions (no grad)
-    rewards = score(reward_fn, roll)                     # 2. r(x, y) for each completion, (B,)
+    rows = next(batches)                                 # a batch of training rows: prompt + dataset columns
+    roll = rollout(policy, [r["prompt"] for r in rows], cfg, generator)   # 1. sample completions (no grad)
+    rewards = score(reward_fn, roll, columns_of(rows))   # 2. r(x, y) for each completion, (B,)
     logprobs = completion_logprobs(policy.model, roll)   # log π_θ(y_t | x, y_<t), (B, T), with grad
     ref_logprobs = reference_logprobs(policy, roll)      # log π_ref(y_t | x, y_<t), (B, T), no grad
 
@@ -27,14 +27,23 @@ from lab.sampling import Rollout, format_prompt, generate
 # Prompts
 
 
-def load_prompts(cfg, task=None, split: str = "train") -> list[str]:
-    """Training prompts: a built-in task's split, or the "prompt" column of a data source (``jsonl:PATH``, ``hf:ID``)."""
+def load_prompt_rows(cfg, task=None, split: str = "train") -> list[dict]:
+    """Training rows ``{"prompt": ..., **columns}``: the prompt plus every other column of the data source (an
+    ``answer`` for GSM8K), which reward functions receive as keyword lists, as in TRL. Built-in tasks have
+    prompts only."""
     if task is not None:
-        return task.train_prompts() if split == "train" else task.eval_prompts()
+        return [{"prompt": p} for p in (task.train_prompts() if split == "train" else task.eval_prompts())]
     from lab.data import load_rows
 
     rows = load_rows(cfg.task, format="prompt_only", split=split, skip_bad_rows=cfg.skip_bad_rows)
-    return [row["prompt"] for row in rows]
+    return [dict(row) for row in rows]
+
+
+def columns_of(rows: list[dict]) -> dict[str, list]:
+    """The extra columns of a batch of rows, as lists aligned with the rows: [{"prompt", "answer"}, ...] →
+    {"answer": [...]}. Only columns every row has are passed on."""
+    keys = [k for k in rows[0] if k != "prompt" and all(k in row for row in rows)] if rows else []
+    return {k: [row[k] for row in rows] for k in keys}
 
 
 def prompt_batches(prompts: list, batch_size: int, seed: int) -> Iterator[list]:
@@ -56,9 +65,19 @@ def prompt_batches(prompts: list, batch_size: int, seed: int) -> Iterator[list]:
         del order[:batch_size]
 
 
+# An instruct model's answer with its chat template's end token: TRL's default max_completion_length. 64 tokens
+# truncated nearly every completion of a 0.5B instruct model on GSM8K-style prompts.
+OWN_DATA_MAX_NEW_TOKENS = 256
+
+
 def resolve_max_new_tokens(cfg, task=None) -> int:
-    """``cfg.max_new_tokens``, else the task's own budget, else 64 tokens for data without a task."""
-    return cfg.max_new_tokens or (task.max_new_tokens if task is not None else 64)
+    """``cfg.max_new_tokens``, else the task's own budget, else 256 tokens for data without a task."""
+    return cfg.max_new_tokens or (task.max_new_tokens if task is not None else OWN_DATA_MAX_NEW_TOKENS)
+
+
+def rollout_tokens(roll: Rollout) -> int:
+    """Tokens a step processed for ``time/tokens_per_s``: the real prompt and completion tokens of the rollout."""
+    return int(roll.prompt_mask.sum()) + int(roll.completion_mask.sum())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -75,9 +94,10 @@ def rollout(policy, prompts: list, cfg, generator: torch.Generator | None = None
 
 
 @torch.no_grad()
-def score(reward_fn, roll: Rollout) -> torch.Tensor:
-    """r(x, y) for each completion of a rollout: (B,) float32 on the rollout's device."""
-    rewards = reward_fn(roll.prompts, roll.completions, roll.truncated.tolist())  # (B,)
+def score(reward_fn, roll: Rollout, columns: dict[str, list] | None = None) -> torch.Tensor:
+    """r(x, y) for each completion of a rollout: (B,) float32 on the rollout's device. ``columns`` are the rows'
+    extra dataset columns (lists of B values), passed to the reward function as keywords."""
+    rewards = reward_fn(roll.prompts, roll.completions, roll.truncated.tolist(), **(columns or {}))  # (B,)
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).to(roll.completion_ids.device)
     if rewards.numel() != len(roll):
         raise ValueError(f"reward {getattr(reward_fn, 'name', reward_fn)!r} gave {rewards.numel()} values "
@@ -103,6 +123,15 @@ def completion_logprobs(model, roll: Rollout, temperature: float = 1.0,
     if with_entropy:
         return sequence_logprobs_and_entropy(model, roll.input_ids, roll.attention_mask, T, temperature)
     return sequence_logprobs(model, roll.input_ids, roll.attention_mask, T, temperature)  # (B, T)
+
+
+@torch.no_grad()
+def logprobs_in_chunks(model, roll: Rollout, temperature: float, rows: int) -> torch.Tensor:
+    """log-probs of a whole rollout under a model that does not change meanwhile (π_old, π_ref), ``rows``
+    completions per forward pass, so no pass holds more than ``rows`` × T × V logits: (B, T), no gradients.
+    Naive equivalent: ``completion_logprobs(model, roll, temperature)`` in one pass."""
+    return torch.cat([completion_logprobs(model, roll.select(slice(i, i + rows)), temperature)
+                      for i in range(0, len(roll), rows)])
 
 
 @torch.no_grad()

@@ -33,10 +33,70 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: torch's, or bitsandbytes' 8-bit one (``cfg.optim``), whose states take
+    2 bytes a parameter instead of 8; the paged variant also moves them to the host when the GPU runs short."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters (check --mode)")
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = getattr(cfg, "optim", "adamw")
+    if optim == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if params[0].device.type != "cuda":
+        from lab.config import ConfigError
+
+        raise ConfigError(f"optim: {optim} runs on a GPU only (bitsandbytes' 8-bit states); use adamw on the CPU")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# Bytes that one completion token costs in a training forward/backward, per unit of vocabulary and of hidden×layers:
+# the logits (float32 in the loss), their gradient and one log-softmax chunk make ~3 copies of V floats; the trunk's
+# saved activations are ~34·H bytes a layer in 16-bit (Korthikanti et al. 2022), doubled for float32.
+_BYTES_PER_VOCAB = 3 * 4
+_BYTES_PER_HIDDEN_LAYER = 68
+
+
+def logits_budget_bytes(device: torch.device) -> int:
+    """Memory one training forward/backward may use: ``LAB_MICROBATCH_GB`` if set; else a quarter of the free GPU
+    memory, or 2 GB on the CPU."""
+    import os
+
+    if os.environ.get("LAB_MICROBATCH_GB"):
+        return int(float(os.environ["LAB_MICROBATCH_GB"]) * 1e9)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    return 2_000_000_000
+
+
+def auto_microbatch(model, rows: int, tokens_per_row: int, budget_bytes: int | None = None) -> int:
+    """The largest divisor of ``rows`` whose forward/backward fits the memory budget.
+
+    A row of ``tokens_per_row`` tokens costs about tokens·(12·V + 68·H·L) bytes (see above). Naive equivalent:
+    ``rows`` (one pass for everything), which for a 151k vocabulary and 64 × 64 tokens is an 8 GB logits tensor.
+    """
+    config = model.config
+    vocab = config.vocab_size
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    per_row = max(tokens_per_row, 1) * (_BYTES_PER_VOCAB * vocab + _BYTES_PER_HIDDEN_LAYER * hidden * layers)
+    budget = budget_bytes if budget_bytes is not None else logits_budget_bytes(next(model.parameters()).device)
+    fits = max(1, budget // per_row)
+    return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= fits)
+
+
+def memory_metrics(device: torch.device) -> dict:
+    """``memory/peak_gb``: the peak since the last call on a GPU (allocated by torch), or the process's peak
+    resident set on the CPU (it only grows)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 1e9
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"memory/peak_gb": peak}
+    import resource
+
+    return {"memory/peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # KiB on Linux
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params, max_grad_norm: float) -> float:
@@ -63,15 +123,33 @@ def shuffled_batches(rows: list, batch_size: int, seed: int):
         del order[:batch_size]
 
 
-def load_for(cfg, task=None):
-    """The policy a config asks for: ``cfg.model`` or the task's built-in model, in ``cfg.mode``."""
-    from lab.modeling import load_policy
+def load_for(cfg, task=None, prompts: list | None = None):
+    """The policy a config asks for: ``cfg.model`` or the task's built-in model, in ``cfg.mode``.
+
+    Given the run's ``prompts``, the tokenizer is checked against them first: conversational prompts need a chat
+    template, and a tokenizer without one fails here in one line, before the model is loaded."""
+    from lab.modeling import load_policy, load_tokenizer, pick_device
 
     name = cfg.model or (task.model if task is not None else None)
+    if prompts and name is not None:
+        check_prompts_fit_tokenizer(prompts, load_tokenizer(name, cfg.trust_remote_code), name)
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing is None:  # on where memory is tight and the model is big enough for it to matter
+        checkpointing = pick_device(cfg.device).type == "cuda" and not cfg.uses_builtin_model()
     policy = load_policy(name, task=cfg.task, mode=cfg.mode, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                         lora_dropout=cfg.lora_dropout, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+                         lora_dropout=cfg.lora_dropout, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                         gradient_checkpointing=checkpointing)
     use_one_thread_for_tiny_models(policy)
     return policy
+
+
+def check_prompts_fit_tokenizer(prompts: list, tokenizer, name: str) -> None:
+    """Conversational prompts (message lists) need the tokenizer's chat template: say so in one line."""
+    from lab.config import ConfigError
+
+    if not getattr(tokenizer, "chat_template", None) and any(isinstance(p, list) for p in prompts):
+        raise ConfigError(f"model: the data holds chat messages but the tokenizer of {name!r} has no chat template; "
+                          "use an instruct model with a template, or give plain-text prompts")
 
 
 def use_one_thread_for_tiny_models(policy, max_params: int = 20_000_000) -> None:
@@ -100,6 +178,7 @@ class Run:
         self.step = 0
         self.summary: dict = {}
         self.started = time.time()
+        self._step_started = self.started
 
     @property
     def path(self):
@@ -114,11 +193,20 @@ class Run:
             if self.stop.is_set():
                 return
             self.step = step
+            self._step_started = time.time()  # the step's time excludes the evaluation before the first step
             yield step
 
-    def log(self, step: int, metrics: dict) -> dict:
+    def log(self, step: int, metrics: dict, tokens: int | None = None) -> dict:
+        """Record one step's metrics, with ``time/step_s``, ``memory/peak_gb`` and, given the tokens the step
+        processed (sampled plus trained on), ``time/tokens_per_s``."""
+        now = time.time()
+        step_s = now - self._step_started
         metrics = {"step": step, **{k: float(v) if torch.is_tensor(v) else v for k, v in metrics.items()},
-                   "time/elapsed": time.time() - self.started}
+                   "time/elapsed": now - self.started, "time/step_s": step_s}
+        if tokens is not None and step_s > 0:
+            metrics["time/tokens_per_s"] = tokens / step_s
+        if self.policy is not None:
+            metrics.update(memory_metrics(self.policy.device))
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
             self.record.log_metrics(step, metrics)
         if self.cfg.save_every and step % self.cfg.save_every == 0 and self.save is not None:
@@ -141,6 +229,12 @@ class Run:
             status = "failed"
         if status != "failed" and self.save is not None:
             self.record.save_checkpoint(self.save, "final")
+        elif self.save is not None and self.step >= 1:
+            # the weights of a run that failed after training (in its last evaluation, say) are still worth having
+            try:
+                self.record.save_checkpoint(self.save, "last")
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
         self.summary.setdefault("steps", self.step)
         self.summary.setdefault("wall_time_s", round(time.time() - self.started, 2))
         error = None if status != "failed" else f"{exc_type.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -36,7 +36,8 @@ from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everyt
 
 @dataclass
 class SFTConfig(BaseConfig):
-    lr: float = opt(1e-3, "AdamW learning rate", min=1e-7, max=1.0)
+    lr: float | None = opt(None, "AdamW learning rate; default: 1e-3 on the built-in models, "
+                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=1e-3)
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "rows per step", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
