@@ -46,7 +46,7 @@ import torch
 
 from lab.batching import token_logprobs
 from lab.data import unique_prompts
-from lab.config import BaseConfig, add_config_arguments, check, config_from_args, opt
+from lab.config import BaseConfig, ConfigError, add_config_arguments, check, config_from_args, opt
 from lab.dpo import (dpo_loss, encode_preference_batch, ends_with_eos, greedy_samples, heldout_metrics,
                      load_preference_rows, pair_microbatch, select_pairs)
 from lab.runner import (Run, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
@@ -165,7 +165,8 @@ class BestOfNConfig:
 
     reward_model: str | None = opt(None, "reward model: a `python -m lab train rm` run folder or its checkpoint")
     n: int = opt(8, "N: samples per prompt; the reward model keeps the best", min=1, max=4096)
-    task: str = opt("reviews", "built-in task whose held-out prompts to answer")
+    task: str = opt("reviews", "built-in task whose held-out prompts to answer, or your prompts: jsonl:PATH, a "
+                               "data file, hf:ID (then --model is required and there is no gold reward)")
     model: str | None = opt(None, "policy to sample from (builtin name, local path, run checkpoint); default: "
                                   "the task's model")
     temperature: float = opt(1.0, "sampling temperature", min=0.05, max=5.0)
@@ -232,18 +233,31 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     from lab.rm import load_reward_model
     from lab.tasks import get_task
 
-    task = get_task(cfg.task)
+    from lab.rollout import OWN_DATA_MAX_NEW_TOKENS
+    from lab.tasks import TASKS
+
+    task = get_task(cfg.task) if cfg.task in TASKS else None
+    if task is None:
+        from lab.data import load_rows
+
+        if cfg.model is None:
+            raise ConfigError(f"model: --task {cfg.task} is your own data, so give the policy: --model ID_OR_PATH")
+        prompts = unique_prompts(load_rows(cfg.task, format="prompt_only"))[: cfg.eval_size]
+    else:
+        prompts = task.eval_prompts()[: cfg.eval_size]
     policy = _load_frozen_policy(cfg.model or task.model, cfg.device)
     policy.model.eval()
     use_one_thread_for_tiny_models(policy)
     scorer = load_reward_model(cfg.reward_model, device=cfg.device)
-    prompts = task.eval_prompts()[: cfg.eval_size] * cfg.rounds
-    rows = best_of_n(policy, scorer, prompts, cfg.n, max_new_tokens=cfg.max_new_tokens or task.max_new_tokens,
+    max_new = cfg.max_new_tokens or (task.max_new_tokens if task is not None else OWN_DATA_MAX_NEW_TOKENS)
+    rows = best_of_n(policy, scorer, prompts * cfg.rounds, cfg.n, max_new_tokens=max_new,
                      temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, task=task)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    return {"task": task.name, "n": cfg.n, "picks": len(rows), "eval/gold_reward": mean("gold_reward"),
-            "eval/sample_reward": mean("mean_gold_reward"), "rm/best": mean("score"), "rm/mean": mean("mean_score"),
-            "kl/ref": kl_bound(cfg.n), "rows": rows}
+    out = {"task": cfg.task, "n": cfg.n, "picks": len(rows), "rm/best": mean("score"), "rm/mean": mean("mean_score"),
+           "kl/ref": kl_bound(cfg.n), "rows": rows}
+    if task is not None:
+        out.update({"eval/gold_reward": mean("gold_reward"), "eval/sample_reward": mean("mean_gold_reward")})
+    return out
 
 
 def bon_main(argv: list[str] | None = None) -> int:
@@ -260,12 +274,14 @@ def bon_main(argv: list[str] | None = None) -> int:
         return 0
     print(f"best-of-{cfg.n} on {cfg.task}: {result['picks']} picks ({len(rows) // cfg.rounds} held-out prompts "
           f"× {cfg.rounds} rounds), reward model {cfg.reward_model}")
-    print(f"  eval/gold_reward    best of {cfg.n:<4}   {result['eval/gold_reward']:.3f}")
-    print(f"  eval/sample_reward  single sample  {result['eval/sample_reward']:.3f}")
+    if "eval/gold_reward" in result:
+        print(f"  eval/gold_reward    best of {cfg.n:<4}   {result['eval/gold_reward']:.3f}")
+        print(f"  eval/sample_reward  single sample  {result['eval/sample_reward']:.3f}")
     print(f"  rm score            best / mean    {result['rm/best']:.3f} / {result['rm/mean']:.3f}")
     print(f"  kl/ref              ≤ log N − (N−1)/N = {result['kl/ref']:.3f}")
     for row in rows[: min(4, len(rows))]:
-        print(f"  {row['prompt']!r} → {row['completion']!r}  gold={row['gold_reward']:.2f}")
+        gold = f"  gold={row['gold_reward']:.2f}" if "gold_reward" in row else ""
+        print(f"  {row['prompt']!r} → {row['completion']!r}  rm={row['score']:.2f}{gold}")
     return 0
 
 

@@ -100,15 +100,62 @@ def _print_summary(cfg, last: dict) -> None:
 # eval, generate, runs
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+
+
+def _is_builtin_task(name: str | None) -> bool:
+    """None (the default task) or a name that is not a data source: unknown names fail in ``get_task`` with the
+    list of built-in tasks, instead of being read as a file."""
+    if name is None:
+        return True
+    is_data = name.startswith(("jsonl:", "hf:")) or name.endswith(DATA_SUFFIXES) or os.path.exists(name)
+    return not is_data
+
+
+def _own_data(args):
+    """For ``--task jsonl:PATH`` / ``hf:ID`` / a data file: (prompts, columns) of the first ``--n`` rows of the
+    split, and the reward to score them with (``--reward``: math, a reward model, python:module:function)."""
+    from lab.data import load_rows
+    from lab.rewards import make_reward
+    from lab.rollout import columns_of
+
+    if args.model is None:
+        raise ConfigError(f"model: --task {args.task} is your own data, so give the model to use: --model ID_OR_PATH")
+    reward_fn = make_reward(args.reward) if args.reward else None
+    rows = [dict(r) for r in load_rows(args.task, format="prompt_only", split=args.split)][: args.n or 64]
+    return [r["prompt"] for r in rows], columns_of(rows), reward_fn
+
+
+def _load_checked(args, prompts: list):
+    """The policy of ``--model``, after checking (before the model loads) that its tokenizer can render the
+    prompts: chat messages need a chat template."""
+    from lab.modeling import load_policy, load_tokenizer
+    from lab.runner import check_prompts_fit_tokenizer, use_one_thread_for_tiny_models
+
+    check_prompts_fit_tokenizer(prompts, load_tokenizer(args.model), args.model)
+    policy = load_policy(args.model, mode="lora", device=args.device)
+    use_one_thread_for_tiny_models(policy)
+    return policy
+
+
 def cmd_eval(args) -> int:
-    from lab.evaluate import evaluate
-    from lab.modeling import load_policy
+    from lab.evaluate import evaluate, evaluate_prompts
+    from lab.rollout import OWN_DATA_MAX_NEW_TOKENS
     from lab.tasks import get_task
 
-    task = get_task(args.task)
-    policy = load_policy(args.model or task.model, mode="lora", device=args.device)
-    result = evaluate(policy, task, n=args.n, greedy=not args.sample, seed=args.seed)
-    result = {"task": task.name, "model": args.model or task.model, "greedy": not args.sample, **result}
+    if _is_builtin_task(args.task):
+        task = get_task(args.task or "arith")
+        policy = _load_checked(argparse.Namespace(**{**vars(args), "model": args.model or task.model}), [])
+        result = evaluate(policy, task, n=args.n, greedy=not args.sample, seed=args.seed)
+        result = {"task": task.name, "model": args.model or task.model, "greedy": not args.sample, **result}
+    else:
+        prompts, columns, reward_fn = _own_data(args)
+        policy = _load_checked(args, prompts)
+        result = evaluate_prompts(policy, prompts, reward_fn, columns, greedy=not args.sample, seed=args.seed,
+                                  max_new_tokens=args.max_new_tokens or OWN_DATA_MAX_NEW_TOKENS)
+        result.pop("rows")
+        result = {"task": args.task, "model": args.model, "reward": getattr(reward_fn, "name", None),
+                  "greedy": not args.sample, **result}
     if args.json:
         print(json.dumps(result))
     else:
@@ -118,23 +165,64 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from lab.modeling import load_policy
-    from lab.sampling import generate
+    """Sample from a model. ``--prompt`` texts become a user turn of the model's chat template when it has one
+    (``--raw`` sends them as they are); with ``--task`` the prompts are the task's (or your data's) and are scored
+    with its reward."""
+    from lab.evaluate import evaluate_prompts
+    from lab.modeling import load_tokenizer
+    from lab.rollout import OWN_DATA_MAX_NEW_TOKENS
     from lab.tasks import get_task
 
-    task = get_task(args.task)
-    policy = load_policy(args.model or task.model, mode="lora", device=args.device)
-    prompts = args.prompt or task.eval_prompts()[: args.n]
-    gen = torch.Generator(device=policy.device).manual_seed(args.seed)
-    roll = generate(policy.model, policy.tokenizer, prompts, args.max_new_tokens or task.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, greedy=args.greedy, generator=gen)
-    rewards = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
-    for p, c, r, t in zip(roll.prompts, roll.completions, rewards, roll.truncated.tolist()):
-        row = {"prompt": p, "completion": c, "gold_reward": r, "truncated": bool(t)}
-        print(json.dumps(row) if args.json else f"{p!r} → {c!r}   gold={r:.3g}{'  (no end)' if t else ''}")
+    reward_fn, columns, task = None, None, None
+    if args.prompt:
+        model = args.model or get_task(args.task or "arith").model
+        args = argparse.Namespace(**{**vars(args), "model": model})
+        templated = bool(getattr(load_tokenizer(model), "chat_template", None)) and not args.raw
+        prompts = [[{"role": "user", "content": p}] if templated else p for p in args.prompt]
+        if args.task is not None and _is_builtin_task(args.task):
+            task = get_task(args.task)
+        elif args.reward:
+            from lab.rewards import make_reward
+
+            reward_fn = make_reward(args.reward)
+    elif _is_builtin_task(args.task):
+        task = get_task(args.task or "arith")
+        args = argparse.Namespace(**{**vars(args), "model": args.model or task.model})
+        prompts = task.eval_prompts()[: args.n]
+    else:
+        prompts, columns, reward_fn = _own_data(args)
+    if task is not None:
+        from lab.rewards import make_reward
+
+        reward_fn = make_reward(args.reward or "gold", task)
+    policy = _load_checked(args, prompts)
+    max_new = args.max_new_tokens or (task.max_new_tokens if task is not None else OWN_DATA_MAX_NEW_TOKENS)
+    if not args.greedy:  # sampling at the given temperature and top-p
+        from lab.sampling import generate
+
+        gen = torch_generator(policy, args.seed)
+        roll = generate(policy.model, policy.tokenizer, prompts, max_new, temperature=args.temperature,
+                        top_p=args.top_p, generator=gen)
+        from lab.rollout import score
+
+        rewards = score(reward_fn, roll, columns).tolist() if reward_fn is not None else [None] * len(roll)
+        rows = [{"prompt": p, "completion": c, "truncated": bool(t), **({"reward": r} if r is not None else {})}
+                for p, c, t, r in zip(roll.prompts, roll.completions, roll.truncated.tolist(), rewards)]
+    else:
+        rows = evaluate_prompts(policy, prompts, reward_fn, columns, max_new_tokens=max_new, seed=args.seed)["rows"]
+    for row in rows:
+        if args.json:
+            print(json.dumps(row))
+        else:
+            reward = f"   reward={row['reward']:.3g}" if "reward" in row else ""
+            print(f"{row['prompt']!r} → {row['completion']!r}{reward}{'  (no end)' if row['truncated'] else ''}")
     return 0
+
+
+def torch_generator(policy, seed: int):
+    import torch
+
+    return torch.Generator(device=policy.device).manual_seed(seed)
 
 
 def cmd_runs(args) -> int:
@@ -170,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="build a built-in task's tiny base model from scratch (seeded)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="TASK [--steps N] [--seed S] [--out DIR]")
 
+    p = sub.add_parser("make-model", help="write a random qwen2/llama/gpt2 model with its tokenizer (no download)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="--arch ARCH --size SIZE --out DIR [--seed S]")
+
     p = sub.add_parser("train", help=f"train with a method: {', '.join(METHODS)}")
     p.add_argument("method", choices=list(METHODS))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="config flags; see: train METHOD --help")
@@ -180,9 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("eval", "score a model on a task's held-out prompts"),
                         ("generate", "sample completions from a model")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--task", default="arith")
+        p.add_argument("--task", default=None, help="built-in task (default arith), or your data: jsonl:PATH, "
+                                                    "a .jsonl/.json/.parquet/.csv file, hf:ID[:CONFIG]")
         p.add_argument("--model", default=None, help="builtin name, local path, run checkpoint or hub id")
         p.add_argument("--n", type=int, default=None if name == "eval" else 8, help="number of held-out prompts")
+        p.add_argument("--reward", default=None, help="for your own data: math, format, a reward-model path or "
+                                                      "python:module:function")
+        p.add_argument("--split", default="test", help="split of a hub dataset (files have one)")
+        p.add_argument("--max-new-tokens", type=int, default=None)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto")
         p.add_argument("--json", action="store_true", help="print JSON")
@@ -190,10 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--sample", action="store_true", help="sample at temperature 1 instead of greedy")
         else:
             p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: held-out prompts")
+            p.add_argument("--raw", action="store_true", help="send --prompt as it is, without the chat template")
             p.add_argument("--greedy", action="store_true")
             p.add_argument("--temperature", type=float, default=1.0)
             p.add_argument("--top-p", type=float, default=1.0)
-            p.add_argument("--max-new-tokens", type=int, default=None)
 
     p = sub.add_parser("runs", help="list run records, or inspect one")
     p.add_argument("id", nargs="?", help="a run id to inspect")
@@ -205,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    if argv[:1] == ["bon"]:
-        # argparse's REMAINDER cannot start with a flag (`bon --reward-model ...`), so bon parses its own flags
-        args = argparse.Namespace(command="bon", rest=argv[1:])
+    if argv[:1] in (["bon"], ["make-model"]):
+        # argparse's REMAINDER cannot start with a flag (`bon --reward-model ...`), so these parse their own flags
+        args = argparse.Namespace(command=argv[0], rest=argv[1:])
     else:
         args = parser.parse_args(argv)
     try:
@@ -215,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             from lab.pretrain import main as pretrain_main
 
             return pretrain_main(args.rest) or 0
+        if args.command == "make-model":
+            from lab.zoo import main as zoo_main
+
+            return zoo_main(args.rest) or 0
         if args.command == "train":
             return cmd_train(args.method, args.rest)
         if args.command == "bon":

@@ -84,3 +84,28 @@ def before_after(policy, task, prompts: list[str] | None = None, n: int = 8, gre
     after = answer(policy.model, policy.tokenizer, task, prompts, greedy=greedy, seed=seed)
     return [{"prompt": p, "before": b, "before_reward": rb, "after": a, "after_reward": ra}
             for p, b, rb, a, ra in zip(prompts, before.completions, before.rewards, after.completions, after.rewards)]
+
+
+@torch.no_grad()
+def evaluate_prompts(policy, prompts: list, reward_fn=None, columns: dict[str, list] | None = None, *,
+                     max_new_tokens: int, greedy: bool = True, seed: int = 0) -> dict:
+    """Answer your own prompts (strings or chat messages) and score them with any reward function (``math``, a
+    reward model, python:module:function); the prompts' extra ``columns`` (an ``answer``) go to the reward as in
+    training. Returns ``n``, ``reward/mean`` (when a reward is given), ``truncated_frac``, ``length`` (tokens)
+    and the answers themselves under ``rows``."""
+    from lab.rollout import score
+    from lab.runner import auto_microbatch
+
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    rows_per_pass = auto_microbatch(policy.model, len(prompts), max_new_tokens)  # chunked: a big vocab adds up
+    roll = generate(policy.model, policy.tokenizer, list(prompts), max_new_tokens, greedy=greedy, generator=gen,
+                    batch_size=rows_per_pass)
+    lengths = roll.completion_mask.sum(-1).float()  # (B,)
+    out = {"n": len(roll), "truncated_frac": float(roll.truncated.float().mean()), "length": float(lengths.mean())}
+    rewards = score(reward_fn, roll, columns) if reward_fn is not None else None
+    if rewards is not None:
+        out["reward/mean"] = float(rewards.mean())
+    out["rows"] = [{"prompt": p, "completion": c, "truncated": bool(t),
+                    **({"reward": float(rewards[i])} if rewards is not None else {})}
+                   for i, (p, c, t) in enumerate(zip(roll.prompts, roll.completions, roll.truncated.tolist()))]
+    return out

@@ -83,7 +83,7 @@ def test_generate_prints_scored_completions():
     rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
     assert len(rows) == 3 and all(r["prompt"].endswith("=") for r in rows)
     a, b = rows[0]["prompt"][:-1].split("+")
-    assert rows[0]["gold_reward"] == float(rows[0]["completion"] == str(int(a) + int(b)))
+    assert rows[0]["reward"] == float(rows[0]["completion"] == str(int(a) + int(b)))
 
 
 def test_pretrain_is_seeded_and_writes_a_loadable_model(tmp_path):
