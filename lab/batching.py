@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lab.ops import selective_logprobs
-from lab.sampling import format_prompt
+from lab.ops import masked_sum, selective_logprobs, sequence_logprobs
+from lab.sampling import encode_prompt, format_prompt, turn_end_token_id
 
 
 @dataclass
@@ -22,7 +22,7 @@ class PairBatch:
     attention_mask: torch.Tensor   # (B, L)
     completion_mask: torch.Tensor  # (B, L) 1 on completion tokens (the eos included)
 
-    def to(self, device) -> "PairBatch":
+    def to(self, device) -> PairBatch:
         return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device))
 
 
@@ -33,16 +33,28 @@ def _text(value) -> str:
     return value
 
 
+def completion_end_token_id(tokenizer, prompt) -> int:
+    """The token a finished completion of ``prompt`` ends with: the chat template's turn end for a conversational
+    prompt (<|im_end|> in ChatML, <|eot_id|> in Llama 3, where the tokenizer's eos <|end_of_text|> would teach the
+    model to end the whole document instead of its turn), the tokenizer's eos for a plain-text prompt."""
+    if isinstance(prompt, list):
+        end = turn_end_token_id(tokenizer)
+        if end is not None:
+            return end
+    return tokenizer.eos_token_id
+
+
 def encode_pairs(tokenizer, prompts: list, completions: list, *, add_eos: bool = True,
                  max_length: int | None = None) -> PairBatch:
     """Tokenize prompt and completion separately, concatenate, right-pad. Over-long rows lose prompt tokens
-    from the left first, because the completion is what the loss is about."""
+    from the left first, because the completion is what the loss is about. With ``add_eos`` each completion ends
+    with ``completion_end_token_id`` (the turn end of the chat template for conversational prompts)."""
     rows, masks = [], []
     for prompt, completion in zip(prompts, completions):
-        p = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=True)["input_ids"]
+        p = encode_prompt(tokenizer, format_prompt(tokenizer, prompt))  # one BOS, even if the template wrote it
         c = tokenizer(_text(completion), add_special_tokens=False)["input_ids"]
         if add_eos:
-            c = c + [tokenizer.eos_token_id]
+            c = c + [completion_end_token_id(tokenizer, prompt)]
         if max_length is not None and len(p) + len(c) > max_length:
             keep = max(max_length - len(c), 1)
             p, c = p[-keep:], c[: max_length - keep]
@@ -72,8 +84,51 @@ def token_logprobs(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def sequence_logprob(model, batch: PairBatch, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(y|x) summed over completion tokens (or averaged when ``average``), and the token count. (B,), (B,)"""
-    logprobs, mask = token_logprobs(model, batch)  # (B, L-1)
-    total = (logprobs * mask).sum(-1)  # (B,)
-    count = mask.sum(-1)  # (B,)
+    """log π(y|x) summed over completion tokens (or averaged when ``average``), and the token count. (B,), (B,)
+
+    Naive equivalent: ``logprobs, mask = token_logprobs(model, batch); (logprobs * mask).sum(-1)``. Here the batch
+    is laid out as left-padded prompts + right-padded completions (``prompt_completion_layout``) and scored by
+    ``lab.ops.sequence_logprobs``, which runs each distinct prompt once (a DPO batch has every prompt twice: chosen
+    and rejected) and the LM head only where a completion token is predicted."""
+    layout = prompt_completion_layout(batch)
+    if layout is None:  # a row without prompt tokens: the plain forward pass
+        logprobs, mask = token_logprobs(model, batch)  # (B, L-1)
+        total, count = masked_sum(logprobs, mask, dim=-1), mask.sum(-1)  # (B,), (B,)
+    else:
+        input_ids, attention_mask, completion_mask = layout  # (B, P+T), (B, P+T), (B, T)
+        T = completion_mask.shape[1]
+        logprobs = sequence_logprobs(model, input_ids, attention_mask, T)  # (B, T)
+        completion_mask = completion_mask.to(logprobs.dtype)
+        total, count = masked_sum(logprobs, completion_mask, dim=-1), completion_mask.sum(-1)  # (B,), (B,)
     return (total / count.clamp(min=1) if average else total), count
+
+
+def prompt_completion_layout(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The rows of a right-padded ``PairBatch`` re-laid as a ``lab.sampling.Rollout`` lays them out::
+
+        [x1 x2 y1 y2 y3 pad]  ->  [pad x1 x2 | y1 y2 y3]
+
+    Returns ``(input_ids (B, P+T), attention_mask (B, P+T), completion_mask (B, T))``, or None when some row has
+    no prompt token. A row's prompt is what precedes its first completion token."""
+    is_completion = batch.completion_mask.bool() & batch.attention_mask.bool()  # (B, L)
+    lengths = batch.attention_mask.sum(-1)  # (B,)
+    prompt_lengths = torch.where(is_completion.any(-1), is_completion.long().argmax(-1), lengths)  # (B,)
+    if int(prompt_lengths.min()) < 1:
+        return None
+    completion_lengths = lengths - prompt_lengths  # (B,)
+    P, T = int(prompt_lengths.max()), max(int(completion_lengths.max()), 1)
+    L = batch.input_ids.shape[1]
+    column = torch.arange(L, device=batch.input_ids.device)[None, :]  # (1, L)
+    # Gather each row's prompt into the right end of P columns and its completion into the left end of T columns.
+    prompt_index = prompt_lengths[:, None] - P + column[:, :P]  # (B, P) negative: left padding
+    completion_index = prompt_lengths[:, None] + column[:, :T]  # (B, T)
+    prompt_ok = prompt_index >= 0  # (B, P)
+    completion_ok = column[:, :T] < completion_lengths[:, None]  # (B, T)
+    pad = batch.input_ids[0, 0].new_tensor(0)
+    prompt_ids = torch.where(prompt_ok, batch.input_ids.gather(1, prompt_index.clamp(min=0)), pad)  # (B, P)
+    completion_ids = torch.where(completion_ok, batch.input_ids.gather(1, completion_index.clamp(max=L - 1)),
+                                 pad)  # (B, T)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+T)
+    completion_mask = completion_ok.long()  # (B, T)
+    attention_mask = torch.cat([prompt_ok.long(), completion_mask], dim=1)  # (B, P+T)
+    return input_ids, attention_mask, completion_mask

@@ -117,13 +117,13 @@ def _own_data(args):
     split, and the reward to score them with (``--reward``: math, a reward model, python:module:function)."""
     from lab.data import load_rows
     from lab.rewards import make_reward
-    from lab.rollout import columns_of
+    from lab.data import prompt_columns
 
     if args.model is None:
         raise ConfigError(f"model: --task {args.task} is your own data, so give the model to use: --model ID_OR_PATH")
     reward_fn = make_reward(args.reward) if args.reward else None
     rows = [dict(r) for r in load_rows(args.task, format="prompt_only", split=args.split)][: args.n or 64]
-    return [r["prompt"] for r in rows], columns_of(rows), reward_fn
+    return [r["prompt"] for r in rows], prompt_columns(rows), reward_fn
 
 
 def _load_checked(args, prompts: list):

@@ -75,8 +75,8 @@ class BaseConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust the repository)")
     # memory and speed on real models
-    gradient_checkpointing: bool | None = opt(None, "recompute activations in the backward pass (less memory, ~30% "
-                                                    "more compute); default: on for your own model on a GPU")
+    gradient_checkpointing: bool | None = opt(None, "recompute activations in the backward pass (less memory, about "
+                                                    "a third more compute); default: on for your own model on a GPU")
     optim: str = opt("adamw", "optimizer: adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes, GPU)",
                      choices=OPTIMIZERS)
     skip_bad_rows: bool = opt(False, "skip and count malformed data rows instead of stopping at the first one")

@@ -9,7 +9,13 @@ Formats, told apart by their keys:
     conversational     {"messages": [{"role", "content"}, ...]}
 
 Like TRL's "conversational" type, the values of prompt / completion / chosen / rejected may also be
-message lists instead of strings. Other keys (an "answer" column, an "id") are kept as they are.
+message lists instead of strings. Other keys (an "answer" column, an "id") are kept as they are: they are
+the extra columns that reward functions receive as keyword arguments (see `prompt_columns`).
+
+Math datasets name their prompt differently: GSM8K rows are {"question", "answer": "... #### 42"} and MATH
+rows {"problem", "solution"}. A row with no "prompt" key (and no "messages") takes its prompt from
+"question", else "problem", for prompt-only use; the other columns ("answer", "solution") stay as extra
+columns. TRL needs such rows mapped to "prompt" first; the lab accepts them as they are.
 
 What a method receives after `normalize_row`:
 - `prompt` is a non-empty string or a non-empty list of messages (`sampling.format_prompt` renders a
@@ -27,10 +33,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 FORMATS = ("prompt_only", "prompt_completion", "preference", "conversational")
 
@@ -46,6 +54,16 @@ _ALIASES = {
 
 # Keys that belong to a format; any other key in a row is an extra column and passes through.
 _FORMAT_KEYS = ("prompt", "completion", "chosen", "rejected", "messages")
+
+# Where a prompt-only row without "prompt" finds its prompt, in this order (GSM8K, MATH).
+PROMPT_ALIASES = ("question", "problem")
+
+# Split names of `datasets`: in "hf:ID:X", X is a split when it is one of these, alone or followed by a
+# suffix that starts with _ - [ or + (train_prefs, validation_matched, test[:10%], train+test); else a config.
+_SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
+
+# File types read without `datasets` (pyarrow for the binary and csv ones; `datasets` depends on it).
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 
 # Shown in error messages when lab.tasks cannot be imported.
 _FALLBACK_TASKS = ("arith", "reviews", "bandit")
@@ -111,9 +129,11 @@ def detect_format(row: Any) -> str:
         return "prompt_only"
     if "messages" in keys:
         return "conversational"
+    if keys & set(PROMPT_ALIASES):
+        return "prompt_only"  # GSM8K / MATH rows: the question is the prompt
     raise DataError(
         f"cannot tell the format from keys {sorted(keys)}: expected 'prompt', 'prompt'+'completion', "
-        "'chosen'+'rejected' (with or without 'prompt') or 'messages'"
+        "'chosen'+'rejected' (with or without 'prompt'), 'messages', or 'question' / 'problem' for prompts"
     )
 
 
@@ -133,7 +153,9 @@ def normalize_row(row: Any, format: str | None = None, *, index: int | None = No
     - implicit-prompt preference {"chosen", "rejected"} -> explicit {"prompt", "chosen", "rejected"};
     - {"messages"} asked for as prompt_completion -> prompt = all messages before the last assistant
       message, completion = that message's content;
-    - {"messages"} asked for as prompt_only -> prompt = the messages without a final assistant turn.
+    - {"messages"} asked for as prompt_only -> prompt = the messages without a final assistant turn;
+    - {"question", ...} or {"problem", ...} asked for as prompt_only (no "prompt" key) -> prompt = that
+      value, every other key an extra column: {"question": q, "answer": a} -> {"prompt": q, "answer": a}.
     """
     loc = _location(index, where)
     if not isinstance(row, dict):
@@ -178,6 +200,11 @@ def normalize_row(row: Any, format: str | None = None, *, index: int | None = No
             raise DataError(f"{loc}key 'messages' needs at least one message before the last assistant message")
         return {"prompt": prompt, "completion": completion, **extras}
 
+    if fmt == "prompt_only" and "prompt" not in row:
+        alias = next((key for key in PROMPT_ALIASES if key in row), None)
+        if alias is not None:
+            extras.pop(alias)  # renamed to "prompt", not kept twice
+            return {"prompt": _prompt(row, loc, key=alias), **extras}
     prompt = _prompt(row, loc)
     if fmt == "prompt_only":
         return {"prompt": prompt, **extras}
@@ -245,13 +272,20 @@ def load_rows(source: str, *, format: str | None = None, split: str = "train", s
     """Load and normalize the rows of a data source.
 
     `source` is one of:
-    - "jsonl:PATH", or a path ending in .jsonl / .json (a .json file may hold a JSON array of
-      objects or JSON Lines);
-    - "hf:ID" or "hf:ID:SPLIT" (`datasets.load_dataset`; SPLIT overrides `split`);
+    - a local file: "jsonl:PATH", or a path ending in .jsonl / .json (a .json file may hold a JSON
+      array of objects or JSON Lines), .parquet, .csv or .arrow;
+    - a local folder: one written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict whose
+      `split` is taken), or any folder `datasets.load_dataset` can read (parquet / json / csv files);
+    - "hf:ID", "hf:ID:SPLIT", "hf:ID:CONFIG" or "hf:ID:CONFIG:SPLIT": `datasets.load_dataset(ID, CONFIG,
+      split=SPLIT)`. With one part after ID, the part is a SPLIT when it starts with a split name of
+      `datasets` (train, test, validation, valid, dev, eval: train_prefs, test[:10%], train+test ...)
+      and a CONFIG otherwise: hf:openai/gsm8k:main is config "main", split `split`. A SPLIT in the
+      source overrides `split`. ID may also be a local file or folder as above (hf:data/gsm8k.parquet);
     - a built-in task name: rows come from the task. `format` picks which rows:
       prompt_only (the default) -> train_prompts() / eval_prompts() for split "train" / "eval",
       prompt_completion -> sft_rows(split), preference -> preference_rows(split).
 
+    A single file or a saved Dataset has one split: `split` applies to DatasetDict folders and hub datasets.
     `format` None means: the format the first usable row's keys say, and every row must agree.
     A bad row raises DataError; with skip_bad_rows=True bad rows are dropped, counted in
     `Rows.skipped`, and one warning gives the count.
@@ -260,19 +294,19 @@ def load_rows(source: str, *, format: str | None = None, split: str = "train", s
     source = str(source)
 
     if source.startswith("hf:"):
-        dataset_id, _, source_split = source[3:].partition(":")
-        if not dataset_id:
-            raise DataError(f"data source '{source}' names no dataset: use hf:ID or hf:ID:SPLIT")
-        records = _read_hub(dataset_id, source_split or split, source)
-    elif source.startswith("jsonl:") or source.endswith((".jsonl", ".json")):
-        path = source[len("jsonl:") :] if source.startswith("jsonl:") else source
-        records = _read_file(path)
+        records = _read_hf(source[3:], split, source)
+    elif source.startswith("jsonl:"):
+        records = _read_file(source[len("jsonl:") :])
+    elif source.lower().endswith(_FILE_SUFFIXES):
+        records = _read_local(source, None, split)
     elif source in task_names():
         return _load_task(source, fmt, split, skip_bad_rows)
+    elif os.path.isdir(source):
+        records = _read_local(source, None, split)
     else:
         raise DataError(
-            f"unknown data source '{source}': use jsonl:PATH, a .jsonl/.json file, hf:ID[:SPLIT], "
-            f"or a built-in task ({', '.join(task_names())})"
+            f"unknown data source '{source}': use a .jsonl/.json/.parquet/.csv file, a dataset folder, "
+            f"jsonl:PATH, hf:ID[:SPLIT], hf:ID:CONFIG[:SPLIT], or a built-in task ({', '.join(task_names())})"
         )
     return _collect(records, fmt, source, skip_bad_rows)
 
@@ -366,29 +400,138 @@ def _read_file(path_text: str) -> list[Record]:
     return records
 
 
-def _read_hub(dataset_id: str, split: str, source: str) -> Iterator[Record]:
+def split_hf_source(rest: str, split: str) -> tuple[str, str | None, str]:
+    """Parse the part after "hf:", ID[:CONFIG][:SPLIT], into (ID, CONFIG or None, SPLIT or `split`).
+
+    One part after ID is a SPLIT if it starts with a split name (see `_SPLIT_NAMES`), else a CONFIG:
+    "openai/gsm8k:main" -> ("openai/gsm8k", "main", split); "org/prefs:test" -> ("org/prefs", None, "test");
+    "openai/gsm8k:main:test[:10%]" -> ("openai/gsm8k", "main", "test[:10%]"). Colons inside a split's
+    [slice] do not separate parts.
+    """
+    parts = re.split(r":(?![^\[]*\])", rest)  # a colon that is not inside [...]
+    dataset_id, options = parts[0], parts[1:]
+    if not dataset_id or len(options) > 2 or any(not part for part in options[1:]):
+        raise DataError(f"data source 'hf:{rest}' is not hf:ID, hf:ID:SPLIT, hf:ID:CONFIG or hf:ID:CONFIG:SPLIT")
+    if len(options) == 2:
+        return dataset_id, options[0] or None, options[1]
+    if len(options) == 1 and options[0]:
+        if re.match(rf"^({'|'.join(_SPLIT_NAMES)})([_\-\[+].*)?$", options[0]):
+            return dataset_id, None, options[0]
+        return dataset_id, options[0], split
+    return dataset_id, None, split
+
+
+def _read_hf(rest: str, split: str, source: str) -> Iterable[Record]:
+    """Records of an "hf:" source: a local file or folder when the path exists, else a hub dataset."""
+    if rest and os.path.exists(rest):
+        return _read_local(rest, None, split)
+    dataset_id, config, split = split_hf_source(rest, split)
+    if os.path.exists(dataset_id):
+        return _read_local(dataset_id, config, split)
+    if dataset_id.lower().endswith(_FILE_SUFFIXES):
+        raise DataError(f"data file not found: {dataset_id}")  # not "the hub could not be reached"
+    return _read_hub(dataset_id, config, split, source)
+
+
+def _read_local(path: str, config: str | None, split: str) -> Iterable[Record]:
+    """Records of a local file (by suffix) or folder (`save_to_disk`, or anything `load_dataset` reads)."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
+            return _read_saved(path, split)
+        return _read_hub(path, config, split, path)  # a folder of data files: datasets' packaged loaders, offline
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_file(path)
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    readers = {".parquet": _parquet_table, ".csv": _csv_table, ".arrow": _arrow_table}
+    if suffix not in readers:
+        raise DataError(
+            f"cannot read '{path}': use a .jsonl, .json, .parquet, .csv or .arrow file, or a dataset folder"
+        )
+    try:
+        table = readers[suffix](path)
+    except ImportError as err:
+        raise DataError(f"reading {path} needs pyarrow (pip install pyarrow): {_first_line(err)}") from err
+    except Exception as err:  # pyarrow's errors (ArrowInvalid, ...) are not OSErrors only
+        raise DataError(f"{path} could not be read as {suffix[1:]}: {_first_line(err)}") from err
+    return ((index, path, row) for index, row in enumerate(table.to_pylist(), 1))
+
+
+def _parquet_table(path: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def _csv_table(path: str):
+    """A csv file, column types inferred as `datasets`' csv loader does ("42" -> 42), except that the text
+    columns of a format stay text: an SFT pair "2+3=", "5" keeps its completion "5"."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    text_columns = {key: pa.string() for key in _FORMAT_KEYS + PROMPT_ALIASES}
+    return pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types=text_columns))
+
+
+def _arrow_table(path: str):
+    """An Arrow IPC file: the stream format `datasets` writes, or the random-access file format."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(path) as source:
+            return pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        with pa.memory_map(path) as source:
+            return pa.ipc.open_file(source).read_all()
+
+
+def _read_saved(path: str, split: str) -> Iterator[Record]:
+    """Records of a `save_to_disk` folder: a Dataset, or the `split` of a DatasetDict."""
+    import datasets  # lazy: importing `datasets` is slow and only these sources need it
+
+    try:
+        dataset = datasets.load_from_disk(path)
+    except Exception as err:
+        raise DataError(f"dataset folder {path} could not be loaded: {_first_line(err)}") from err
+    where = path
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(f"dataset folder {path} has splits {', '.join(dataset)}, not '{split}'")
+        dataset, where = dataset[split], f"{path} split {split}"
+    return ((index, where, dict(row)) for index, row in enumerate(dataset, 1))
+
+
+def _read_hub(dataset_id: str, config: str | None, split: str, source: str) -> Iterator[Record]:
     """Records of a Hugging Face dataset split. Offline, this fails with a one-line DataError."""
     import datasets  # lazy: importing `datasets` is slow and only this source needs it
 
     from lab.modeling import hub_reachable
 
+    local = os.path.isdir(dataset_id)
     # With HF_HUB_OFFLINE set, `datasets` reads its cache and fails fast by itself; otherwise one quick connect
     # spares an offline user the library's retries (tens of seconds).
     offline_mode = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if not offline_mode and not os.path.isdir(dataset_id) and not hub_reachable():
-        raise DataError(
-            f"dataset '{dataset_id}' could not be reached (the hub is offline from here); without a network, use "
-            f"a built-in task ({', '.join(task_names())}) or a local jsonl:PATH")
+
+    def unreachable(why: str) -> DataError:
+        return DataError(
+            f"dataset '{dataset_id}' could not be reached ({why}); without a network, use a built-in task "
+            f"({', '.join(task_names())}) or a local file (jsonl:PATH, .parquet, .csv, a saved dataset folder)"
+        )
+
+    if not offline_mode and not local and not hub_reachable():
+        raise unreachable("the hub is offline from here")
+    kwargs = {"name": config} if config else {}  # only when given: the call stays load_dataset(ID, split=...)
     try:
-        dataset = datasets.load_dataset(dataset_id, split=split)
+        dataset = datasets.load_dataset(dataset_id, split=split, **kwargs)
     except OSError as err:
         # ConnectionError, offline mode and "not found" are all OSErrors in datasets/huggingface_hub.
-        raise DataError(
-            f"dataset '{dataset_id}' could not be reached ({type(err).__name__}); without a network, use "
-            f"a built-in task ({', '.join(task_names())}) or a local jsonl:PATH"
-        ) from err
+        if local:
+            raise DataError(f"dataset folder {dataset_id} could not be loaded: {_first_line(err)}") from err
+        raise unreachable(type(err).__name__) from err
     except Exception as err:  # a bad split or config name: say so in one line
-        raise DataError(f"dataset '{dataset_id}' could not be loaded: {_first_line(err)}") from err
+        hint = "; name a config as hf:ID:CONFIG or hf:ID:CONFIG:SPLIT" if "config" in str(err).lower() else ""
+        raise DataError(f"dataset '{dataset_id}' could not be loaded: {_first_line(err).rstrip('.')}{hint}") from err
     where = f"{source} split {split}"
     return ((index, where, dict(row)) for index, row in enumerate(dataset, 1))
 
@@ -485,13 +628,13 @@ def _messages(row: dict, key: str, loc: str) -> list[dict]:
     return _check_messages(_required(row, key, loc), key, loc)
 
 
-def _prompt(row: dict, loc: str) -> str | list[dict]:
-    """A prompt is a non-empty string or a non-empty message list."""
-    value = _required(row, "prompt", loc)
+def _prompt(row: dict, loc: str, key: str = "prompt") -> str | list[dict]:
+    """A prompt is a non-empty string or a non-empty message list (`key`: where the row keeps it)."""
+    value = _required(row, key, loc)
     if isinstance(value, list):
-        return _check_messages(value, "prompt", loc)
+        return _check_messages(value, key, loc)
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{loc}key 'prompt' must be a non-empty string or a list of messages, got {_kind(value)}")
+        raise DataError(f"{loc}key '{key}' must be a non-empty string or a list of messages, got {_kind(value)}")
     return value
 
 
@@ -526,3 +669,16 @@ def unique_prompts(rows) -> list:
     for row in rows:
         seen.setdefault(json.dumps(row["prompt"], sort_keys=True), row["prompt"])
     return list(seen.values())
+
+
+def prompt_columns(rows: Iterable[dict]) -> dict[str, list]:
+    """The extra columns of prompt rows as lists aligned with the rows: what a reward function receives as
+    keyword arguments (TRL's convention: every dataset column but "prompt" / "completion").
+
+    Naive equivalent: ``{key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}``; here a
+    key that only some rows have is still a column, with None where a row lacks it (JSONL rows may differ).
+    For GRPO, pass the rows repeated G times, as the prompts are, so the columns stay aligned.
+    """
+    rows = list(rows)
+    keys = dict.fromkeys(key for row in rows for key in row if key not in _FORMAT_KEYS + ("completion_ids",))
+    return {key: [row.get(key) for row in rows] for key in keys}

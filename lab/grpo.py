@@ -56,8 +56,9 @@ import torch
 
 from lab.config import BaseConfig, ConfigError, check, opt
 from lab.ops import kl_k3, masked_mean, masked_sum
+from lab.data import prompt_columns
 from lab.rewards import make_reward
-from lab.rollout import (bandit_reference, columns_of, completion_logprobs, correct_mask, eval_metrics,
+from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics,
                          load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
                          rollout_metrics, rollout_tokens, sample_rows, score)
 from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
@@ -274,7 +275,7 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
             group_rows = [row for row in next(batches) for _ in range(G)]
             roll = rollout(policy, [r["prompt"] for r in group_rows], cfg, generator, max_new_tokens)  # B·G rows
             # 2. score
-            rewards = score(reward_fn, roll, columns_of(group_rows))  # (B·G,)
+            rewards = score(reward_fn, roll, prompt_columns(group_rows))  # (B·G,)
             # 3. advantages, from the group alone
             advantages = group_advantages(rewards, G, cfg.epsilon_std, cfg.scale_rewards)  # (B·G,)
             metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))

@@ -368,25 +368,64 @@ def compare(session: Session, n: int = 8, prompts: list[str] | None = None) -> t
     return rows, summary
 
 
-def _before_after_untasked(policy, session: Session, n: int, prompts: list[str] | None) -> list[dict]:
-    """Before/after on the user's own prompts: completions only (there is no gold reward to score them)."""
-    from lab.sampling import generate
+def _before_after_untasked(policy, session: Session, n: int, prompts: list | None) -> list[dict]:
+    """Before/after on the user's own prompts (text or chat messages). They are scored when the run's reward can
+    score without a task (math, a reward model, python:module:function), with the rows' extra columns."""
+    from lab.evaluate import evaluate_prompts
+    from lab.data import prompt_columns
+    from lab.rollout import resolve_max_new_tokens
 
-    if prompts is None:
+    cfg = session.job.cfg if session.job is not None else None
+    rows: list[dict] = [{"prompt": p} for p in prompts] if prompts else []
+    if not rows and cfg is not None:
         from lab.data import load_rows
 
-        cfg = session.job.cfg if session.job is not None else None
-        rows = load_rows(cfg.task) if cfg is not None else []
-        prompts = [r["prompt"] for r in rows if isinstance(r.get("prompt"), str)][:n]
-    if not prompts:
-        raise ValueError("no text prompts to compare on")
-    cfg = session.job.cfg
-    max_new = cfg.max_new_tokens or 64
+        seen, rows = set(), []
+        for row in load_rows(cfg.task, format="prompt_only"):  # the first n distinct prompts, with their columns
+            key = repr(row["prompt"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(dict(row))
+            if len(rows) == n:
+                break
+    if not rows:
+        raise ValueError("no prompts to compare on: launch a run on your data first")
+    reward_fn = _reward_without_task(cfg)
+    columns = prompt_columns(rows)
+    texts = [r["prompt"] for r in rows]
+    max_new = resolve_max_new_tokens(cfg) if cfg is not None else 64
     with policy.reference() as ref:
-        before = generate(ref, policy.tokenizer, prompts, max_new, greedy=True).completions
-    after = generate(policy.model, policy.tokenizer, prompts, max_new, greedy=True).completions
-    return [{"prompt": p, "before": b, "before_reward": None, "after": a, "after_reward": None}
-            for p, b, a in zip(prompts, before, after)]
+        before = evaluate_prompts(_as_policy(ref, policy), texts, reward_fn, columns, max_new_tokens=max_new)["rows"]
+    after = evaluate_prompts(policy, texts, reward_fn, columns, max_new_tokens=max_new)["rows"]
+    return [{"prompt": _display(p), "before": b["completion"], "before_reward": b.get("reward"),
+             "after": a["completion"], "after_reward": a.get("reward")} for p, b, a in zip(texts, before, after)]
+
+
+def _as_policy(model, policy):
+    """A model (π_ref inside ``policy.reference()``) with the policy's tokenizer, shaped like a policy."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model=model, tokenizer=policy.tokenizer, device=policy.device)
+
+
+def _reward_without_task(cfg):
+    """The run's reward, when it scores without a built-in task; None for 'gold' or anything that fails to load."""
+    spec = getattr(cfg, "reward", None)
+    if not spec or spec == "gold":
+        return None
+    from lab.rewards import make_reward
+
+    try:
+        return make_reward(spec)
+    except Exception:  # noqa: BLE001 - before/after still shows the completions without a reward
+        return None
+
+
+def _display(prompt) -> str:
+    """A prompt as the table shows it: chat messages as 'role: content' lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -23,6 +24,12 @@ import torch
 from torch import nn
 
 MODELS_DIR = Path(__file__).parent / "models"
+
+# bitsandbytes (imported by peft, so by every adapter run) tries, on CPUs with AVX512-BF16, to fetch a fused kernel
+# for its inference-only packed 4-bit layout from the hub, and logs a warning when it cannot. The lab never uses
+# that layout (see _keep_4bit_differentiable) and its fallback is a bundled kernel, so the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
 
 class ModelNotFound(OSError):
@@ -151,9 +158,26 @@ def load_causal_lm(name: str, *, quantize_4bit: bool = False, device: str = "aut
             raise ModelNotFound(f"model {name!r} has no safetensors weights; the lab loads safetensors only "
                                 f"(convert the checkpoint with save_pretrained(safe_serialization=True))") from None
         raise ModelNotFound(_offline_message(name, err)) from None
-    if not quantize_4bit:
+    if quantize_4bit:
+        _keep_4bit_differentiable(model)
+    else:
         model.to(dev)
     return model
+
+
+def _keep_4bit_differentiable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout, which has no backward.
+
+    On a CPU with AVX512-BF16, ``Linear4bit.forward`` (bitsandbytes ≥ 0.48, nn/modules.py) repacks its weight for
+    good the first time it runs in eval mode without grad. From then on ``matmul_4bit`` takes the fused bf16 gemv
+    path, meant for inference: no gradient flows through it to the input, so adapters below get wrong gradients
+    (silently, on Llama), and it adds the bias in place (``result += bias``), which raises "a view of a leaf
+    Variable that requires grad is being used in an in-place operation" on layers with a bias (Qwen2's q/k/v,
+    GPT-2's). The lab alternates no-grad rollouts with training forwards on the same weights, so it never packs.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 class Policy:

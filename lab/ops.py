@@ -119,9 +119,25 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     logits just to throw the prompt part away. PEFT wrappers forward keyword arguments to the
     base model, so we look at the base model's signature.
     """
+    return _forward_accepts(model, "logits_to_keep")
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """`{name: cache}` for passing a KV cache to `model.forward`: transformers ≥ 5.2x calls the argument `cache`
+    (`past_key_values` still works there, with a deprecation warning), older versions `past_key_values`."""
+    return {"cache" if _forward_accepts(model, "cache") else "past_key_values": cache}
+
+
+def returned_cache(output):
+    """The KV cache a forward pass returned (`output.cache`, or `output.past_key_values` before the rename)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def _forward_accepts(model: torch.nn.Module, name: str) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return name in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):  # forward without an inspectable signature
         return False
 
@@ -132,6 +148,7 @@ def _completion_logits(
     attention_mask: torch.Tensor,
     completion_len: int,
     temperature: float,
+    share_prompts: bool = True,
 ) -> torch.Tensor:
     """Logits that predict the last `completion_len` tokens: (B, T, V), divided by temperature."""
     L = input_ids.shape[1]  # L = P + T
@@ -141,18 +158,63 @@ def _completion_logits(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     P = L - T
-    position_ids = position_ids_from_mask(attention_mask)  # (B, P+T)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    # The logit at position i predicts token i+1, so positions P-1 .. P+T-2 predict the completion.
-    predicting = torch.arange(P - 1, L - 1, device=input_ids.device)  # (T,)
-    if accepts_logits_to_keep(model):
-        logits = model(**kwargs, logits_to_keep=predicting, use_cache=False).logits  # (B, T, V)
-    else:
-        logits = model(**kwargs, use_cache=False).logits[:, P - 1 : L - 1]  # (B, T, V)
+    logits = _shared_prompt_logits(model, input_ids, attention_mask, T) if share_prompts else None
+    if logits is None:
+        position_ids = position_ids_from_mask(attention_mask)  # (B, P+T)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        # The logit at position i predicts token i+1, so positions P-1 .. P+T-2 predict the completion.
+        predicting = torch.arange(P - 1, L - 1, device=input_ids.device)  # (T,)
+        if accepts_logits_to_keep(model):
+            logits = model(**kwargs, logits_to_keep=predicting, use_cache=False).logits  # (B, T, V)
+        else:
+            logits = model(**kwargs, use_cache=False).logits[:, P - 1 : L - 1]  # (B, T, V)
     if temperature != 1.0:
         # Score under the same distribution the sampler drew from (it divides by temperature too).
         logits = logits / temperature
     return logits
+
+
+def _shared_prompt_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int
+) -> torch.Tensor | None:
+    """`_completion_logits` with each distinct prompt run once: (B, T, V), or None when no prompt repeats.
+
+    GRPO scores G completions of every prompt (DPO two), so the plain forward pass runs each prompt G
+    times. Here the U distinct prompts run once, with the KV cache on; the cache's rows are copied to
+    the B rows (an index_select, which autograd differentiates: the gradient of every copy flows back
+    into its prompt's single forward pass), and the B completions run on top of it:
+
+        prompt pass      (U, P)    -> KV cache, and the logits of the last prompt position (predict y_1)
+        completion pass  (B, T-1)  -> logits of y_1 .. y_{T-1} (predict y_2 .. y_T); y_T is never an input
+
+    Same logits and gradients as the plain pass up to float rounding (tests/test_ops.py).
+    """
+    L, T = input_ids.shape[1], completion_len
+    P = L - T
+    B = input_ids.shape[0]
+    if not (_forward_accepts(model, "cache") or _forward_accepts(model, "past_key_values")):
+        return None
+    prompt_rows = torch.cat([input_ids[:, :P], attention_mask[:, :P]], dim=1)  # (B, 2P) ids and padding
+    unique, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (U, 2P), (B,)
+    if unique.shape[0] == B:
+        return None
+    position_ids = position_ids_from_mask(attention_mask)  # (B, P+T)
+    # The first row of each prompt stands for all its copies.
+    first = torch.full((unique.shape[0],), B, device=input_ids.device).scatter_reduce(
+        0, inverse, torch.arange(B, device=input_ids.device), reduce="amin")  # (U,)
+    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    out = model(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                position_ids=position_ids[first, :P], use_cache=True, **keep_last)
+    cache = returned_cache(out)
+    if T > 1 and not hasattr(cache, "reorder_cache"):  # a legacy tuple cache: let the caller run the plain pass
+        return None
+    first_logits = out.logits[:, -1:][inverse]  # (B, 1, V) predicts y_1
+    if T == 1:
+        return first_logits
+    cache.reorder_cache(inverse)  # (U, ...) -> (B, ...)
+    rest = model(input_ids=input_ids[:, P : L - 1], attention_mask=attention_mask[:, : L - 1],
+                 position_ids=position_ids[:, P : L - 1], use_cache=True, **cache_kwargs(model, cache)).logits  # (B, T-1, V)
+    return torch.cat([first_logits, rest], dim=1)  # (B, T, V)
 
 
 def sequence_logprobs(
@@ -162,6 +224,7 @@ def sequence_logprobs(
     completion_len: int,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    share_prompts: bool = True,
 ) -> torch.Tensor:
     """Log-probs of the last `completion_len` tokens of each sequence under `model`.
 
@@ -174,8 +237,9 @@ def sequence_logprobs(
 
     Here all rows go through one forward pass: left padding is handled by the attention mask and by
     position ids that count only real tokens, and only the T positions that predict the completion
-    go through the LM head. Right padding inside the completion (after EOS) gets a value too; mask
-    it with the completion mask.
+    go through the LM head. Rows that share a prompt (GRPO's groups, DPO's chosen and rejected) run
+    that prompt once and reuse its KV cache (`share_prompts`, see `_shared_prompt_logits`). Right
+    padding inside the completion (after EOS) gets a value too; mask it with the completion mask.
 
     Args:
         model: a causal LM returning `.logits`.
@@ -184,10 +248,12 @@ def sequence_logprobs(
         completion_len: T.
         temperature: logits are divided by it before the softmax.
         chunk_size: rows per chunk in `selective_logprobs`.
+        share_prompts: run each distinct prompt once (False: one plain forward pass of every row).
     Returns:
         (B, T) float32.
     """
-    logits = _completion_logits(model, input_ids, attention_mask, completion_len, temperature)  # (B, T, V)
+    logits = _completion_logits(model, input_ids, attention_mask, completion_len, temperature,
+                                share_prompts)  # (B, T, V)
     completion_ids = input_ids[:, -completion_len:]  # (B, T)
     return selective_logprobs(logits, completion_ids, chunk_size or DEFAULT_CHUNK_SIZE)  # (B, T)
 
@@ -199,6 +265,7 @@ def sequence_logprobs_and_entropy(
     completion_len: int,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logprobs` plus the entropy of the policy at each completion position.
 
@@ -208,11 +275,13 @@ def sequence_logprobs_and_entropy(
     Returns:
         logprobs (B, T) float32, entropy (B, T) float32 in nats.
     """
-    logits = _completion_logits(model, input_ids, attention_mask, completion_len, temperature)  # (B, T, V)
+    logits = _completion_logits(model, input_ids, attention_mask, completion_len, temperature,
+                                share_prompts)  # (B, T, V)
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     completion_ids = input_ids[:, -completion_len:]  # (B, T)
     logprobs = selective_logprobs(logits, completion_ids, chunk_size)  # (B, T)
-    entropy = entropy_from_logits(logits, chunk_size)  # (B, T)
+    with torch.no_grad():  # entropy is a metric: in the graph it would keep a second (B, T, V) float32 copy alive
+        entropy = entropy_from_logits(logits.detach(), chunk_size)  # (B, T)
     return logprobs, entropy
 
 

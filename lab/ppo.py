@@ -304,8 +304,9 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
     ``value_model``: the value function to train, ``lab.modeling.add_value_head(policy)`` when None."""
     from lab.batching import encode_pairs, token_logprobs
     from lab.modeling import add_value_head
+    from lab.data import prompt_columns
     from lab.rewards import make_reward
-    from lab.rollout import (bandit_reference, columns_of, completion_logprobs, eval_metrics, load_prompt_rows,
+    from lab.rollout import (bandit_reference, completion_logprobs, eval_metrics, load_prompt_rows,
                              logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout, rollout_tokens,
                              sample_rows, score)
     from lab.tasks import TASKS, get_task
@@ -328,7 +329,7 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
     with value_active():
         value_params = value_model.trainable_parameters()
     params = policy_params + value_params
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg, only_trainable=False)
     # Dropout stays off throughout: the ratio must be exactly 1 on the first minibatch.
     policy.model.eval()
     value_model.eval()
@@ -361,7 +362,7 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
             P, T = roll.prompt_ids.shape[1], roll.completion_ids.shape[1]
 
             # 2. score: r_φ(x, y), minus the missing-EOS penalty
-            raw_scores = score(reward_fn, roll, columns_of(batch_rows))  # (B,)
+            raw_scores = score(reward_fn, roll, prompt_columns(batch_rows))  # (B,)
             scores = raw_scores - cfg.missing_eos_penalty * roll.truncated.float()  # (B,)
 
             # 3. reference log-probs & shaped rewards

@@ -42,8 +42,9 @@ import torch
 
 from lab.config import BaseConfig, check, opt
 from lab.ops import kl_k1, masked_mean
+from lab.data import prompt_columns
 from lab.rewards import make_reward
-from lab.rollout import (bandit_reference, columns_of, completion_logprobs, correct_mask, eval_metrics,
+from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics,
                          load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
                          rollout_metrics, rollout_tokens, sample_rows, score)
 from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
@@ -151,7 +152,7 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
             batch = next(batches)
             roll = rollout(policy, [r["prompt"] for r in batch], cfg, generator, max_new_tokens)
             # 2. score
-            rewards = score(reward_fn, roll, columns_of(batch))  # (B,)
+            rewards = score(reward_fn, roll, prompt_columns(batch))  # (B,)
             mask = roll.completion_mask.float()  # (B, T)
             metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))
             returns = rewards

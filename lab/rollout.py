@@ -4,7 +4,7 @@ REINFORCE, GRPO and PPO all run the same first phases on each step::
 
     rows = next(batches)                                 # a batch of training rows: prompt + dataset columns
     roll = rollout(policy, [r["prompt"] for r in rows], cfg, generator)   # 1. sample completions (no grad)
-    rewards = score(reward_fn, roll, columns_of(rows))   # 2. r(x, y) for each completion, (B,)
+    rewards = score(reward_fn, roll, prompt_columns(rows))   # 2. r(x, y) for each completion, (B,)
     logprobs = completion_logprobs(policy.model, roll)   # log π_θ(y_t | x, y_<t), (B, T), with grad
     ref_logprobs = reference_logprobs(policy, roll)      # log π_ref(y_t | x, y_<t), (B, T), no grad
 
@@ -37,13 +37,6 @@ def load_prompt_rows(cfg, task=None, split: str = "train") -> list[dict]:
 
     rows = load_rows(cfg.task, format="prompt_only", split=split, skip_bad_rows=cfg.skip_bad_rows)
     return [dict(row) for row in rows]
-
-
-def columns_of(rows: list[dict]) -> dict[str, list]:
-    """The extra columns of a batch of rows, as lists aligned with the rows: [{"prompt", "answer"}, ...] →
-    {"answer": [...]}. Only columns every row has are passed on."""
-    keys = [k for k in rows[0] if k != "prompt" and all(k in row for row in rows)] if rows else []
-    return {k: [row[k] for row in rows] for k in keys}
 
 
 def prompt_batches(prompts: list, batch_size: int, seed: int) -> Iterator[list]:
@@ -97,7 +90,10 @@ def rollout(policy, prompts: list, cfg, generator: torch.Generator | None = None
 def score(reward_fn, roll: Rollout, columns: dict[str, list] | None = None) -> torch.Tensor:
     """r(x, y) for each completion of a rollout: (B,) float32 on the rollout's device. ``columns`` are the rows'
     extra dataset columns (lists of B values), passed to the reward function as keywords."""
-    rewards = reward_fn(roll.prompts, roll.completions, roll.truncated.tolist(), **(columns or {}))  # (B,)
+    # TRL also hands reward functions the completion token ids (a length penalty needs them)
+    completion_ids = [ids[mask.bool()].tolist() for ids, mask in zip(roll.completion_ids, roll.completion_mask)]
+    rewards = reward_fn(roll.prompts, roll.completions, roll.truncated.tolist(), completion_ids=completion_ids,
+                        **(columns or {}))  # (B,)
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).to(roll.completion_ids.device)
     if rewards.numel() != len(roll):
         raise ValueError(f"reward {getattr(reward_fn, 'name', reward_fn)!r} gave {rewards.numel()} values "

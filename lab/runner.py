@@ -32,10 +32,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg, only_trainable: bool = True) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: torch's, or bitsandbytes' 8-bit one (``cfg.optim``), whose states take
-    2 bytes a parameter instead of 8; the paged variant also moves them to the host when the GPU runs short."""
-    params = [p for p in params if p.requires_grad]
+    2 bytes a parameter instead of 8; the paged variant also moves them to the host when the GPU runs short.
+    ``only_trainable=False`` keeps parameters whose requires_grad is off right now (peft turns it off for every
+    adapter but the active one, and PPO trains two)."""
+    params = [p for p in params if p.requires_grad or not only_trainable]
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters (check --mode)")
     optim = getattr(cfg, "optim", "adamw")

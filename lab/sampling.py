@@ -18,12 +18,19 @@ Shape legend: B batch, P prompt length, T completion length, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from lab.ops import accepts_logits_to_keep, completion_mask, position_ids_from_mask
+from lab.ops import (
+    accepts_logits_to_keep,
+    cache_kwargs,
+    completion_mask,
+    position_ids_from_mask,
+    returned_cache,
+)
 
 
 @dataclass
@@ -128,11 +135,18 @@ def _next_token(
     """Pick one token per row from next-token logits (B, V) -> (B,)."""
     if greedy:
         return logits.argmax(dim=-1)  # (B,)
-    logits = top_p_filter(logits / temperature, top_p)  # (B, V) temperature first, then the nucleus
-    probs = logits.softmax(dim=-1)  # (B, V)
     # Draw on the generator's device, so one CPU generator reproduces the same samples wherever
     # the model runs.
-    draw_device = generator.device if generator is not None else probs.device
+    draw_device = generator.device if generator is not None else logits.device
+    if top_p == 1.0:
+        # Gumbel-max trick: argmax_v (z_v/τ + g_v) with g_v = −log E_v, E_v ~ Exp(1) i.i.d., is an exact
+        # sample from softmax(z/τ) (Gumbel 1954; Maddison et al. 2014). It needs no normalized probabilities
+        # and no cumulative sum over V, only one random number per logit.
+        noise = torch.empty(logits.shape, device=draw_device).exponential_(generator=generator)  # (B, V)
+        scores = logits / temperature - noise.to(logits.device).log()  # (B, V)
+        return scores.argmax(dim=-1)  # (B,)
+    logits = top_p_filter(logits / temperature, top_p)  # (B, V) temperature first, then the nucleus
+    probs = logits.softmax(dim=-1)  # (B, V)
     ids = torch.multinomial(probs.to(draw_device), num_samples=1, generator=generator)  # (B, 1)
     return ids.squeeze(-1).to(logits.device)  # (B,)
 
@@ -188,9 +202,9 @@ def generate(
 
     Args:
         model: a causal LM (HF `PreTrainedModel` or a PEFT wrapper) that takes `attention_mask`,
-            `position_ids`, `past_key_values` and `use_cache`.
-        tokenizer: its tokenizer. `eos_token_id` ends a completion; `pad_token_id` (or EOS when
-            there is none) fills the padding.
+            `position_ids`, a KV cache and `use_cache`.
+        tokenizer: its tokenizer. A completion ends at any of `end_token_ids(tokenizer, model)`;
+            `pad_token_id` (or EOS when there is none) fills the padding.
         prompts: B prompt strings (see `format_prompt` for chat messages).
         max_new_tokens: the most tokens a completion may have.
         temperature: τ in softmax(z / τ); ignored when greedy.
@@ -201,7 +215,7 @@ def generate(
             P and T and joined. None: all prompts at once.
     Returns:
         A `Rollout` with B rows, on the model's device. T ≤ max_new_tokens: the loop stops as soon
-        as every row has emitted EOS.
+        as every row has ended.
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not a single string")
@@ -219,18 +233,49 @@ def generate(
     # Conversational prompts (lists of messages) go through the tokenizer's chat template, as in training.
     prompts = [p if isinstance(p, str) else format_prompt(tokenizer, p) for p in prompts]
     batch_size = batch_size or len(prompts)
+    end_ids = end_token_ids(tokenizer, model)
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
-        with torch.no_grad():
+        with torch.no_grad(), merged_adapters(model):
             pieces = [
                 _generate_batch(model, tokenizer, prompts[i : i + batch_size], max_new_tokens,
-                                temperature, top_p, greedy, generator)
+                                temperature, top_p, greedy, generator, end_ids)
                 for i in range(0, len(prompts), batch_size)
             ]
     finally:
         model.train(was_training)
     return pieces[0] if len(pieces) == 1 else _concat(pieces, _pad_token_id(tokenizer))
+
+
+def _prefill(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """One forward pass over the prompts: next-token logits (B, V) float32 and the KV cache.
+
+    GRPO asks for G completions of each prompt, so most rows repeat another. Each distinct prompt
+    runs once and its cache rows are copied to the rows that repeat it (`reorder_cache` with a
+    repeating index), which saves (G−1)/G of the prefill and gives the same keys and values.
+    """
+    rows = torch.cat([prompt_ids, prompt_mask], dim=1)  # (B, 2P) a prompt is its ids and its padding
+    unique, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, 2P), (B,)
+    share = unique.shape[0] < rows.shape[0]
+    ids, mask = (unique.chunk(2, dim=1) if share else (prompt_ids, prompt_mask))  # (U, P) each
+    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
+                **keep_last)
+    next_logits = out.logits[:, -1, :].float()  # (U, V) left padding: every row ends at the last column
+    past_key_values = returned_cache(out)
+    if share:
+        if not hasattr(past_key_values, "reorder_cache"):  # a legacy tuple cache: run every row instead
+            return _prefill_all(model, prompt_ids, prompt_mask, keep_last)
+        past_key_values.reorder_cache(inverse)  # (U, ...) -> (B, ...) each row gets its prompt's cache
+        next_logits = next_logits[inverse]  # (B, V)
+    return next_logits, past_key_values
+
+
+def _prefill_all(model, prompt_ids, prompt_mask, keep_last):
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                use_cache=True, **keep_last)
+    return out.logits[:, -1, :].float(), returned_cache(out)  # (B, V), cache
 
 
 def _generate_batch(
@@ -242,57 +287,55 @@ def _generate_batch(
     top_p: float,
     greedy: bool,
     generator: torch.Generator | None,
+    end_ids: list[int],
 ) -> Rollout:
     """The sampling loop for one batch of prompts (see `generate`)."""
     device = _model_device(model)
     pad_token_id = _pad_token_id(tokenizer)
-    eos_token_id = tokenizer.eos_token_id  # None: completions only end at max_new_tokens
 
-    # 1. Tokenize with the tokenizer's usual special tokens (e.g. BOS), then left-pad ourselves,
-    #    whatever the tokenizer's padding_side is.
-    encoded = tokenizer(list(prompts), add_special_tokens=True)
-    rows = [
-        [tok for tok, keep in zip(ids, mask) if keep]
-        for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])
-    ]
+    # 1. Tokenize (with the tokenizer's special tokens, unless the text already has its BOS), then
+    #    left-pad ourselves, whatever the tokenizer's padding_side is.
+    rows = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     for prompt, row in zip(prompts, rows):
         if not row:
             raise ValueError(f"prompt {prompt!r} has no tokens; the model needs at least one to condition on")
     prompt_ids, prompt_mask = _left_pad(rows, pad_token_id)  # (B, P), (B, P)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    B = prompt_ids.shape[0]
+    B, P = prompt_ids.shape
 
-    # 2. Prefill: run the whole prompt once; the cache keeps its keys and values for later steps.
-    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    position_ids = position_ids_from_mask(prompt_mask)  # (B, P) padding does not shift positions
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                use_cache=True, **keep_last)
-    next_logits = out.logits[:, -1, :].float()  # (B, V) left padding: every row ends at the last column
-    past_key_values = out.past_key_values
-    next_position = position_ids[:, -1:] + 1  # (B, 1)
-    attention_mask = prompt_mask  # (B, P + t) grows by one column per step
+    # 2. Prefill: run the prompts once; the cache keeps their keys and values for later steps.
+    next_logits, past_key_values = _prefill(model, prompt_ids, prompt_mask)  # (B, V), cache
+    next_position = position_ids_from_mask(prompt_mask)[:, -1:] + 1  # (B, 1) padding does not shift positions
+    # The whole mask is allocated once; step t reads its first P + t + 1 columns (a view, no copy).
+    attention_mask = F.pad(prompt_mask, (0, max_new_tokens), value=1)  # (B, P + max_new_tokens)
 
     # 3. Decode one token per step.
-    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) row has emitted EOS
+    stop = torch.tensor(end_ids, dtype=torch.long, device=device)  # (S,) any of them ends a row
+    # `done.all()` makes the host wait for the device; on a GPU ask only every few steps (a few wasted
+    # steps at the end cost less than a sync per step). On the CPU there is nothing to wait for.
+    check_every = 1 if device.type == "cpu" else 8
+    cache_name = next(iter(cache_kwargs(model, None)))  # "cache" or "past_key_values", by transformers version
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) row has ended
     new_tokens = []
     for step in range(max_new_tokens):
         token = _next_token(next_logits, temperature, top_p, greedy, generator)  # (B,)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)  # finished rows emit padding
         new_tokens.append(token)
-        if eos_token_id is not None:
-            done = done | (token == eos_token_id)
-        if done.all() or step == max_new_tokens - 1:
+        done = done | torch.isin(token, stop)
+        if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and done.all()):
             break  # no forward pass for a token nobody will read
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # (B, P + t + 1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=past_key_values, use_cache=True)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask[:, : P + step + 1],
+                    position_ids=next_position, use_cache=True, **{cache_name: past_key_values})
         next_logits = out.logits[:, -1, :].float()  # (B, V)
-        past_key_values = out.past_key_values
+        past_key_values = returned_cache(out)
         next_position = next_position + 1  # (B, 1)
     completion_ids = torch.stack(new_tokens, dim=1)  # (B, T)
 
-    # 4. Masks come from the first EOS, never from the pad id (which may equal EOS).
-    mask, truncated = completion_mask(completion_ids, eos_token_id)  # (B, T), (B,)
+    # 4. Masks come from the first end token, never from the pad id (which may equal EOS).
+    mask, truncated = completion_mask(completion_ids, end_ids)  # (B, T), (B,)
+    if check_every > 1:  # drop the all-padding columns of the steps run after every row had ended
+        T = max(int(mask.sum(-1).max()), 1)
+        completion_ids, mask = completion_ids[:, :T], mask[:, :T]  # (B, T)
     return Rollout(
         prompts=list(prompts),
         completions=_decode(tokenizer, completion_ids, mask, truncated),
@@ -347,8 +390,8 @@ def format_prompt(tokenizer, prompt: str | list[dict]) -> str:
       tokenizer's chat template, ending with the assistant's turn header
       (`add_generation_prompt=True`) so the model answers as the assistant.
 
-    Note: some chat templates write the BOS token into the text; `generate` tokenizes with the
-    tokenizer's usual special tokens, so such a tokenizer may see BOS twice.
+    Some chat templates (Llama 3) write the BOS token into the text; `encode_prompt` then
+    tokenizes without adding a second one.
     """
     if isinstance(prompt, str):
         return prompt
@@ -360,3 +403,132 @@ def format_prompt(tokenizer, prompt: str | list[dict]) -> str:
             "pass the prompt as a plain string, or use a tokenizer that has a chat template"
         )
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Special tokens of real models
+#
+#   Qwen2 (ChatML)  no BOS; eos <|im_end|> ends a turn (base models: eos <|endoftext|>)
+#   Llama 3         the template writes <|begin_of_text|> and the tokenizer adds it too; eos is
+#                   <|end_of_text|> but turns end with <|eot_id|> (generation_config lists both)
+#   GPT-2           <|endoftext|> only, no template
+# --------------------------------------------------------------------------------------------
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt text: the tokenizer's special tokens are added unless the text
+    already starts with its BOS.
+
+    Llama 3's chat template writes `<|begin_of_text|>` into the text and its tokenizer adds
+    another, so a templated prompt would start with two BOS tokens, a sequence the model never
+    saw in training. TRL makes the same check (on `tokenizer.bos_token`).
+
+    Naive equivalent: `tokenizer(text)["input_ids"]` with a doubled leading BOS cut to one.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    has_bos = isinstance(bos, str) and bool(bos) and text.startswith(bos)
+    return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+
+
+_PROBE = "lab turn probe"
+
+
+def turn_end_token_id(tokenizer) -> int | None:
+    """The token that closes an assistant turn in the tokenizer's chat template.
+
+    <|im_end|> for ChatML (Qwen), <|eot_id|> for Llama 3; the EOS when there is no template or
+    the template closes a turn with plain text. Read off the template itself rather than from
+    a list of known names: render a one-exchange conversation whose answer is a probe string
+    and take the first token after the probe, when it is a special token.
+    """
+    eos = tokenizer.eos_token_id
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except (TemplateError, ValueError, KeyError, TypeError):  # a template may reject this exchange: keep the EOS
+        return eos
+    at = text.rfind(_PROBE) if isinstance(text, str) else -1
+    if at < 0:
+        return eos
+    tail = tokenizer(text[at + len(_PROBE) :], add_special_tokens=False)["input_ids"]
+    return tail[0] if tail and tail[0] in set(tokenizer.all_special_ids) else eos
+
+
+def end_token_ids(tokenizer, model: torch.nn.Module | None = None) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS ∪ the model's
+    `generation_config.eos_token_id` (an int or a list) ∪ the chat template's turn end.
+
+    `model.generate` stops on the generation config's ids; Meta-Llama-3-Instruct's tokenizer has
+    eos <|end_of_text|> while its turns end with <|eot_id|>, so the tokenizer's EOS alone would
+    sample on past the end of the answer. The turn end is included because the offline trainers
+    end their completions with it (`lab.batching.encode_pairs`): the sampler stops where the
+    trainers teach the model to stop.
+    """
+    ids = [tokenizer.eos_token_id, turn_end_token_id(tokenizer)]
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))  # unique, in order
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling through merged LoRA weights
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def merged_adapters(model: torch.nn.Module):
+    """Inside the block, each LoRA layer computes (W + s·BA)x as one matrix product instead of
+    Wx + s·B(Ax).
+
+    Decoding runs the model one token at a time, so the two extra small matmuls per layer cost
+    about as much as the big one at small sizes (1.58× slower sampling at 1M parameters, 1.07×
+    at 20M). The outputs are the same up to float rounding (tests/test_sampling.py).
+
+    Not peft's merge/unmerge: W + Δ − Δ moves each weight by a rounding error, and over hundreds of
+    steps the base (which is also π_ref) would drift. Instead each base weight's tensor is swapped
+    for a merged copy, with the adapters switched off, and the original tensor is put back on the
+    way out, bit for bit. The copy costs the size of the adapted weights while sampling.
+
+    Merged only where it can be: an active adapter that is not switched off (`disable_adapter()`,
+    the reference policy), nothing merged already, and no quantized base (a 4-bit weight cannot
+    absorb Δ). Elsewhere the block changes nothing.
+    """
+    layers = _lora_layers(model)
+    mergeable = bool(layers) and hasattr(model, "disable_adapter") and all(
+        not layer.merged and not layer.disable_adapters
+        and isinstance(getattr(layer.get_base_layer(), "weight", None), torch.nn.Parameter)
+        and layer.get_base_layer().weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        for layer in layers
+    )
+    if not mergeable:
+        yield model
+        return
+    originals = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                merged = weight.data
+                for name in layer.active_adapters:
+                    if name in getattr(layer, "lora_A", {}):
+                        merged = merged + layer.get_delta_weight(name).to(merged.dtype)  # a new tensor
+                originals.append((weight, weight.data))
+                weight.data = merged
+        with model.disable_adapter():  # the LoRA branch is inside the weights now
+            yield model
+    finally:
+        for weight, data in originals:
+            weight.data = data
+
+
+def _lora_layers(model: torch.nn.Module) -> list:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft, no adapters
+        return []
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]

@@ -35,3 +35,25 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def zoo_model(tmp_path_factory):
+    """``zoo_model(arch)`` → the folder of a ``tiny`` random model from lab/zoo.py (qwen2, llama or gpt2).
+
+    Each arch is built once per session (its BPE tokenizer is trained once too), then shared by every test.
+    qwen2 gets the trained 32k BPE even where the real Qwen tokenizer is installed: the mechanics are the same
+    (tests/test_zoo.py checks both) and a 151k vocabulary makes every training step five times slower.
+    """
+    from lab.zoo import make_model
+
+    built: dict[str, str] = {}
+
+    def build(arch: str) -> str:
+        if arch not in built:
+            path = tmp_path_factory.mktemp(f"zoo-{arch}")
+            make_model(arch, "tiny", path, seed=0, real_tokenizer=False)
+            built[arch] = str(path)
+        return built[arch]
+
+    return build

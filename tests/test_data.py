@@ -137,17 +137,29 @@ def test_implicit_prompt_without_common_prefix_raises(chosen, rejected, message)
     "row, fmt, message",
     [
         ({"prompt": "p", "rejected": "b"}, "preference", "key 'chosen' is missing"),
-        ({"prompt": "p", "chosen": "a", "rejected": 3}, "preference",
-         "key 'rejected' must be a non-empty string, got int"),
-        ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "preference",
-         "key 'chosen' must be a non-empty string, got an empty string"),
-        ({"prompt": None, "completion": "c"}, "sft",
-         "key 'prompt' must be a non-empty string or a list of messages, got null"),
+        (
+            {"prompt": "p", "chosen": "a", "rejected": 3},
+            "preference",
+            "key 'rejected' must be a non-empty string, got int",
+        ),
+        (
+            {"prompt": "p", "chosen": "  ", "rejected": "b"},
+            "preference",
+            "key 'chosen' must be a non-empty string, got an empty string",
+        ),
+        (
+            {"prompt": None, "completion": "c"},
+            "sft",
+            "key 'prompt' must be a non-empty string or a list of messages, got null",
+        ),
         ({"prompt": "p"}, "prompt_completion", "key 'completion' is missing"),
         ({"prompt": "p", "completion": "c"}, "preference", "key 'chosen' is missing"),
         ({"messages": [{"role": "user"}]}, None, r"key 'messages\[0\].content' is missing"),
-        ({"messages": [{"role": "user", "content": 5}]}, None,
-         r"key 'messages\[0\].content' must be a string, got int"),
+        (
+            {"messages": [{"role": "user", "content": 5}]},
+            None,
+            r"key 'messages\[0\].content' must be a string, got int",
+        ),
         ({"messages": []}, None, "key 'messages' must be a non-empty list of messages, got an empty list"),
         ({"prompt": [USER], "completion": [YES, NO]}, None, "key 'completion' must hold a single assistant message"),
         (["not", "a", "dict"], None, "expected a JSON object with keys such as 'prompt', got list"),
@@ -242,7 +254,9 @@ def test_all_rows_bad_is_an_error(tmp_path):
 def test_missing_file_and_unknown_source(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         load_rows(str(tmp_path / "nope.jsonl"))
-    expected = r"unknown data source 'nope': use jsonl:PATH, .* hf:ID\[:SPLIT\], or a built-in task \(.*arith"
+    expected = (
+        r"unknown data source 'nope': use .*\.parquet.* jsonl:PATH, hf:ID\[:SPLIT\], hf:ID:CONFIG.* task \(.*arith"
+    )
     with pytest.raises(DataError, match=expected):
         load_rows("nope")
 

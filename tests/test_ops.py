@@ -374,3 +374,110 @@ def test_completion_mask_several_eos_ids_and_none():
     assert truncated.tolist() == [False, False]
     mask, truncated = completion_mask(ids, eos_token_id=None)
     assert mask.tolist() == [[1] * 4] * 2 and truncated.tolist() == [True, True]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared prompts: each distinct prompt runs once, its KV cache is copied to its rows
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grouped_batch(padded_batch):
+    """GRPO's layout: each of the 3 prompts of `padded_batch` G=3 times, with different completions."""
+    input_ids, attention_mask, T = padded_batch
+    G = 3
+    input_ids, attention_mask = input_ids.repeat_interleave(G, 0), attention_mask.repeat_interleave(G, 0)
+    g = torch.Generator().manual_seed(5)
+    P = input_ids.shape[1] - T
+    input_ids[:, P:] = torch.randint(2, 50, (input_ids.shape[0], T), generator=g)
+    completion_lens = torch.tensor([4, 2, 3, 1, 4, 3, 2, 2, 4])
+    attention_mask[:, P:] = (torch.arange(T)[None] < completion_lens[:, None]).long()
+    return input_ids, attention_mask, T
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompt_logprobs_match_plain(tiny_model, grouped_batch, temperature):
+    input_ids, attention_mask, T = grouped_batch
+    with torch.no_grad():
+        shared, shared_entropy = sequence_logprobs_and_entropy(tiny_model, input_ids, attention_mask, T,
+                                                               temperature)
+        plain, plain_entropy = sequence_logprobs_and_entropy(tiny_model, input_ids, attention_mask, T, temperature,
+                                                             share_prompts=False)
+    mask = attention_mask[:, -T:].bool()
+    torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared_entropy[mask], plain_entropy[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_runs_each_prompt_once(tiny_llama, grouped_batch):
+    input_ids, attention_mask, T = grouped_batch
+    rows = []
+    hook = tiny_llama.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            sequence_logprobs(tiny_llama, input_ids, attention_mask, T)
+    finally:
+        hook.remove()
+    P = input_ids.shape[1] - T
+    assert rows == [torch.Size([3, P]), torch.Size([9, T - 1])]
+
+
+def test_shared_prompt_gradients_match_plain(grouped_batch):
+    """The gradient of every copy of a prompt's cache flows back into its one forward pass: same parameter
+    gradients as the plain pass, for a loss that weighs every token differently."""
+    input_ids, attention_mask, T = grouped_batch
+    grads = {}
+    for share in [True, False]:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2, initializer_range=0.2))
+        logprobs = sequence_logprobs(model, input_ids, attention_mask, T, share_prompts=share)  # (B, T)
+        weights = torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)
+        (logprobs * weights * attention_mask[:, -T:]).sum().backward()
+        grads[share] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prompt_single_token_completions(tiny_llama, grouped_batch):
+    input_ids, attention_mask, T = grouped_batch
+    L = input_ids.shape[1] - T + 1
+    ids, mask = input_ids[:, :L], attention_mask[:, :L].clone()
+    mask[:, -1] = 1
+    with torch.no_grad():
+        shared = sequence_logprobs(tiny_llama, ids, mask, 1)
+        plain = sequence_logprobs(tiny_llama, ids, mask, 1, share_prompts=False)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pair_sequence_logprob_matches_naive(arch, tiny_llama, tiny_gpt2):
+    """lab.batching.sequence_logprob (relaid as prompt | completion, prompts shared by chosen and rejected)
+    equals the plain right-padded token_logprobs sum."""
+    from lab.batching import (
+        PairBatch,
+        prompt_completion_layout,
+        sequence_logprob,
+        token_logprobs,
+    )
+
+    model = {"llama": tiny_llama, "gpt2": tiny_gpt2}[arch]
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(2, 50, (n,), generator=g).tolist() for n in [3, 5, 1]]
+    completions = [torch.randint(2, 50, (n,), generator=g).tolist() for n in [2, 4, 3, 1, 0, 2]]
+    rows = [(prompts[i % 3], completions[i]) for i in range(6)]  # chosen 0..2, rejected 3..5
+    L = max(len(p) + len(c) for p, c in rows)
+    ids, att, comp = (torch.zeros(6, L, dtype=torch.long) for _ in range(3))
+    for i, (p, c) in enumerate(rows):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        att[i, : len(p) + len(c)] = 1
+        comp[i, len(p) : len(p) + len(c)] = 1
+    batch = PairBatch(ids, att, comp)
+    _, _, completion_mask = prompt_completion_layout(batch)
+    assert completion_mask.sum(-1).tolist() == [len(c) for _, c in rows]
+    with torch.no_grad():
+        total, count = sequence_logprob(model, batch)
+        logprobs, mask = token_logprobs(model, batch)
+    torch.testing.assert_close(total, (logprobs * mask).sum(-1), atol=1e-5, rtol=1e-5)
+    assert count.tolist() == [len(c) for _, c in rows]
+    average, _ = sequence_logprob(model, batch, average=True)
+    torch.testing.assert_close(average, total / count.clamp(min=1))

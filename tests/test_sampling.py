@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from lab.ops import sequence_logprobs
 from lab.sampling import Rollout, format_prompt, generate, top_p_filter
@@ -383,3 +389,230 @@ def test_generate_applies_the_chat_template_to_message_prompts():
     chat = generate(model, tok, [[{"role": "user", "content": "hi there"}]], 4, greedy=True)
     text = generate(model, tok, ["user : hi there assistant : "], 4, greedy=True)
     assert chat.prompts == text.prompts and torch.equal(chat.completion_ids, text.completion_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Real-model special tokens, on stand-ins: Llama 3 (BOS in the template and from the tokenizer,
+# several end tokens), ChatML/Qwen (no BOS, eos = <|im_end|>), GPT-2 (no template)
+# --------------------------------------------------------------------------------------------
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+                   "<|end_header_id|>"]
+LLAMA3_TEMPLATE = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|> "
+                   "{{ m['content'] }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|> {% endif %}")
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+WORDS = ["user", "assistant", "system"] + [f"w{i}" for i in range(40)]
+
+
+def make_llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 3's mechanics: the post-processor adds <|begin_of_text|> and the template writes it too;
+    eos <|end_of_text|>, turns end with <|eot_id|>, no pad token."""
+    from tokenizers import processors
+
+    vocab = {w: i for i, w in enumerate(LLAMA3_SPECIALS + ["<unk>"] + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                  eos_token="<|end_of_text|>", unk_token="<unk>",
+                                  additional_special_tokens=LLAMA3_SPECIALS[2:])
+    tok.chat_template = LLAMA3_TEMPLATE
+    return tok
+
+
+def make_chatml_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen2-Instruct's mechanics: no BOS, eos = <|im_end|>, pad <|endoftext|>."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {w: i for i, w in enumerate(specials + ["<unk>"] + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def make_llama3_model(eot_bias: float = 0.0) -> LlamaForCausalLM:
+    """A random Llama whose generation config stops on <|end_of_text|> and <|eot_id|>, as Meta-Llama-3-Instruct's
+    does; `eot_bias` pushes <|eot_id|> up in every next-token distribution."""
+    torch.manual_seed(0)
+    vocab_size = len(LLAMA3_SPECIALS) + 1 + len(WORDS)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, bos_token_id=0, eos_token_id=1, initializer_range=0.2)).eval()
+    model.generation_config.eos_token_id = [1, 2]  # <|end_of_text|>, <|eot_id|>
+    if eot_bias:
+        model.lm_head.register_forward_hook(
+            lambda module, inputs, logits: logits + eot_bias * torch.nn.functional.one_hot(torch.tensor(2),
+                                                                                          vocab_size))
+    return model
+
+
+def test_llama3_chat_prompt_has_one_bos():
+    """The template writes <|begin_of_text|> and the tokenizer would add another (BOS BOS ...)."""
+    from lab.batching import encode_pairs
+    from lab.sampling import encode_prompt
+
+    tok = make_llama3_tokenizer()
+    chat = [{"role": "user", "content": "w1 w2"}]
+    text = format_prompt(tok, chat)
+    assert tok(text)["input_ids"][:2] == [0, 0]  # the trap
+    assert encode_prompt(tok, text)[:2] == [0, tok.convert_tokens_to_ids("<|start_header_id|>")]
+    assert encode_prompt(tok, "w1 w2") == tok("w1 w2")["input_ids"]  # plain text still gets its BOS
+    r = generate(make_llama3_model(), tok, [chat, "w1 w2 w3"], max_new_tokens=2, greedy=True)
+    first = r.prompt_ids[r.prompt_mask.bool()].tolist()
+    assert (torch.tensor(first) == 0).sum() == 2  # one BOS per prompt
+    for row, mask in zip(r.prompt_ids, r.prompt_mask):
+        real = row[mask.bool()].tolist()
+        assert real[0] == 0 and real[1] != 0
+    batch = encode_pairs(tok, [chat], ["w3"])
+    assert batch.input_ids[0, :2].tolist() == [0, tok.convert_tokens_to_ids("<|start_header_id|>")]
+
+
+def test_generation_stops_on_generation_config_end_tokens():
+    """Meta-Llama-3-Instruct: eos is <|end_of_text|>, but HF generate also stops on <|eot_id|> (its
+    generation_config). A model that always says <|eot_id|> must end after one token, as HF generate does."""
+    tok = make_llama3_tokenizer()
+    model = make_llama3_model(eot_bias=100.0)
+    prompts = ["w1 w2", "w3"]
+    r = generate(model, tok, prompts, max_new_tokens=6, greedy=True)
+    assert r.completion_ids.tolist() == [[2], [2]] and r.completion_mask.tolist() == [[1], [1]]
+    assert not r.truncated.any() and r.completions == ["", ""]
+    encoded = tok(prompts[:1], return_tensors="pt", return_token_type_ids=False)
+    hf = model.generate(**encoded, do_sample=False, max_new_tokens=6, pad_token_id=1)
+    assert hf[0, encoded["input_ids"].shape[1]:].tolist() == [2]
+
+
+def test_decode_strips_whichever_end_token_ended_the_row():
+    """A moderate push to <|eot_id|>: rows end at different steps; the text never holds the end token."""
+    tok = make_llama3_tokenizer()
+    model = make_llama3_model(eot_bias=2.5)
+    r = generate(model, tok, [f"w{i} w{i + 1}" for i in range(0, 32, 2)], max_new_tokens=8,
+                 generator=torch.Generator().manual_seed(0))
+    ended = ~r.truncated
+    assert ended.any()
+    for b in range(len(r)):
+        n = int(r.completion_mask[b].sum())
+        ids = r.completion_ids[b, :n].tolist()
+        if ended[b]:
+            assert ids[-1] in (1, 2) and not {1, 2} & set(ids[:-1])
+            assert r.completions[b] == tok.decode(ids[:-1], skip_special_tokens=True)
+        assert "<|" not in r.completions[b]
+
+
+def test_end_and_turn_end_tokens_of_each_family():
+    from lab.batching import completion_end_token_id, encode_pairs
+    from lab.sampling import end_token_ids, turn_end_token_id
+
+    llama3, chatml, plain = make_llama3_tokenizer(), make_chatml_tokenizer(), make_tokenizer()
+    assert turn_end_token_id(llama3) == llama3.convert_tokens_to_ids("<|eot_id|>") == 2
+    assert turn_end_token_id(chatml) == chatml.eos_token_id == chatml.convert_tokens_to_ids("<|im_end|>")
+    assert turn_end_token_id(plain) == EOS  # no template (GPT-2)
+    plain.chat_template = CHAT_TEMPLATE  # a template that closes turns with plain text
+    assert turn_end_token_id(plain) == EOS
+    assert end_token_ids(llama3) == [1, 2]  # tokenizer eos + the template's turn end
+    assert end_token_ids(llama3, make_llama3_model()) == [1, 2]
+    assert end_token_ids(chatml) == [chatml.eos_token_id]
+    chat = [{"role": "user", "content": "w1"}]
+    assert completion_end_token_id(llama3, chat) == 2 and completion_end_token_id(llama3, "w1") == 1
+    batch = encode_pairs(llama3, [chat, "w1"], ["w2 w3", "w2 w3"])
+    assert batch.input_ids[0][batch.attention_mask[0].bool()].tolist()[-1] == 2  # <|eot_id|>
+    assert batch.input_ids[1][batch.attention_mask[1].bool()].tolist()[-1] == 1  # <|end_of_text|>
+    qwen = encode_pairs(chatml, [chat], ["w2"])
+    ids = qwen.input_ids[0].tolist()
+    assert ids[0] == chatml.convert_tokens_to_ids("<|im_start|>")  # no BOS
+    assert ids[-1] == chatml.eos_token_id
+
+
+# --------------------------------------------------------------------------------------------
+# Fast paths: LoRA merged while sampling, one prefill per distinct prompt
+# --------------------------------------------------------------------------------------------
+
+
+def make_lora_llama():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                    init_lora_weights=False))  # B ≠ 0: the adapter matters
+    return model
+
+
+def test_merged_adapters_same_outputs_and_restored_weights(tokenizer):
+    from lab.sampling import merged_adapters
+
+    model = make_lora_llama().eval()
+    ids = tokenizer(PROMPTS[:1], return_tensors="pt", return_token_type_ids=False)["input_ids"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        plain = model(ids).logits
+        with merged_adapters(model):
+            # the base weights hold W + s·BA and the LoRA branch is off
+            assert all(layer.disable_adapters for layer in _lora(model))
+            assert any(not torch.equal(layer.get_base_layer().weight, before[n + ".base_layer.weight"])
+                       for n, layer in model.named_modules() if layer in _lora(model))
+            merged = model(ids).logits
+        assert not any(layer.disable_adapters for layer in _lora(model))
+        with model.disable_adapter(), merged_adapters(model):  # the reference policy: never merged
+            weights = [layer.get_base_layer().weight for layer in _lora(model)]
+            assert all(torch.equal(w, before[n + ".base_layer.weight"]) for w, (n, layer)
+                       in zip(weights, [(n, m) for n, m in model.named_modules() if m in _lora(model)]))
+    torch.testing.assert_close(merged, plain, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # the original tensors are put back: bit for bit, no drift
+
+
+def _lora(model):
+    from lab.sampling import _lora_layers
+
+    return _lora_layers(model)
+
+
+def test_merged_sampling_matches_unmerged(tokenizer, monkeypatch):
+    """Same greedy tokens and same seeded samples with and without merging the adapter."""
+    import contextlib
+
+    import lab.sampling
+
+    model = make_lora_llama()
+    runs = {}
+    for name in ["merged", "unmerged"]:
+        if name == "unmerged":
+            monkeypatch.setattr(lab.sampling, "merged_adapters", lambda m: contextlib.nullcontext(m))
+        runs[name] = (generate(model, tokenizer, PROMPTS, 8, greedy=True).completion_ids,
+                      generate(model, tokenizer, PROMPTS * 2, 8, generator=torch.Generator().manual_seed(1))
+                      .completion_ids)
+    assert torch.equal(runs["merged"][0], runs["unmerged"][0])
+    assert torch.equal(runs["merged"][1], runs["unmerged"][1])
+
+
+def test_repeated_prompts_prefill_once_and_match_hf(model, tokenizer):
+    """G copies of each prompt (GRPO's layout): one prefill per distinct prompt, the same greedy tokens
+    as HF generate on the copies."""
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        ours = generate(model, tokenizer, prompts, 6, greedy=True)
+    finally:
+        hook.remove()
+    assert calls[0][0] == len(PROMPTS)  # the prefill ran on the 4 distinct prompts, not 12 rows
+    expected = hf_greedy(model, tokenizer, prompts, 6)
+    T = ours.completion_ids.shape[1]
+    assert torch.equal(ours.completion_ids, expected[:, :T])
+
+
+def test_gumbel_max_sampling_matches_softmax():
+    """Gumbel-max on fixed logits: 20,000 draws of a 6-way distribution vs softmax(z/τ) (chi-square, mean + 6 sd)."""
+    from lab.sampling import _next_token
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(20_000, 1)  # (N, 6)
+    for tau in [1.0, 0.5]:
+        draws = _next_token(logits, tau, 1.0, False, torch.Generator().manual_seed(0))  # (N,)
+        counts = torch.bincount(draws, minlength=6).double()
+        probs = (logits[0] / tau).double().softmax(-1)
+        stat, df = chi_square(counts, probs)
+        assert stat < df + 6 * math.sqrt(2 * df)
