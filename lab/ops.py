@@ -194,6 +194,8 @@ def _shared_prompt_logits(
     B = input_ids.shape[0]
     if not (_forward_accepts(model, "cache") or _forward_accepts(model, "past_key_values")):
         return None
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        return None  # HF turns the cache off under gradient checkpointing in training
     prompt_rows = torch.cat([input_ids[:, :P], attention_mask[:, :P]], dim=1)  # (B, 2P) ids and padding
     unique, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (U, 2P), (B,)
     if unique.shape[0] == B:

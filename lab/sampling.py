@@ -6,9 +6,16 @@
 completion mask can be read in one place:
 
     1. tokenize and left-pad the prompts          prompt_ids (B, P), prompt_mask (B, P)
-    2. prefill: one forward pass over the prompts, keep the KV cache
-    3. decode: pick a token, feed it back, one position at a time, until every row emitted EOS
-    4. masks: completion_mask is 1 up to and including the first EOS (`lab.ops.completion_mask`)
+    2. prefill: one forward pass over the distinct prompts, keep the KV cache
+    3. decode: pick a token, feed it back, one position at a time, until every row ended
+    4. masks: completion_mask is 1 up to and including the first end token (`lab.ops.completion_mask`)
+
+A row ends at any of `end_token_ids`: the tokenizer's EOS, the model's generation_config EOS ids
+and the chat template's turn end (Llama 3 ends turns with <|eot_id|>, not its EOS).
+
+Fast paths, each checked against the plain path in tests/test_sampling.py: LoRA adapters are
+merged into the base weights while sampling (`merged_adapters`), a prompt repeated G times is
+prefilled once, and plain temperature sampling uses the Gumbel-max trick (no softmax).
 
 Why left padding: the next token of every row is then read at the same column (the last one),
 and new tokens are appended on the right for all rows at once.

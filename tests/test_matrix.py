@@ -201,13 +201,29 @@ def test_cell(zoo_model, data, tmp_path, method, extra, mode, arch):
 
 @pytest.mark.parametrize("arch", zoo.ARCHS)
 def test_generation_stops_at_the_templates_end(zoo_model, arch):
-    """The sampler's end tokens include the template's turn end (and, for Llama 3, <|end_of_text|> too)."""
+    """A model that always emits the template's turn end stops at once; BOS reaches the model at most once."""
+    from lab.sampling import generate
+
     policy = load_policy(zoo_model(arch), mode="lora", device="cpu")
-    ends = end_token_ids(policy.tokenizer, policy.model)
-    assert policy.tokenizer.convert_tokens_to_ids(TURN_END[arch]) in ends
-    assert policy.tokenizer.eos_token_id in ends
-    if arch == "llama":
-        assert policy.tokenizer.convert_tokens_to_ids("<|end_of_text|>") in ends
+    tok = policy.tokenizer
+    ends = end_token_ids(tok, policy.model)
+    assert tok.convert_tokens_to_ids(TURN_END[arch]) in ends and tok.eos_token_id in ends
+    turn_end = tok.convert_tokens_to_ids(TURN_END[arch])
+
+    def favour_turn_end(module, args, logits):
+        logits[..., turn_end] += 1e4  # (B, L, V): the turn end wins every draw
+        return logits
+
+    prompt = "Question: say hi.\nAnswer:" if arch == "gpt2" else _user("say hi.")
+    hook = policy.model.get_output_embeddings().register_forward_hook(favour_turn_end)
+    try:
+        roll = generate(policy.model, tok, [prompt, prompt], 5, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert roll.completions == ["", ""] and not roll.truncated.any()
+    if tok.bos_token_id is not None and arch == "llama":
+        real = roll.prompt_ids[roll.prompt_mask.bool()].view(2, -1)  # (B, P) the prompt without padding
+        assert ((real == tok.bos_token_id).sum(-1) == 1).all()  # the template's BOS, not a second one
 
 
 def _lab(*args):
