@@ -14,8 +14,10 @@ the extra columns that reward functions receive as keyword arguments (see `promp
 
 Math datasets name their prompt differently: GSM8K rows are {"question", "answer": "... #### 42"} and MATH
 rows {"problem", "solution"}. A row with no "prompt" key (and no "messages") takes its prompt from
-"question", else "problem", for prompt-only use; the other columns ("answer", "solution") stay as extra
-columns. TRL needs such rows mapped to "prompt" first; the lab accepts them as they are.
+"question", else "problem", for prompt-only use, as the user's turn of a conversation
+([{"role": "user", "content": question}], so an instruct model sees it through its chat template); the other
+columns ("answer", "solution") stay as extra columns. TRL needs such rows mapped to "prompt" first; the lab
+accepts them as they are.
 
 What a method receives after `normalize_row`:
 - `prompt` is a non-empty string or a non-empty list of messages (`sampling.format_prompt` renders a
@@ -155,7 +157,8 @@ def normalize_row(row: Any, format: str | None = None, *, index: int | None = No
       message, completion = that message's content;
     - {"messages"} asked for as prompt_only -> prompt = the messages without a final assistant turn;
     - {"question", ...} or {"problem", ...} asked for as prompt_only (no "prompt" key) -> prompt = that
-      value, every other key an extra column: {"question": q, "answer": a} -> {"prompt": q, "answer": a}.
+      value as a user turn, every other key an extra column:
+      {"question": q, "answer": a} -> {"prompt": [{"role": "user", "content": q}], "answer": a}.
     """
     loc = _location(index, where)
     if not isinstance(row, dict):
@@ -204,7 +207,11 @@ def normalize_row(row: Any, format: str | None = None, *, index: int | None = No
         alias = next((key for key in PROMPT_ALIASES if key in row), None)
         if alias is not None:
             extras.pop(alias)  # renamed to "prompt", not kept twice
-            return {"prompt": _prompt(row, loc, key=alias), **extras}
+            question = _prompt(row, loc, key=alias)
+            # a bare problem statement is the user's turn: an instruct model answers it through its chat template
+            # (TRL's GSM8K recipes map it the same way); a model without a template gets a one-line error
+            prompt = [{"role": "user", "content": question}] if isinstance(question, str) else question
+            return {"prompt": prompt, **extras}
     prompt = _prompt(row, loc)
     if fmt == "prompt_only":
         return {"prompt": prompt, **extras}

@@ -162,7 +162,21 @@ def load_causal_lm(name: str, *, quantize_4bit: bool = False, device: str = "aut
         _keep_4bit_differentiable(model)
     else:
         model.to(dev)
+    disable_dropout(model)
     return model
+
+
+def disable_dropout(model) -> None:
+    """Set every dropout of the loaded model to 0, as TRL's trainers do. GPT-2 ships with dropout 0.1: left on,
+    the training forward would differ from the sampling one, so PPO's and GRPO's ratio π_θ/π_old would not be 1
+    on the first update, and log-probs would be noisy. LoRA's own dropout (``--lora-dropout``) is added later and
+    stays as configured."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
 
 
 def _keep_4bit_differentiable(model) -> None:

@@ -200,14 +200,18 @@ def _load_sequence_classifier(name: str, mode: str, lora_r: int, lora_alpha: int
     return SequenceClassifierReward(model, load_tokenizer(name, trust_remote_code))
 
 
-def load_reward_backbone(cfg: RewardConfig, task=None):
+def load_reward_backbone(cfg: RewardConfig, task=None, prompts: list | None = None):
     """A fresh (or continued) reward model for ``cfg``: a ScalarModel, or a SequenceClassifierReward when
-    ``cfg.reward_model`` is a sequence classifier."""
-    from lab.modeling import load_scalar_model, resolve_model_path
+    ``cfg.reward_model`` is a sequence classifier. Given the data's ``prompts``, chat messages without a chat
+    template fail in one line before the model loads."""
+    from lab.modeling import load_scalar_model, load_tokenizer, resolve_model_path
+    from lab.runner import check_prompts_fit_tokenizer
 
     name = cfg.reward_model or cfg.model or (task.model if task is not None else None)
     if name is None:
         raise ValueError("a data source that is not a built-in task needs --reward-model (or --model)")
+    if prompts:
+        check_prompts_fit_tokenizer(prompts, load_tokenizer(name, cfg.trust_remote_code), name)
     path = resolve_model_path(name)
     if os.path.exists(os.path.join(path, "scalar_head.pt")):
         return _load_saved_scalar(path, device=cfg.device, trainable=True)
@@ -377,7 +381,7 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
         raise TypeError("rm.train(policy=...) takes a reward model (something with .score); to start from a causal "
                         "LM, give its name as cfg.reward_model")
     rows, eval_rows = _heldout_rows(cfg, load_preference_rows(cfg, "train"), task)
-    model = policy or load_reward_backbone(cfg, task)
+    model = policy or load_reward_backbone(cfg, task, [r["prompt"] for r in rows])
     tokenizer = model.tokenizer
     device = next(model.parameters()).device
     # the same rule as the policy trainers (lab.runner.load_for): a tiny model on the CPU runs faster on one thread

@@ -81,7 +81,7 @@ def train(cfg: SFTConfig, *, policy=None, stop: threading.Event | None = None, r
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
     rows = load_sft_rows(cfg)
-    policy = policy or load_for(cfg, task)
+    policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
     params = policy.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
     batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)

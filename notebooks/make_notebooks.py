@@ -756,7 +756,7 @@ def ppo_rlhf():
             from lab.ppo import PPOConfig, gae, ppo_policy_loss, ppo_value_loss, shaped_rewards, train
             from lab.records import RunRecord
             from lab.rewards import make_reward
-            from lab.rollout import load_prompts
+            from lab.rollout import load_prompt_rows
             from lab.runner import load_for
             from lab.sampling import format_prompt, generate
             from lab.sft import sft_loss
@@ -899,7 +899,7 @@ def ppo_rlhf():
             if task is not None:
                 table = pd.DataFrame(before_after(policy, task, n=8))
             else:  # no gold reward for your own prompts: show the completions
-                prompts = [format_prompt(policy.tokenizer, p) for p in load_prompts(cfg)[:4]]
+                prompts = [format_prompt(policy.tokenizer, r["prompt"]) for r in load_prompt_rows(cfg)[:4]]
                 with policy.reference() as ref:
                     before = generate(ref, policy.tokenizer, prompts, cfg.max_new_tokens, greedy=True).completions
                 after = generate(policy.model, policy.tokenizer, prompts, cfg.max_new_tokens, greedy=True).completions
@@ -1214,7 +1214,7 @@ def grpo():
             from lab.grpo import GRPOConfig, clipped_surrogate, group_advantages, grpo_loss, train
             from lab.ops import kl_k3
             from lab.rewards import make_reward
-            from lab.rollout import load_prompts
+            from lab.rollout import load_prompt_rows
             from lab.runner import load_for
             from lab.sampling import format_prompt, generate
             from lab.tasks import TASKS
@@ -1344,7 +1344,7 @@ def grpo():
                 table = pd.DataFrame(before_after(policy, task, prompts=carry))
             else:  # your own data: score with the run's reward function
                 reward_fn = make_reward(cfg.reward)
-                prompts = [format_prompt(policy.tokenizer, p) for p in load_prompts(cfg)[:4]]
+                prompts = [format_prompt(policy.tokenizer, r["prompt"]) for r in load_prompt_rows(cfg)[:4]]
                 with policy.reference() as ref:
                     before = generate(ref, policy.tokenizer, prompts, cfg.max_new_tokens, greedy=True).completions
                 after = generate(policy.model, policy.tokenizer, prompts, cfg.max_new_tokens, greedy=True).completions

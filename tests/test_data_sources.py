@@ -68,7 +68,8 @@ WRITERS = {
 }
 ROWS = {  # (rows on disk, format asked for, rows expected after normalization)
     "prompt_only": ([{"prompt": "2+3=", "id": "a"}], None, [{"prompt": "2+3=", "id": "a"}]),
-    "gsm8k": (GSM8K, "prompt_only", [{"prompt": r["question"], "answer": r["answer"]} for r in GSM8K]),
+    "gsm8k": (GSM8K, "prompt_only", [{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
+                                     for r in GSM8K]),
     "sft": ([{"prompt": "2+3=", "completion": "5"}], "sft", [{"prompt": "2+3=", "completion": "5"}]),
     "preference": (
         [{"chosen": "Verdict: good", "rejected": "Verdict: bad"}],
@@ -120,7 +121,7 @@ def test_saved_dataset_dict_takes_the_split(tmp_path):
             "test": datasets.Dataset.from_list(GSM8K[1:]),
         }
     ).save_to_disk(str(path))
-    assert load_rows(str(path))["prompt"] == [GSM8K[0]["question"]]
+    assert load_rows(str(path))["prompt"] == [[{"role": "user", "content": GSM8K[0]["question"]}]]
     assert load_rows(str(path), split="test")["answer"] == [GSM8K[1]["answer"]]
     assert load_rows(f"hf:{path}:test")["answer"] == [GSM8K[1]["answer"]]  # a split in the source wins
     with pytest.raises(DataError, match=rf"^dataset folder {re.escape(str(path))} has splits train, test, not 'eval'$"):
@@ -147,8 +148,8 @@ def test_csv_values_are_typed_like_datasets_csv(tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("question,answer\nWhat is 6*7?,42\nWhat is 1+1?,2\n")
     assert load_rows(str(path)).rows == [
-        {"prompt": "What is 6*7?", "answer": 42},
-        {"prompt": "What is 1+1?", "answer": 2},
+        {"prompt": [{"role": "user", "content": "What is 6*7?"}], "answer": 42},
+        {"prompt": [{"role": "user", "content": "What is 1+1?"}], "answer": 2},
     ]
 
 
@@ -234,9 +235,11 @@ def test_hf_offline_with_config_is_fast_and_one_line(monkeypatch):
 
 def test_question_or_problem_is_the_prompt_of_prompt_only_rows():
     assert detect_format(GSM8K[0]) == "prompt_only"
-    assert normalize_row(GSM8K[0]) == {"prompt": GSM8K[0]["question"], "answer": "3 + 4 = 7\n#### 7"}
+    # a bare question becomes the user's turn, so an instruct model answers it through its chat template
+    assert normalize_row(GSM8K[0]) == {"prompt": [{"role": "user", "content": GSM8K[0]["question"]}],
+                                       "answer": "3 + 4 = 7\n#### 7"}
     assert normalize_row({"problem": "Find x.", "solution": r"x = \boxed{2}"}, "prompt") == {
-        "prompt": "Find x.",
+        "prompt": [{"role": "user", "content": "Find x."}],
         "solution": r"x = \boxed{2}",
     }
     # an explicit prompt wins, and the question is then just a column

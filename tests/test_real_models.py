@@ -143,7 +143,7 @@ def test_math_reward_runs_grpo_on_gsm8k_shaped_rows(zoo_model, tmp_path):
 
     rows = [{"question": f"{a} + {b}?", "answer": f"#### {a + b}"} for a, b in [(1, 1), (2, 2)]]
     data = write_jsonl(tmp_path / "gsm.jsonl", rows)
-    metrics = list(train(GRPOConfig(task=data, model=zoo_model("gpt2"), reward="math", steps=1, batch_size=2,
+    metrics = list(train(GRPOConfig(task=data, model=zoo_model("qwen2"), reward="math", steps=1, batch_size=2,
                                     group_size=2, max_new_tokens=3, out=str(tmp_path), eval_every=0)))
     assert metrics[0]["reward/mean"] in (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -372,3 +372,19 @@ def test_before_after_on_conversational_data(zoo_model, math_rows, tmp_path):
     assert len(rows) == 3 and rows[0]["prompt"].startswith("user: What is")
     assert rows[0]["before_reward"] in (0.0, 1.0) and summary["before"] is not None
     assert rows[0]["before"] == rows[0]["after"]  # an untrained adapter (B = 0) answers as the reference does
+
+
+def test_dropout_is_off_so_training_and_sampling_log_probs_agree(zoo_model):
+    """GPT-2's config has dropout 0.1; in train mode the log-probs must still equal eval mode's, or PPO's and
+    GRPO's ratio is not 1 on the first update."""
+    from lab.modeling import load_policy
+    from lab.ops import sequence_logprobs
+
+    policy = load_policy(zoo_model("gpt2"), mode="lora")
+    ids = torch.arange(100, 116).view(2, 8)
+    with torch.no_grad():
+        policy.model.eval()
+        sampled = sequence_logprobs(policy.model, ids, torch.ones_like(ids), 4)
+        policy.model.train()
+        training = sequence_logprobs(policy.model, ids, torch.ones_like(ids), 4)
+    torch.testing.assert_close(training, sampled)
