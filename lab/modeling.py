@@ -257,12 +257,14 @@ def _adapter_save_kwargs(model) -> dict:
     return {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
 
 
-def _lora_config(r: int, alpha: int, dropout: float):
+def _lora_config(r: int, alpha: int, dropout: float, model=None):
     from peft import LoraConfig
 
+    # GPT-2's Conv1D stores its weight transposed (in × out); peft must know, or it warns and guesses
+    conv1d = model is not None and any(type(m).__name__ == "Conv1D" for m in model.modules())
     # "all-linear" puts adapters on every projection but the output head, as QLoRA does.
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
-                      bias="none", task_type="CAUSAL_LM")
+                      bias="none", task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
 
 
 def load_policy(name: str | None = None, *, task: str | None = None, mode: str = "lora", lora_r: int = 16,
@@ -298,7 +300,7 @@ def load_policy(name: str | None = None, *, task: str | None = None, mode: str =
     if mode == "qlora":
         # Casts norms to fp32 and enables input grads so the adapters below a frozen 4-bit layer get gradients.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, _lora_config(lora_r, lora_alpha, lora_dropout))
+    model = get_peft_model(model, _lora_config(lora_r, lora_alpha, lora_dropout, model))
     model.peft_config["default"].base_model_name_or_path = base_reference(name)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -431,7 +433,8 @@ def add_value_head(policy: Policy, lora_r: int | None = None, lora_alpha: int | 
     hidden = policy.model.config.hidden_size
     if policy.has_adapters:
         cfg = policy.model.peft_config["default"]
-        policy.model.add_adapter("value", _lora_config(lora_r or cfg.r, lora_alpha or cfg.lora_alpha, 0.0))
+        policy.model.add_adapter("value", _lora_config(lora_r or cfg.r, lora_alpha or cfg.lora_alpha, 0.0,
+                                                            policy.model))
         policy.model.set_adapter("default")  # add_adapter leaves the policy adapter active
         return ScalarModel(policy.model, "value", hidden, zero_init=True)
     trunk = copy.deepcopy(policy._ref_model).requires_grad_(True).train()
@@ -470,7 +473,7 @@ def load_scalar_model(name: str, *, mode: str = "lora", lora_r: int = 16, lora_a
 
     if mode == "qlora":
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
-    lm = get_peft_model(lm, _lora_config(lora_r, lora_alpha, 0.0), adapter_name="reward")
+    lm = get_peft_model(lm, _lora_config(lora_r, lora_alpha, 0.0, lm), adapter_name="reward")
     lm.peft_config["reward"].base_model_name_or_path = base_reference(name)
     model = ScalarModel(lm, "reward", lm.config.hidden_size)
     model.tokenizer = tokenizer

@@ -57,3 +57,25 @@ def zoo_model(tmp_path_factory):
         return built[arch]
 
     return build
+
+
+@pytest.fixture()
+def lab_cli():
+    """``lab_cli(*args)`` runs ``python -m lab ARGS`` in this process and returns (returncode, stdout, stderr).
+    tests/test_cli.py covers the real subprocess; a new interpreter per call would mostly re-import torch."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from lab.cli import main
+
+    def run(*args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exit_:
+                code = exit_.code
+        return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+    return run

@@ -10,7 +10,6 @@ the base model. The CLI's eval and generate are run on one saved adapter per arc
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -226,15 +225,9 @@ def test_generation_stops_at_the_templates_end(zoo_model, arch):
         assert ((real == tok.bos_token_id).sum(-1) == 1).all()  # the template's BOS, not a second one
 
 
-def _lab(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(
-        [sys.executable, "-m", "lab", *args], capture_output=True, text=True, timeout=300, env=env, check=False
-    )
-
-
 @pytest.mark.parametrize("arch", zoo.ARCHS)
-def test_cli_eval_and_generate_on_a_saved_adapter(zoo_model, data, tmp_path, arch):
+def test_cli_eval_and_generate_on_a_saved_adapter(zoo_model, data, tmp_path, arch, lab_cli):
+    _lab = lab_cli
     model_dir = zoo_model(arch)
     out = tmp_path / "runs"
     _train("grpo", _config("grpo", arch, "lora", model_dir, data, out, "g", {"group_size": 2}))

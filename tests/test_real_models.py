@@ -3,23 +3,12 @@ dataset columns for rewards, own-data CLI paths, chat-template checks before loa
 checkpoints that survive a failing evaluation, and the GPU options that can be checked on the CPU."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from lab.config import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-
-
-def run_cli(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, "-m", "lab", *args], cwd=cwd, env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=600)
 
 
 def write_jsonl(path, rows):
@@ -172,7 +161,8 @@ def test_chat_rows_without_a_template_fail_before_the_model_loads(tiny_model_dir
 # the CLI on your own data
 
 
-def test_cli_eval_generate_and_bon_on_own_data(zoo_model, math_rows, tmp_path):
+def test_cli_eval_generate_and_bon_on_own_data(zoo_model, math_rows, tmp_path, lab_cli):
+    run_cli = lab_cli
     model = zoo_model("qwen2")
     out = run_cli("eval", "--task", f"jsonl:{math_rows}", "--model", model, "--reward", "math", "--n", "2",
                   "--max-new-tokens", "4", "--json")
@@ -190,7 +180,8 @@ def test_cli_eval_generate_and_bon_on_own_data(zoo_model, math_rows, tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--model" in out.stderr
 
 
-def test_cli_generate_prompt_uses_the_chat_template_and_no_task_reward(zoo_model, tmp_path):
+def test_cli_generate_prompt_uses_the_chat_template_and_no_task_reward(zoo_model, tmp_path, lab_cli):
+    run_cli = lab_cli
     """``generate --model M --prompt TEXT``: the text is a user turn of M's template, and nothing scores it."""
     from lab.modeling import load_tokenizer
 
