@@ -229,19 +229,20 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
 
 
 class _Mean:
-    """Weighted running means of per-microbatch metrics."""
+    """Weighted running means of per-microbatch metrics. Sums stay tensors on the model's device until ``means``,
+    so a GPU is not made to wait for the host after every microbatch."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
+        self.sums: dict = {}
+        self.weights: dict = {}
 
-    def add(self, metrics: dict, weight: float) -> None:
+    def add(self, metrics: dict, weight) -> None:
         for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach() * weight
             self.weights[key] = self.weights.get(key, 0.0) + weight
 
     def means(self) -> dict:
-        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+        return {k: float(self.sums[k] / self.weights[k]) for k in self.sums if float(self.weights[k]) > 0}
 
 
 def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, record=None) -> Iterator[dict]:
@@ -291,11 +292,12 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
             # 5. update: μ passes; each pass: minibatches (one optimizer step) of microbatches (accumulated)
             policy.model.train()
             meter, grad_norms, losses = _Mean(), [], []
+            lengths = roll.completion_mask.sum(-1).cpu()  # (B·G,) one copy to the host, for every minibatch's count
             for _ in range(cfg.num_iterations):
                 order = torch.randperm(rollout_size, generator=shuffler) if reuse else torch.arange(rollout_size)
                 for start in range(0, rollout_size, minibatch):
                     rows = order[start:start + minibatch]
-                    num_tokens = int(roll.completion_mask[rows.to(roll.completion_mask.device)].sum())
+                    num_tokens = int(lengths[rows].sum())
                     total = 0.0
                     for micro_start in range(0, len(rows), microbatch):
                         micro = rows[micro_start:micro_start + microbatch]
@@ -311,10 +313,10 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
                             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_norm=cfg.loss_norm,
                             max_new_tokens=max_new_tokens, num_sequences=len(rows), num_tokens=num_tokens)
                         loss.backward()
-                        total += float(loss_metrics.pop("loss/policy"))
+                        total = total + loss_metrics.pop("loss/policy")  # a tensor: no sync per microbatch
                         loss_metrics["entropy"] = masked_mean(entropy.detach(), mask)
-                        meter.add(loss_metrics, weight=float(mask.sum()))
-                    losses.append(total)
+                        meter.add(loss_metrics, weight=mask.sum())
+                    losses.append(float(total))
                     grad_norms.append(clip_and_step(optimizer, params, cfg.max_grad_norm))
             metrics.update(meter.means())
             metrics["loss/policy"] = sum(losses) / len(losses)
