@@ -3,6 +3,7 @@
     python scripts/bench_trl.py                       # 100M model, GRPO and DPO, 3 interleaved pairs (minutes)
     python scripts/bench_trl.py --size tiny --pairs 1 --steps 2   # a quick check
     python scripts/bench_trl.py --decode-only         # on CUDA: decode tokens/s and the HBM roofline fraction
+    python scripts/bench_trl.py --device cuda --size 0.5b --mode qlora   # a GPU: Qwen2.5-0.5B's shape in 4-bit
 
 Same work on both sides: the same model folder (a Qwen2-shaped random model with a ≥ 32k vocabulary: the lab's zoo
 `python -m lab make-model --arch qwen2 --size 100m` when it is there, else one built here), the same LoRA (r, alpha,
@@ -62,7 +63,7 @@ def build_model(size: str, out: Path, source: str) -> str:
         return json.loads((out / "bench.json").read_text())["source"]
     out.mkdir(parents=True, exist_ok=True)
     made = None
-    if source in ("auto", "zoo") and size in ("tiny", "100m"):
+    if source in ("auto", "zoo") and size in ("tiny", "100m", "0.5b"):
         try:
             from lab.zoo import make_model
 
@@ -140,6 +141,11 @@ def write_data(model_dir: Path, args, data_dir: Path) -> tuple[Path, Path]:
 
 
 def _peak_rss_mb() -> float:
+    """Peak memory of this worker: the most torch allocated on the GPU, or the peak resident set on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -149,9 +155,9 @@ def worker_lab(args) -> dict:
     torch.set_num_threads(1)
     from lab import dpo, grpo
 
-    common = {"model": args.model_dir, "mode": "lora", "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-              "lr": 1e-5, "steps": args.steps + 2, "seed": 0, "out": args.out, "device": "cpu", "sample_every": 0,
-              "log_every": 1000}
+    common = {"model": args.model_dir, "mode": args.mode, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+              "lr": 1e-5, "steps": args.steps + 2, "seed": 0, "out": args.out, "device": args.device,
+              "sample_every": 0, "log_every": 1000, "gradient_checkpointing": False}
     if args.method == "grpo":
         cfg = grpo.GRPOConfig(task=f"jsonl:{args.data}", reward="python:bench_trl:reward_len",
                               batch_size=args.prompts, group_size=args.group_size,
@@ -197,10 +203,22 @@ def worker_trl(args) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                              bias="none", task_type="CAUSAL_LM")
-    common = {"output_dir": args.out, "learning_rate": 1e-5, "max_steps": args.steps + 1, "use_cpu": True,
-              "bf16": False, "fp16": False, "report_to": "none", "logging_steps": 10_000, "save_strategy": "no",
+    gpu = args.device == "cuda"
+    bf16 = gpu and torch.cuda.is_bf16_supported()
+    common = {"output_dir": args.out, "learning_rate": 1e-5, "max_steps": args.steps + 1, "use_cpu": not gpu,
+              "bf16": bf16, "fp16": False, "report_to": "none", "logging_steps": 10_000, "save_strategy": "no",
               "seed": 0, "disable_tqdm": True, "gradient_accumulation_steps": 1, "dataloader_num_workers": 0,
-              "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0}
+              "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0,
+              "gradient_checkpointing": False}
+    if gpu:  # the lab's dtype: bf16 where native; 4-bit nf4 with double quantization for qlora, as lab.modeling
+        init = {"dtype": torch.bfloat16 if bf16 else torch.float16}
+        if args.mode == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            init["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=init["dtype"])
+        common["model_init_kwargs"] = init
     timer = StepTimes()
     if args.method == "grpo":
         from trl import GRPOConfig, GRPOTrainer
@@ -284,9 +302,12 @@ def run_worker(side: str, method: str, args, data: Path, out: Path) -> dict:
            str(args.model_dir), "--data", str(data), "--out", str(out), "--steps", str(args.steps)]
     cmd += ["--prompts", str(args.prompts), "--group-size", str(args.group_size), "--pairs-per-step",
             str(args.pairs_per_step), "--prompt-len", str(args.prompt_len), "--completion-len", str(args.completion_len),
-            "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)]
+            "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--device", args.device,
+            "--mode", args.mode]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{ROOT}:{ROOT / 'scripts'}"}
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'scripts'}"}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -296,7 +317,10 @@ def run_worker(side: str, method: str, args, data: Path, out: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="100m", choices=sorted(SHAPES), help="model size")
+    p.add_argument("--size", default="100m", choices=sorted(SHAPES) + ["0.5b"],
+                   help="model size (0.5b: lab.zoo's Qwen2.5-0.5B shape)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides train")
+    p.add_argument("--mode", default="lora", choices=("lora", "qlora"), help="qlora: a 4-bit base (CUDA)")
     p.add_argument("--model-source", default="auto", choices=("auto", "zoo", "builtin"),
                    help="auto: lab.zoo's qwen2 when it can build that size, else the built-in shapes")
     p.add_argument("--methods", default="grpo,dpo")
@@ -381,8 +405,10 @@ def bench_cpu(args) -> list[str]:
                 work = f"{args.pairs_per_step} pairs, P={args.prompt_len}, answers {args.completion_len}"
             rows.append(f"| {method.upper()} | {work} | {med['lab']:.2f} | {med['trl']:.2f} | "
                         f"{med['lab'] / med['trl']:.2f} | {rss['lab']:.0f} MB | {rss['trl']:.0f} MB |")
-    title = (f"CPU, 1 thread each, LoRA r={args.lora_r} α={args.lora_alpha} on all linear layers, "
-             f"{args.pairs} interleaved process pairs × {args.steps} counted steps (medians):")
+    where = "CPU, 1 thread each" if args.device == "cpu" else f"CUDA ({args.mode})"
+    memory = "peak RSS" if args.device == "cpu" else "peak GPU memory allocated"
+    title = (f"{where}, LoRA r={args.lora_r} α={args.lora_alpha} on all linear layers, "
+             f"{args.pairs} interleaved process pairs × {args.steps} counted steps (medians; memory: {memory}):")
     header = [title, ""]
     return header + rows
 
