@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,9 @@ MODELS_DIR = Path(__file__).parent / "models"
 # that layout (see _keep_4bit_differentiable) and its fallback is a bundled kernel, so the warning is noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
+# peft (≤ 0.18) reads transformers' renamed `is_gradient_checkpointing` when it wraps a model: a FutureWarning on
+# every adapter load that is about peft's code, not the user's.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 class ModelNotFound(OSError):

@@ -194,7 +194,7 @@ def _shared_prompt_logits(
     B = input_ids.shape[0]
     if not (_forward_accepts(model, "cache") or _forward_accepts(model, "past_key_values")):
         return None
-    if model.training and getattr(model, "is_gradient_checkpointing", False):
+    if model.training and _checkpointing(model):
         return None  # HF turns the cache off under gradient checkpointing in training
     prompt_rows = torch.cat([input_ids[:, :P], attention_mask[:, :P]], dim=1)  # (B, 2P) ids and padding
     unique, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (U, 2P), (B,)
@@ -217,6 +217,13 @@ def _shared_prompt_logits(
     rest = model(input_ids=input_ids[:, P : L - 1], attention_mask=attention_mask[:, : L - 1],
                  position_ids=position_ids[:, P : L - 1], use_cache=True, **cache_kwargs(model, cache)).logits  # (B, T-1, V)
     return torch.cat([first_logits, rest], dim=1)  # (B, T, V)
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether gradient checkpointing is on (transformers ≥ 5 calls it activation checkpointing)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    flag = getattr(base, "is_activation_checkpointing", None)
+    return bool(flag if flag is not None else getattr(base, "is_gradient_checkpointing", False))
 
 
 def sequence_logprobs(
