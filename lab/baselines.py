@@ -51,7 +51,7 @@ from lab.dpo import (dpo_loss, encode_preference_batch, ends_with_eos, greedy_sa
                      load_preference_rows, pair_microbatch, select_pairs)
 from lab.runner import (Run, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
                         use_one_thread_for_tiny_models)
-from lab.sft import sft_loss
+from lab.sft import SFTAccumulator
 
 # ----------------------------------------------------------------------------------------------------------------------
 # SFT on the preferred answers
@@ -107,43 +107,33 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
             batch_rows = next(batches)
             batch = encode_preference_batch(policy.tokenizer, batch_rows, cfg.max_length, add_eos)
             B = len(batch_rows)
-            chosen_tokens = batch.completion_mask[:B].sum().clamp(min=1)
             policy.model.train()
-            metrics: dict = {}
-            sequence, ref_sequence = [], []  # (b,) pieces of log π_θ(y|x) and log π_ref(y|x), chosen then rejected
+            accumulator = SFTAccumulator(batch.completion_mask[:B].sum().clamp(min=1), B, cfg.per_sequence)
+            pieces, ref_pieces = [], []  # (2, b) log π_θ(y|x) and log π_ref(y|x), chosen row over rejected row
             for start in range(0, B, micro):  # microbatches of b pairs
-                stop_ = min(start + micro, B)
-                part = select_pairs(batch, start, stop_).to(policy.device)
-                b = stop_ - start
+                part = select_pairs(batch, start, min(start + micro, B)).to(policy.device)
+                b = part.input_ids.shape[0] // 2
 
-                # 2. loss: SFT on the chosen half only, accumulated with the weight that makes the sum the batch's
-                #    token mean (per_sequence: its row mean)
+                # 2. loss: SFT on the chosen half only, accumulated over the microbatches
                 logprobs, mask = token_logprobs(policy.model, part)  # (2b, L-1), (2b, L-1)
-                loss, part_metrics = sft_loss(logprobs[:b], mask[:b], cfg.per_sequence)
-                token_share = float(mask[:b].sum() / chosen_tokens)
-                share = b / B if cfg.per_sequence else token_share
-                (loss * share).backward()
-                part_metrics.pop("ppl")  # exp of the token-mean NLL: recomputed from the batch's mean below
-                weights = {"tokens": 1.0, "loss/sft": share}
-                for k, v in part_metrics.items():
-                    metrics[k] = metrics.get(k, 0.0) + float(v) * weights.get(k, token_share)
+                accumulator.backward(logprobs[:b], mask[:b])
 
                 # 3. the implicit DPO rewards of this policy, for comparison with DPO (reported, not optimized)
                 with torch.no_grad():
-                    sequence.append((logprobs.detach() * mask).sum(-1).view(2, b))  # (2, b)
+                    pieces.append((logprobs.detach() * mask).sum(-1).view(2, b))  # (2, b)
                     with policy.reference() as ref:
                         ref_logprobs, _ = token_logprobs(ref, part)  # (2b, L-1)
-                    ref_sequence.append((ref_logprobs * mask).sum(-1).view(2, b))  # (2, b)
-            metrics["ppl"] = math.exp(-metrics["logprobs/mean"])
+                    ref_pieces.append((ref_logprobs * mask).sum(-1).view(2, b))  # (2, b)
+            metrics = accumulator.result()
 
             # 4. update
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
             with torch.no_grad():
-                sequence_, ref_ = torch.cat(sequence, 1), torch.cat(ref_sequence, 1)  # (2, B), (2, B)
-                _, implicit = dpo_loss(sequence_[0], sequence_[1], ref_[0], ref_[1], cfg.beta)
+                sequence, ref_sequence = torch.cat(pieces, 1), torch.cat(ref_pieces, 1)  # (2, B), (2, B)
+                _, implicit = dpo_loss(sequence[0], sequence[1], ref_sequence[0], ref_sequence[1], cfg.beta)
                 metrics.update(implicit)
-                metrics["logprobs/chosen"] = sequence_[0].mean()
-                metrics["logprobs/rejected"] = sequence_[1].mean()
+                metrics["logprobs/chosen"] = sequence[0].mean()
+                metrics["logprobs/rejected"] = sequence[1].mean()
 
             # 5. held-out evaluation
             if step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0):

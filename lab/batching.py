@@ -25,6 +25,13 @@ class PairBatch:
     def to(self, device) -> PairBatch:
         return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device))
 
+    def select(self, rows: slice | torch.Tensor) -> PairBatch:
+        """The rows picked by ``rows`` (a slice or an index tensor), with the columns that are padding in every
+        kept row cut off (right padding: real tokens come first). Naive equivalent: encoding those rows alone."""
+        width = int(self.attention_mask[rows].sum(-1).max())
+        return PairBatch(self.input_ids[rows, :width], self.attention_mask[rows, :width],
+                         self.completion_mask[rows, :width])
+
 
 def _text(value) -> str:
     """A completion given as messages (conversational data) becomes its assistant content."""

@@ -100,15 +100,14 @@ def _print_summary(cfg, last: dict) -> None:
 # eval, generate, runs
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
-
-
 def _is_builtin_task(name: str | None) -> bool:
     """None (the default task) or a name that is not a data source: unknown names fail in ``get_task`` with the
     list of built-in tasks, instead of being read as a file."""
     if name is None:
         return True
-    is_data = name.startswith(("jsonl:", "hf:")) or name.endswith(DATA_SUFFIXES) or os.path.exists(name)
+    from lab.data import FILE_SUFFIXES
+
+    is_data = name.startswith(("jsonl:", "hf:")) or name.lower().endswith(FILE_SUFFIXES) or os.path.exists(name)
     return not is_data
 
 

@@ -65,7 +65,7 @@ PROMPT_ALIASES = ("question", "problem")
 _SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
 
 # File types read without `datasets` (pyarrow for the binary and csv ones; `datasets` depends on it).
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 
 # Shown in error messages when lab.tasks cannot be imported.
 _FALLBACK_TASKS = ("arith", "reviews", "bandit")
@@ -304,7 +304,7 @@ def load_rows(source: str, *, format: str | None = None, split: str = "train", s
         records = _read_hf(source[3:], split, source)
     elif source.startswith("jsonl:"):
         records = _read_file(source[len("jsonl:") :])
-    elif source.lower().endswith(_FILE_SUFFIXES):
+    elif source.lower().endswith(FILE_SUFFIXES):
         records = _read_local(source, None, split)
     elif source in task_names():
         return _load_task(source, fmt, split, skip_bad_rows)
@@ -435,7 +435,7 @@ def _read_hf(rest: str, split: str, source: str) -> Iterable[Record]:
     dataset_id, config, split = split_hf_source(rest, split)
     if os.path.exists(dataset_id):
         return _read_local(dataset_id, config, split)
-    if dataset_id.lower().endswith(_FILE_SUFFIXES):
+    if dataset_id.lower().endswith(FILE_SUFFIXES):
         raise DataError(f"data file not found: {dataset_id}")  # not "the hub could not be reached"
     return _read_hub(dataset_id, config, split, source)
 

@@ -258,10 +258,7 @@ def select_pairs(batch: PairBatch, start: int, stop: int) -> PairBatch:
     chosen-then-rejected, with the columns that are padding in every kept row cut off. Naive equivalent:
     ``encode_preference_batch`` of ``rows[start:stop]``."""
     B = batch.input_ids.shape[0] // 2
-    rows = torch.cat([torch.arange(start, stop), torch.arange(B + start, B + stop)])  # (2b,)
-    width = int(batch.attention_mask[rows].sum(-1).max())  # right padding: real tokens come first
-    return PairBatch(batch.input_ids[rows, :width], batch.attention_mask[rows, :width],
-                     batch.completion_mask[rows, :width])
+    return batch.select(torch.cat([torch.arange(start, stop), torch.arange(B + start, B + stop)]))  # 2b rows
 
 
 def pair_microbatch(cfg, policy) -> int:
@@ -283,13 +280,17 @@ def _load_policy(cfg: DPOConfig, task, prompts: list | None = None):
     """The policy to train. SimPO in full mode gets no frozen reference copy: it never uses one."""
     if cfg.mode != "full" or USES_REFERENCE[cfg.loss_type]:
         return load_for(cfg, task, prompts)
-    from lab.modeling import Policy, load_causal_lm, load_tokenizer
+    from lab.modeling import Policy, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+    from lab.runner import check_prompts_fit_tokenizer
 
     name = cfg.model or (task.model if task is not None else None)
     if name is None:
         raise ValueError("a data source that is not a built-in task needs --model")
     tokenizer = load_tokenizer(name, cfg.trust_remote_code)
+    check_prompts_fit_tokenizer(prompts or [], tokenizer, name)  # before the model loads, as in load_for
     model = load_causal_lm(name, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     policy = Policy(model, tokenizer, "full", name, ref_model=None)
     use_one_thread_for_tiny_models(policy)
     return policy
@@ -302,14 +303,14 @@ def _load_policy(cfg: DPOConfig, task, prompts: list | None = None):
 @torch.no_grad()
 def sample_heldout(policy, prompts: list[str], *, max_new_tokens: int, samples: int = 8, seed: int = 0):
     """``samples`` temperature-1 completions per held-out prompt from π_θ: a ``lab.sampling.Rollout``."""
+    from lab.evaluate import generation_batch
     from lab.sampling import generate
 
     gen = torch.Generator().manual_seed(seed)
     repeated = [p for p in prompts for _ in range(samples)]
-    # in chunks: 64 prompts × 8 samples in one batch would hold a 512 × V logits row per step and its KV cache
-    rows = auto_microbatch(policy.model, len(repeated), max_new_tokens)
+    # in batches that fit: 64 prompts × 8 samples at once would hold 512 KV caches and 512 × V logits per step
     return generate(policy.model, policy.tokenizer, repeated, max_new_tokens, temperature=1.0, generator=gen,
-                    batch_size=rows)
+                    batch_size=generation_batch(policy, repeated, max_new_tokens) if repeated else None)
 
 
 @torch.no_grad()
@@ -326,7 +327,7 @@ def sampled_kl(policy, roll, reference=None) -> float:
     from lab.ops import masked_sum
     from lab.rollout import logprobs_in_chunks
 
-    rows = auto_microbatch(policy.model, len(roll), roll.completion_ids.shape[1])
+    rows = auto_microbatch(policy.model, len(roll), roll.completion_ids.shape[1], context_tokens=roll.prompt_ids.shape[1])
     logprobs = logprobs_in_chunks(policy.model, roll, 1.0, rows)  # (B, T)
     with (nullcontext(reference) if reference is not None else policy.reference()) as ref:
         ref_logprobs = logprobs_in_chunks(ref, roll, 1.0, rows)  # (B, T)

@@ -86,6 +86,16 @@ def before_after(policy, task, prompts: list[str] | None = None, n: int = 8, gre
             for p, b, rb, a, ra in zip(prompts, before.completions, before.rewards, after.completions, after.rewards)]
 
 
+def generation_batch(policy, prompts: list, max_new_tokens: int) -> int:
+    """How many of ``prompts`` one sampling batch holds within memory: their KV caches (longest prompt plus
+    ``max_new_tokens``) and next-token logits (``lab.runner.auto_generation_batch``)."""
+    from lab.runner import auto_generation_batch
+    from lab.sampling import encode_prompt, format_prompt
+
+    longest = max(len(encode_prompt(policy.tokenizer, format_prompt(policy.tokenizer, p))) for p in prompts)
+    return auto_generation_batch(policy.model, len(prompts), longest + max_new_tokens)
+
+
 @torch.no_grad()
 def evaluate_prompts(policy, prompts: list, reward_fn=None, columns: dict[str, list] | None = None, *,
                      max_new_tokens: int, greedy: bool = True, seed: int = 0) -> dict:
@@ -94,12 +104,10 @@ def evaluate_prompts(policy, prompts: list, reward_fn=None, columns: dict[str, l
     training. Returns ``n``, ``reward/mean`` (when a reward is given), ``truncated_frac``, ``length`` (tokens)
     and the answers themselves under ``rows``."""
     from lab.rollout import score
-    from lab.runner import auto_microbatch
 
     gen = torch.Generator(device=policy.device).manual_seed(seed)
-    rows_per_pass = auto_microbatch(policy.model, len(prompts), max_new_tokens)  # chunked: a big vocab adds up
     roll = generate(policy.model, policy.tokenizer, list(prompts), max_new_tokens, greedy=greedy, generator=gen,
-                    batch_size=rows_per_pass)
+                    batch_size=generation_batch(policy, prompts, max_new_tokens))
     lengths = roll.completion_mask.sum(-1).float()  # (B,)
     out = {"n": len(roll), "truncated_frac": float(roll.truncated.float().mean()), "length": float(lengths.mean())}
     rewards = score(reward_fn, roll, columns) if reward_fn is not None else None

@@ -263,8 +263,7 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
     G = cfg.group_size
     rollout_size = cfg.batch_size * G
     minibatch = cfg.minibatch_size or rollout_size
-    # default microbatch: the largest that keeps one forward/backward's logits and activations within memory
-    microbatch = cfg.microbatch_size or auto_microbatch(policy.model, minibatch, max_new_tokens)
+
     reuse = cfg.num_iterations > 1 or minibatch < rollout_size  # later updates see a stale rollout
     bandit_ref = bandit_reference(policy, task) if cfg.beta > 0 else None  # π_ref only when β > 0
 
@@ -282,6 +281,9 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
             metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))
             group_std = rewards.view(-1, G).std(-1)  # (B,)
             metrics["groups/zero_std_frac"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()
+            # default microbatch: the largest whose forward/backward (logits and activations) fits in memory
+            microbatch = cfg.microbatch_size or auto_microbatch(policy.model, minibatch, roll.completion_ids.shape[1],
+                                                                context_tokens=roll.prompt_ids.shape[1])
             # 4. log-probs that stay fixed during the update: π_old (only if the rollout is reused; else the
             #    ratio is 1 and logprobs.detach() serves) and π_ref (only if β > 0)
             old_logprobs = logprobs_in_chunks(policy.model, roll, cfg.temperature, microbatch) if reuse else None

@@ -53,15 +53,13 @@ def pick_device(device: str = "auto") -> torch.device:
 def pick_dtype(device: torch.device, frozen_base: bool = False) -> torch.dtype:
     """The compute dtype of the base weights.
 
-    bf16 wherever the GPU has it natively (Ampere and newer). On older GPUs (a Colab T4) bf16 is emulated and slow,
-    so a *frozen* base (LoRA, QLoRA) computes in fp16: only the adapters are trained, and peft keeps them in fp32,
-    so no loss scaling is needed. Full fine-tuning there stays fp32 (fp16 weights would need a gradient scaler).
-    The CPU computes in fp32."""
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return torch.bfloat16
-        if frozen_base:
-            return torch.float16
+    bf16 wherever the GPU has it natively (Ampere and newer): the range of fp32, so no loss scaling. On older GPUs
+    (a Colab T4) bf16 is emulated and slow, and fp16 would underflow the activation gradients that flow back through
+    the base to the adapters unless every trainer scaled its loss, so the base computes in fp32 there (a 4-bit
+    base is still stored in 4 bits; only its matmuls run in fp32). The CPU computes in fp32. ``frozen_base`` (only
+    adapters train) does not change the choice today; it is the hook for a loss-scaled fp16 path."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
     return torch.float32
 
 
@@ -178,6 +176,8 @@ def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Qwen2/Llama copy it at build time
+            module.attention_dropout = 0.0
     for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout"):
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)

@@ -340,9 +340,6 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
     beta = cfg.beta
     bandit_ref = bandit_reference(policy, task)  # π_ref over the vocabulary, for eval/kl_to_optimum on bandit
     minibatch_size = cfg.batch_size // cfg.num_minibatches
-    micro_size = minibatch_size // cfg.gradient_accumulation
-    # the no-grad passes over the whole rollout batch (π_old, π_ref, V_old) go in chunks that fit in memory
-    chunk = auto_microbatch(policy.model, cfg.batch_size, max_new_tokens)
 
     def evaluate() -> dict:
         """eval/gold_reward (greedy, held-out prompts); on bandit also eval/exact_reward and eval/kl_to_optimum."""
@@ -360,6 +357,11 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
             roll = rollout(policy, [r["prompt"] for r in batch_rows], cfg, generator, max_new_tokens)
             mask = roll.completion_mask.float()  # (B, T)
             P, T = roll.prompt_ids.shape[1], roll.completion_ids.shape[1]
+            # passes that fit in memory: the no-grad ones over the whole batch (π_old, π_ref, V_old) in chunks, and
+            # the update's microbatches no larger than gradient_accumulation asks nor than memory allows
+            chunk = auto_microbatch(policy.model, cfg.batch_size, T, context_tokens=P)
+            micro_size = min(minibatch_size // cfg.gradient_accumulation,
+                             auto_microbatch(policy.model, minibatch_size, T, context_tokens=P))
 
             # 2. score: r_φ(x, y), minus the missing-EOS penalty
             raw_scores = score(reward_fn, roll, prompt_columns(batch_rows))  # (B,)

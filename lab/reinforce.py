@@ -140,7 +140,6 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     batches = prompt_batches(rows, cfg.batch_size, cfg.seed)
     max_new_tokens = resolve_max_new_tokens(cfg, task)
-    microbatch = cfg.microbatch_size or auto_microbatch(policy.model, cfg.batch_size, max_new_tokens)
     bandit_ref = bandit_reference(policy, task) if cfg.beta > 0 else None  # π_ref only when β > 0
     ema: float | None = None
 
@@ -155,6 +154,8 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
             rewards = score(reward_fn, roll, prompt_columns(batch))  # (B,)
             mask = roll.completion_mask.float()  # (B, T)
             metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))
+            microbatch = cfg.microbatch_size or auto_microbatch(policy.model, len(roll), roll.completion_ids.shape[1],
+                                                                context_tokens=roll.prompt_ids.shape[1])
             returns = rewards
             if cfg.beta > 0:
                 # 3. the KL penalty needs log π_θ of the whole batch before any advantage exists: a no-grad pass

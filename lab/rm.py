@@ -127,15 +127,18 @@ def encode_completions(tokenizer, prompts: list, completions: list, ended: list[
     )
 
 
-def _score_rows(model, tokenizer, rows: list[dict], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """r_φ of chosen and rejected for preference rows: one forward pass over 2B sequences -> (B,), (B,)."""
+def _score_rows(model, tokenizer, rows: list[dict], max_length: int, device, *,
+                with_tokens: bool = False) -> tuple[torch.Tensor, ...]:
+    """r_φ of chosen and rejected for preference rows: one forward pass over 2B sequences -> (B,), (B,)
+    (``with_tokens``: and the number of real tokens scored)."""
     prompts = [r["prompt"] for r in rows]
     completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     ended = [not r.get("chosen_truncated", False) for r in rows] + [not r.get("rejected_truncated", False)
                                                                      for r in rows]
     batch = encode_completions(tokenizer, prompts + prompts, completions, ended, max_length=max_length).to(device)
     scores = model.score(batch.input_ids, batch.attention_mask)  # (2B,)
-    return scores.chunk(2)
+    chosen, rejected = scores.chunk(2)  # (B,), (B,)
+    return (chosen, rejected, int(batch.attention_mask.sum())) if with_tokens else (chosen, rejected)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -399,7 +402,8 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
             batch_rows = next(batches)
             # 2. score chosen and rejected in one forward pass
             model.train()
-            chosen_rewards, rejected_rewards = _score_rows(model, tokenizer, batch_rows, cfg.max_length, device)
+            chosen_rewards, rejected_rewards, tokens = _score_rows(model, tokenizer, batch_rows, cfg.max_length, device,
+                                                                   with_tokens=True)
             # 3. loss
             loss, metrics = reward_loss(chosen_rewards, rejected_rewards, cfg.center_weight)
             # 4. update
@@ -411,7 +415,7 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
                 heldout = evaluate_reward_model(model, tokenizer, eval_rows, max_length=cfg.max_length)
                 metrics.update(heldout)
                 run.summary["eval"] = heldout
-            yield run.log(step, metrics)
+            yield run.log(step, metrics, tokens=tokens)
 
 
 Config = RewardConfig

@@ -73,20 +73,45 @@ def logits_budget_bytes(device: torch.device) -> int:
     return 2_000_000_000
 
 
-def auto_microbatch(model, rows: int, tokens_per_row: int, budget_bytes: int | None = None) -> int:
-    """The largest divisor of ``rows`` whose forward/backward fits the memory budget.
-
-    A row of ``tokens_per_row`` tokens costs about tokens·(12·V + 68·H·L) bytes (see above). Naive equivalent:
-    ``rows`` (one pass for everything), which for a 151k vocabulary and 64 × 64 tokens is an 8 GB logits tensor.
-    """
-    config = model.config
-    vocab = config.vocab_size
+def _shape(config) -> tuple[int, int, int, int, int]:
+    """(V, H, L, kv heads, head dim) of a transformers config, under Llama's and GPT-2's names alike."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
-    per_row = max(tokens_per_row, 1) * (_BYTES_PER_VOCAB * vocab + _BYTES_PER_HIDDEN_LAYER * hidden * layers)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return config.vocab_size, hidden, layers, kv_heads, head_dim
+
+
+def _largest_divisor_within(rows: int, fits: int) -> int:
+    return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= max(fits, 1))
+
+
+def auto_microbatch(model, rows: int, tokens_per_row: int, budget_bytes: int | None = None,
+                    context_tokens: int = 0) -> int:
+    """The largest divisor of ``rows`` whose forward/backward fits the memory budget.
+
+    A row of ``tokens_per_row`` scored tokens after ``context_tokens`` of prompt costs about
+    tokens·12·V + (tokens + context)·68·H·L bytes (see above): only scored positions reach the output layer, every
+    position goes through the trunk. Naive equivalent: ``rows`` (one pass for everything), which for a 151k
+    vocabulary and 64 × 64 tokens is an 8 GB logits tensor.
+    """
+    vocab, hidden, layers, _, _ = _shape(model.config)
+    tokens = max(tokens_per_row, 1)
+    per_row = tokens * _BYTES_PER_VOCAB * vocab + (tokens + context_tokens) * _BYTES_PER_HIDDEN_LAYER * hidden * layers
     budget = budget_bytes if budget_bytes is not None else logits_budget_bytes(next(model.parameters()).device)
-    fits = max(1, budget // per_row)
-    return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= fits)
+    return _largest_divisor_within(rows, budget // per_row)
+
+
+def auto_generation_batch(model, rows: int, total_tokens: int, budget_bytes: int | None = None) -> int:
+    """The largest divisor of ``rows`` that one sampling batch can hold: generation keeps no activations for a
+    backward pass, only the KV cache (2 · L · kv_heads · head_dim values per token) and a few (B, V) float32 rows
+    of next-token logits. Naive equivalent: ``rows``. ``total_tokens``: prompt plus new tokens."""
+    vocab, _, layers, kv_heads, head_dim = _shape(model.config)
+    element = next(model.parameters()).element_size() if next(model.parameters()).is_floating_point() else 2
+    per_row = 2 * layers * kv_heads * head_dim * element * max(total_tokens, 1) + 4 * 4 * vocab
+    budget = budget_bytes if budget_bytes is not None else logits_budget_bytes(next(model.parameters()).device)
+    return _largest_divisor_within(rows, budget // per_row)
 
 
 def memory_metrics(device: torch.device) -> dict:
@@ -207,13 +232,21 @@ class Run:
                    "time/elapsed": now - self.started, "time/step_s": step_s}
         if tokens is not None and step_s > 0:
             metrics["time/tokens_per_s"] = tokens / step_s
-        if self.policy is not None:
-            metrics.update(memory_metrics(self.policy.device))
+        device = self._device()
+        if device is not None:
+            metrics.update(memory_metrics(device))
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
             self.record.log_metrics(step, metrics)
         if self.cfg.save_every and step % self.cfg.save_every == 0 and self.save is not None:
             self.record.save_checkpoint(self.save, f"step-{step}")
         return metrics
+
+    def _device(self) -> torch.device | None:
+        """Where the trained model lives: the policy's device, or the saved model's (a reward model)."""
+        if self.policy is not None:
+            return self.policy.device
+        params = getattr(self.save, "parameters", None)
+        return next(params()).device if callable(params) else None
 
     def want_samples(self, step: int) -> bool:
         every = self.cfg.sample_every

@@ -501,15 +501,18 @@ def merged_adapters(model: torch.nn.Module):
     for a merged copy, with the adapters switched off, and the original tensor is put back on the
     way out, bit for bit. The copy costs the size of the adapted weights while sampling.
 
-    Merged only where it can be: an active adapter that is not switched off (`disable_adapter()`,
-    the reference policy), nothing merged already, and no quantized base (a 4-bit weight cannot
-    absorb Δ). Elsewhere the block changes nothing.
+    Merged only where it is exact enough: float32 base weights (in bf16 the sum W + Δ would round
+    most of a small Δ away), an active adapter that is not switched off (`disable_adapter()`, the
+    reference policy), nothing merged already, and no quantized base (a 4-bit weight cannot absorb
+    Δ). Elsewhere the block changes nothing.
     """
     layers = _lora_layers(model)
     mergeable = bool(layers) and hasattr(model, "disable_adapter") and all(
         not layer.merged and not layer.disable_adapters
         and isinstance(getattr(layer.get_base_layer(), "weight", None), torch.nn.Parameter)
-        and layer.get_base_layer().weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        # float32 only: in bf16, W + Δ rounds most of a small Δ away (W ~ 0.02, Δ ~ 1e-4 after a few steps: about
+        # half the entries would not move), and sampling would come from nearly the base policy
+        and layer.get_base_layer().weight.dtype == torch.float32
         for layer in layers
     )
     if not mergeable:

@@ -31,7 +31,7 @@ import torch
 from lab.batching import encode_pairs, token_logprobs
 from lab.config import BaseConfig, check, opt
 from lab.ops import masked_mean
-from lab.runner import Run, clip_and_step, load_for, make_optimizer, seed_everything, shuffled_batches
+from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything, shuffled_batches
 
 
 @dataclass
@@ -43,6 +43,9 @@ class SFTConfig(BaseConfig):
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
     per_sequence: bool = opt(False, "average the loss per sequence first (every row weighs the same) "
                                     "instead of over all completion tokens")
+    microbatch_size: int | None = opt(None, "rows per forward/backward (gradients accumulate over the batch); "
+                                            "default: the most that fit in memory (LAB_MICROBATCH_GB)",
+                                      min=1, max=4096)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,6 +69,35 @@ def sft_loss(logprobs: torch.Tensor, completion_mask: torch.Tensor, per_sequence
         metrics = {"loss/sft": loss.detach(), "logprobs/mean": masked_mean(logprobs, completion_mask),
                    "ppl": torch.exp(masked_mean(nll, completion_mask)), "tokens": tokens}
     return loss, metrics
+
+
+class SFTAccumulator:
+    """Gradient accumulation of ``sft_loss`` over microbatches, so that the sum equals the whole batch's loss.
+
+    A microbatch's loss is a mean over its own tokens (or rows, ``per_sequence``), so it is weighted by its share of
+    the batch's completion tokens (rows). Token means among the metrics take the token share; ``ppl`` is rebuilt
+    from the batch's mean log-prob at the end. Naive equivalent: ``sft_loss`` of the whole batch in one pass.
+    """
+
+    def __init__(self, batch_tokens, batch_rows: int, per_sequence: bool):
+        self.tokens, self.rows, self.per_sequence = batch_tokens, batch_rows, per_sequence
+        self.metrics: dict = {}
+
+    def backward(self, logprobs: torch.Tensor, mask: torch.Tensor) -> None:
+        """logprobs, mask: (b, L-1) of one microbatch's rows."""
+        loss, metrics = sft_loss(logprobs, mask, self.per_sequence)
+        token_share = mask.sum() / self.tokens
+        share = logprobs.shape[0] / self.rows if self.per_sequence else token_share
+        (loss * share).backward()
+        metrics.pop("ppl")
+        weights = {"tokens": 1.0, "loss/sft": share}
+        for k, v in metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + float(v * weights.get(k, token_share))
+
+    def result(self) -> dict:
+        import math
+
+        return {**self.metrics, "ppl": math.exp(-self.metrics["logprobs/mean"])}
 
 
 def load_sft_rows(cfg) -> list[dict]:
@@ -92,17 +124,22 @@ def train(cfg: SFTConfig, *, policy=None, stop: threading.Event | None = None, r
             # 1. batch: the next B rows of shuffled epochs of the data
             batch_rows = next(batches)
             batch = encode_pairs(policy.tokenizer, [r["prompt"] for r in batch_rows],
-                                 [r["completion"] for r in batch_rows], max_length=cfg.max_length).to(policy.device)
-            # 2. loss on completion tokens only
+                                 [r["completion"] for r in batch_rows], max_length=cfg.max_length)
+            # 2. loss on completion tokens only, over microbatches of b rows that fit in memory
             policy.model.train()
-            logprobs, mask = token_logprobs(policy.model, batch)  # (B, L-1), (B, L-1)
-            loss, metrics = sft_loss(logprobs, mask, cfg.per_sequence)
+            B, L = batch.input_ids.shape
+            micro = cfg.microbatch_size or auto_microbatch(policy.model, B, L)
+            accumulator = SFTAccumulator(batch.completion_mask[:, 1:].sum().clamp(min=1), B, cfg.per_sequence)
+            for start in range(0, B, micro):
+                part = batch.select(slice(start, start + micro)).to(policy.device)
+                logprobs, mask = token_logprobs(policy.model, part)  # (b, L-1), (b, L-1)
+                accumulator.backward(logprobs, mask)
+            metrics = accumulator.result()
             # 3. update
-            loss.backward()
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
             if run.want_samples(step) and task is not None:
                 run.samples(step, _greedy_samples(policy, task, cfg))
-            yield run.log(step, metrics)
+            yield run.log(step, metrics, tokens=int(batch.attention_mask.sum()))
         if task is not None:
             from lab.evaluate import evaluate
 

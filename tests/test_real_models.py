@@ -274,22 +274,38 @@ def test_ppo_checkpoint_holds_the_value_head(tmp_path):
     assert set(head) == {"weight", "bias"} and (final / "value" / "adapter_model.safetensors").exists()
 
 
-def test_pair_microbatches_give_the_same_update(tmp_path):
-    """DPO with 4 pairs in one pass and in microbatches of 1: the same loss and the same first update."""
-    from lab.dpo import DPOConfig, train
+def _one_step(method: str, cfg_kwargs: dict, task: str, tmp_path) -> tuple[dict, dict]:
+    """(metrics, LoRA weights) after one step of ``method`` from the same starting adapter."""
+    from lab.methods import get_method
     from lab.modeling import load_policy
 
-    results = []
-    for micro in (None, 1):
-        torch.manual_seed(0)  # the same LoRA A in both
-        policy = load_policy("reviews", mode="lora")
-        metrics = next(train(DPOConfig(task="reviews", steps=1, batch_size=4, microbatch_size=micro, eval_size=2,
-                                       kl_samples=1, out=str(tmp_path)), policy=policy))
-        lora = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_B" in n}
-        results.append((metrics, lora))
-    (one, w1), (many, w2) = results
-    assert one["loss/dpo"] == pytest.approx(many["loss/dpo"], abs=1e-6)
-    assert one["grad/norm"] == pytest.approx(many["grad/norm"], rel=1e-4)
+    config_cls, train = get_method(method)
+    torch.manual_seed(0)  # the same LoRA A matrices every time
+    policy = load_policy(task, mode="lora")
+    with torch.no_grad():  # a non-zero B, so every gradient is non-trivial
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.01)
+    metrics = next(train(config_cls(task=task, steps=1, out=str(tmp_path), **cfg_kwargs), policy=policy))
+    return metrics, {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("method, task, kwargs, keys", [
+    ("dpo", "reviews", {"batch_size": 4, "eval_size": 2, "kl_samples": 1}, ("loss/dpo", "rewards/margin")),
+    ("sft-preferred", "reviews", {"batch_size": 4, "eval_size": 2, "kl_samples": 1},
+     ("loss/sft", "logprobs/mean", "ppl", "tokens", "rewards/margin")),
+    ("sft-preferred", "reviews", {"batch_size": 4, "eval_size": 2, "kl_samples": 1, "per_sequence": True},
+     ("loss/sft", "ppl")),
+    ("sft", "arith", {"batch_size": 4, "eval_size": 2}, ("loss/sft", "logprobs/mean", "ppl", "tokens")),
+    ("reinforce", "arith", {"batch_size": 4, "eval_every": 0, "eval_size": 2, "beta": 0.1},
+     ("loss/policy", "logprobs/mean", "entropy", "kl/ref")),
+])
+def test_microbatches_give_the_same_update(method, task, kwargs, keys, tmp_path):
+    """One pass over the whole batch and microbatches of one row: the same metrics and the same update."""
+    (one, w1), (many, w2) = (_one_step(method, {**kwargs, "microbatch_size": micro}, task, tmp_path)
+                             for micro in (None, 1))
+    for key in keys + ("grad/norm",):
+        assert one[key] == pytest.approx(many[key], rel=1e-4, abs=1e-6), key
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=1e-4)
 
@@ -299,14 +315,15 @@ def test_pair_microbatches_give_the_same_update(tmp_path):
 
 
 def test_dtype_follows_the_hardware(monkeypatch):
-    """bf16 where native; a T4 (no bf16) computes a frozen base in fp16 and keeps full fine-tuning in fp32."""
+    """bf16 where native; a T4 (no native bf16) computes in fp32, since fp16 without loss scaling would underflow
+    the gradients that reach the adapters; the CPU computes in fp32."""
     from lab.modeling import pick_dtype
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert pick_dtype(cuda) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    assert pick_dtype(cuda, frozen_base=True) == torch.float16 and pick_dtype(cuda) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert pick_dtype(cuda) == torch.bfloat16 and pick_dtype(cuda, frozen_base=True) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert pick_dtype(cuda, frozen_base=True) == torch.float32 and pick_dtype(cuda) == torch.float32
     assert pick_dtype(torch.device("cpu"), frozen_base=True) == torch.float32
 
 

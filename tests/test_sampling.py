@@ -616,3 +616,15 @@ def test_gumbel_max_sampling_matches_softmax():
         probs = (logits[0] / tau).double().softmax(-1)
         stat, df = chi_square(counts, probs)
         assert stat < df + 6 * math.sqrt(2 * df)
+
+
+def test_merged_adapters_leave_bf16_weights_alone():
+    """In bf16, W + Δ would round most of a small Δ away: such a model samples through its LoRA branch unmerged,
+    so what it samples is the policy being trained."""
+    from lab.sampling import merged_adapters
+
+    model = make_lora_llama().to(torch.bfloat16).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with merged_adapters(model):
+        assert not any(layer.disable_adapters for layer in _lora(model))  # the LoRA branch still runs
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
