@@ -174,15 +174,43 @@ def _completion_logits(
     return logits
 
 
+def prefill_shared(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   share: bool = True):
+    """One forward pass over left-padded prompts, each distinct prompt run once: the logits of the last prompt
+    position (B, 1, V) and a KV cache with B rows. Gradients flow when they are on.
+
+    GRPO repeats every prompt G times (DPO twice). The U distinct prompts run once with the cache on, and the
+    cache rows are copied to the rows that repeat them (`reorder_cache` with a repeating index: an index_select,
+    which autograd differentiates, so the gradient of every copy flows back into its prompt's single pass).
+    Naive equivalent: the same forward pass over all B rows (``share=False``, or when no prompt repeats, or when
+    the model returns a legacy tuple cache that cannot be reordered).
+
+    Args:
+        prompt_ids, prompt_mask: (B, P).
+    Returns:
+        (last_logits (B, 1, V), cache).
+    """
+    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    unique, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0,
+                                   return_inverse=True)  # (U, 2P), (B,) a prompt is its ids and its padding
+    if share and unique.shape[0] < prompt_ids.shape[0]:
+        ids, mask = unique.chunk(2, dim=1)  # (U, P) each
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
+                    **keep_last)
+        cache = returned_cache(out)
+        if hasattr(cache, "reorder_cache"):
+            cache.reorder_cache(inverse)  # (U, ...) -> (B, ...) each row gets its prompt's keys and values
+            return out.logits[:, -1:][inverse], cache  # (B, 1, V)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                use_cache=True, **keep_last)
+    return out.logits[:, -1:], returned_cache(out)  # (B, 1, V)
+
+
 def _shared_prompt_logits(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int
 ) -> torch.Tensor | None:
-    """`_completion_logits` with each distinct prompt run once: (B, T, V), or None when no prompt repeats.
-
-    GRPO scores G completions of every prompt (DPO two), so the plain forward pass runs each prompt G
-    times. Here the U distinct prompts run once, with the KV cache on; the cache's rows are copied to
-    the B rows (an index_select, which autograd differentiates: the gradient of every copy flows back
-    into its prompt's single forward pass), and the B completions run on top of it:
+    """`_completion_logits` with each distinct prompt run once (`prefill_shared`): (B, T, V), or None when no
+    prompt repeats, or the model cannot take a cache.
 
         prompt pass      (U, P)    -> KV cache, and the logits of the last prompt position (predict y_1)
         completion pass  (B, T-1)  -> logits of y_1 .. y_{T-1} (predict y_2 .. y_T); y_T is never an input
@@ -191,31 +219,20 @@ def _shared_prompt_logits(
     """
     L, T = input_ids.shape[1], completion_len
     P = L - T
-    B = input_ids.shape[0]
     if not (_forward_accepts(model, "cache") or _forward_accepts(model, "past_key_values")):
         return None
     if model.training and _checkpointing(model):
         return None  # HF turns the cache off under gradient checkpointing in training
-    prompt_rows = torch.cat([input_ids[:, :P], attention_mask[:, :P]], dim=1)  # (B, 2P) ids and padding
-    unique, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (U, 2P), (B,)
-    if unique.shape[0] == B:
-        return None
-    position_ids = position_ids_from_mask(attention_mask)  # (B, P+T)
-    # The first row of each prompt stands for all its copies.
-    first = torch.full((unique.shape[0],), B, device=input_ids.device).scatter_reduce(
-        0, inverse, torch.arange(B, device=input_ids.device), reduce="amin")  # (U,)
-    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    out = model(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
-                position_ids=position_ids[first, :P], use_cache=True, **keep_last)
-    cache = returned_cache(out)
-    if T > 1 and not hasattr(cache, "reorder_cache"):  # a legacy tuple cache: let the caller run the plain pass
-        return None
-    first_logits = out.logits[:, -1:][inverse]  # (B, 1, V) predicts y_1
+    prompts = torch.cat([input_ids[:, :P], attention_mask[:, :P]], dim=1)  # (B, 2P)
+    if torch.unique(prompts, dim=0).shape[0] == input_ids.shape[0]:
+        return None  # nothing to share
+    first_logits, cache = prefill_shared(model, input_ids[:, :P], attention_mask[:, :P])  # (B, 1, V), B rows
     if T == 1:
         return first_logits
-    cache.reorder_cache(inverse)  # (U, ...) -> (B, ...)
+    position_ids = position_ids_from_mask(attention_mask)  # (B, P+T)
     rest = model(input_ids=input_ids[:, P : L - 1], attention_mask=attention_mask[:, : L - 1],
-                 position_ids=position_ids[:, P : L - 1], use_cache=True, **cache_kwargs(model, cache)).logits  # (B, T-1, V)
+                 position_ids=position_ids[:, P : L - 1], use_cache=True,
+                 **cache_kwargs(model, cache)).logits  # (B, T-1, V)
     return torch.cat([first_logits, rest], dim=1)  # (B, T, V)
 
 

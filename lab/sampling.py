@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from lab.ops import (
-    accepts_logits_to_keep,
     cache_kwargs,
     completion_mask,
     position_ids_from_mask,
+    prefill_shared,
     returned_cache,
 )
 
@@ -255,36 +255,6 @@ def generate(
     return pieces[0] if len(pieces) == 1 else _concat(pieces, _pad_token_id(tokenizer))
 
 
-def _prefill(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-    """One forward pass over the prompts: next-token logits (B, V) float32 and the KV cache.
-
-    GRPO asks for G completions of each prompt, so most rows repeat another. Each distinct prompt
-    runs once and its cache rows are copied to the rows that repeat it (`reorder_cache` with a
-    repeating index), which saves (G−1)/G of the prefill and gives the same keys and values.
-    """
-    rows = torch.cat([prompt_ids, prompt_mask], dim=1)  # (B, 2P) a prompt is its ids and its padding
-    unique, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (U, 2P), (B,)
-    share = unique.shape[0] < rows.shape[0]
-    ids, mask = (unique.chunk(2, dim=1) if share else (prompt_ids, prompt_mask))  # (U, P) each
-    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
-                **keep_last)
-    next_logits = out.logits[:, -1, :].float()  # (U, V) left padding: every row ends at the last column
-    past_key_values = returned_cache(out)
-    if share:
-        if not hasattr(past_key_values, "reorder_cache"):  # a legacy tuple cache: run every row instead
-            return _prefill_all(model, prompt_ids, prompt_mask, keep_last)
-        past_key_values.reorder_cache(inverse)  # (U, ...) -> (B, ...) each row gets its prompt's cache
-        next_logits = next_logits[inverse]  # (B, V)
-    return next_logits, past_key_values
-
-
-def _prefill_all(model, prompt_ids, prompt_mask, keep_last):
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                use_cache=True, **keep_last)
-    return out.logits[:, -1, :].float(), returned_cache(out)  # (B, V), cache
-
-
 def _generate_batch(
     model: torch.nn.Module,
     tokenizer,
@@ -311,7 +281,9 @@ def _generate_batch(
     B, P = prompt_ids.shape
 
     # 2. Prefill: run the prompts once; the cache keeps their keys and values for later steps.
-    next_logits, past_key_values = _prefill(model, prompt_ids, prompt_mask)  # (B, V), cache
+    # GRPO's G copies of a prompt share one prefill (lab.ops.prefill_shared)
+    last_logits, past_key_values = prefill_shared(model, prompt_ids, prompt_mask)  # (B, 1, V), cache of B rows
+    next_logits = last_logits[:, -1, :].float()  # (B, V) left padding: every row ends at the last column
     next_position = position_ids_from_mask(prompt_mask)[:, -1:] + 1  # (B, 1) padding does not shift positions
     # The whole mask is allocated once; step t reads its first P + t + 1 columns (a view, no copy).
     attention_mask = F.pad(prompt_mask, (0, max_new_tokens), value=1)  # (B, P + max_new_tokens)
