@@ -21,8 +21,8 @@ an upper bound, tight when the N samples are distinct)::
     KL(π_BoN ‖ π_ref) ≤ log N − (N − 1)/N
 
 Both report the metric names DPO reports (``eval/gold_reward``, ``eval/sample_reward``, ``kl/ref``, and for SFT
-on preferred also the implicit-reward metrics ``rewards/*`` and ``loss/dpo``, evaluated, not optimized), so the
-three can be compared side by side.
+on preferred also the implicit-reward metrics ``rewards/*`` and ``loss/dpo``, evaluated, not optimized, and
+``eval/mass_off_support``), so the three can be compared side by side.
 
 ==========================  ==============================================
 symbol                      code
@@ -87,6 +87,7 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
                     record=None) -> Iterator[dict]:
     """One optimizer step per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
     from lab.tasks import TASKS, get_task
+    from lab.tasks.enumerable import pair_support
 
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
@@ -97,11 +98,13 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
     optimizer = make_optimizer(params, cfg)
     batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
     heldout_prompts = None if task is not None else unique_prompts(rows)[: cfg.eval_size]
+    support = pair_support(rows)  # the responses in the pairs, for eval/mass_off_support
     micro = pair_microbatch(cfg, policy)
 
     with Run(cfg, "sft-preferred", policy=policy, stop=stop, record=record) as run:
         run.summary["rows"] = len(rows)
-        run.summary["before"] = heldout_metrics(policy, task, cfg, use_reference=False, prompts=heldout_prompts)
+        run.summary["before"] = heldout_metrics(policy, task, cfg, use_reference=False, prompts=heldout_prompts,
+                                                support=support)
         for step in run.steps():
             # 1. batch: B pairs; chosen rows 0..B-1, rejected rows B..2B-1
             batch_rows = next(batches)
@@ -137,7 +140,7 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
 
             # 5. held-out evaluation
             if step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
-                heldout = heldout_metrics(policy, task, cfg, prompts=heldout_prompts)
+                heldout = heldout_metrics(policy, task, cfg, prompts=heldout_prompts, support=support)
                 metrics.update(heldout)
                 run.summary["after"] = heldout
             if run.want_samples(step) and task is not None:

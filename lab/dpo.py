@@ -336,28 +336,42 @@ def sampled_kl(policy, roll, reference=None) -> float:
 
 
 @torch.no_grad()
-def heldout_metrics(policy, task, cfg, *, use_reference: bool = True, prompts: list[str] | None = None) -> dict:
+def heldout_metrics(policy, task, cfg, *, use_reference: bool = True, prompts: list[str] | None = None,
+                    support: dict[str, set[str]] | None = None) -> dict:
     """Held-out ``eval/gold_reward`` (greedy answers, where the task has a gold reward), ``eval/sample_reward``
-    (gold reward of temperature-1 samples) and ``kl/ref`` (only when ``use_reference``). On bandit they are exact:
-    expected reward and KL(π_θ‖π_ref) over the vocabulary, plus ``eval/kl_to_optimum`` = KL(π*‖π_θ) for
-    π* = π_ref·exp(r/β)/Z with ``cfg.beta``."""
+    (gold reward of temperature-1 samples) and ``kl/ref`` (only when ``use_reference``).
+
+    ``support`` (prompt -> the responses seen as chosen or rejected in the training pairs, ``pair_support``)
+    adds ``eval/mass_off_support``, the probability of a response that no training pair holds: the mass a
+    preference loss moves without ever seeing it (likelihood displacement).
+
+    On an enumerable task (``lab.tasks.EnumerableTask``, such as ``bandit``) every number is exact, over the
+    vocabulary: expected reward, KL(π_θ‖π_ref), ``eval/kl_to_optimum`` = KL(π*‖π_θ) for π* = π_ref·exp(r/β)/Z
+    with ``cfg.beta``, ``eval/kl_to_optimum_support`` = the same KL with both renormalized over the support, and
+    the off-support mass. Elsewhere the off-support mass is estimated as the share of sampled completions that
+    equal no chosen/rejected response of their prompt, over the held-out prompts that appear in the pairs (the
+    metric is absent when none do, e.g. the built-in tasks' held-out prompts); on free text nearly every sample
+    is new, so there it reads ≈ 1 and says little."""
+    from lab.tasks.enumerable import exact_metrics, next_token_logprobs, support_mask
+
     was_training = policy.model.training
     policy.model.eval()
     try:
         out = {}
         if task is not None and task.kind == "bandit":
-            from lab.tasks import bandit
-
-            logprobs = bandit.next_token_logprobs(policy.model, policy.tokenizer, task.eval_prompts())  # (B, V)
-            rewards = bandit.reward_tables(task.eval_prompts(), policy.tokenizer).to(logprobs)  # (B, V)
-            out["eval/sample_reward"] = bandit.expected_reward(logprobs, rewards).mean().item()
+            eval_prompts = task.eval_prompts()
+            logprobs = next_token_logprobs(policy.model, policy.tokenizer, eval_prompts)  # (B, V)
+            rewards = task.reward_tables(eval_prompts, policy.tokenizer).to(logprobs)  # (B, V)
+            ref_logprobs = None
             if use_reference:
                 with policy.reference() as ref:
-                    ref_logprobs = bandit.next_token_logprobs(ref, policy.tokenizer, task.eval_prompts())
-                out["kl/ref"] = bandit.kl(logprobs, ref_logprobs).mean().item()
-                if getattr(cfg, "beta", None):
-                    star = bandit.pi_star(ref_logprobs, rewards, cfg.beta)  # (B, V)
-                    out["eval/kl_to_optimum"] = bandit.kl(star, logprobs).mean().item()
+                    ref_logprobs = next_token_logprobs(ref, policy.tokenizer, eval_prompts)  # (B, V)
+            mask = support_mask(eval_prompts, support, policy.tokenizer) if support is not None else None
+            exact = exact_metrics(logprobs, rewards, ref_logprobs, getattr(cfg, "beta", None), mask)
+            out["eval/sample_reward"] = exact.pop("exact_reward")
+            if "kl_ref" in exact:
+                out["kl/ref"] = exact.pop("kl_ref")
+            out.update({f"eval/{k}": v for k, v in exact.items()})
         elif prompts or task is not None:
             prompts = prompts or task.eval_prompts()[: cfg.eval_size]
             from lab.rollout import resolve_max_new_tokens
@@ -369,6 +383,10 @@ def heldout_metrics(policy, task, cfg, *, use_reference: bool = True, prompts: l
                 out["eval/sample_reward"] = sum(gold) / len(gold)
             if use_reference:
                 out["kl/ref"] = sampled_kl(policy, roll)
+            if support is not None:
+                off = sampled_off_support(roll.prompts, roll.completions, support)
+                if off is not None:
+                    out["eval/mass_off_support"] = off
         if task is not None:
             from lab.evaluate import evaluate
 
@@ -377,6 +395,15 @@ def heldout_metrics(policy, task, cfg, *, use_reference: bool = True, prompts: l
         return out
     finally:
         policy.model.train(was_training)
+
+
+def sampled_off_support(prompts: list, completions: list[str], support: dict[str, set[str]]) -> float | None:
+    """Share of sampled completions equal to no chosen/rejected response of their prompt (compared without
+    surrounding whitespace), among the samples whose prompt appears in ``support``; None when none does."""
+    seen = {prompt: {text.strip() for text in texts} for prompt, texts in support.items()}
+    off = [completion.strip() not in seen[str(prompt)] for prompt, completion in zip(prompts, completions)
+           if str(prompt) in seen]
+    return sum(off) / len(off) if off else None
 
 
 def greedy_samples(policy, task, cfg, n: int = 4) -> list[dict]:
@@ -398,6 +425,7 @@ def _is_eval_step(cfg, step: int) -> bool:
 def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, record=None) -> Iterator[dict]:
     """One optimizer step per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
     from lab.tasks import TASKS, get_task
+    from lab.tasks.enumerable import pair_support
 
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
@@ -409,12 +437,14 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
     optimizer = make_optimizer(params, cfg)
     batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
     heldout_prompts = None if task is not None else unique_prompts(rows)[: cfg.eval_size]
+    support = pair_support(rows)  # the responses the loss sees, for eval/mass_off_support
     micro = pair_microbatch(cfg, policy)
 
     with Run(cfg, "dpo", policy=policy, stop=stop, record=record) as run:
         run.summary["rows"] = len(rows)
         # π_θ = π_ref before the first step, so kl/ref is 0 there and not estimated
-        run.summary["before"] = heldout_metrics(policy, task, cfg, use_reference=False, prompts=heldout_prompts)
+        run.summary["before"] = heldout_metrics(policy, task, cfg, use_reference=False, prompts=heldout_prompts,
+                                                support=support)
         for step in run.steps():
             # 1. batch: B preference pairs from shuffled epochs of the data
             batch_rows = next(batches)
@@ -448,7 +478,8 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
 
             # 6. held-out evaluation
             if _is_eval_step(cfg, step):
-                heldout = heldout_metrics(policy, task, cfg, use_reference=uses_reference, prompts=heldout_prompts)
+                heldout = heldout_metrics(policy, task, cfg, use_reference=uses_reference, prompts=heldout_prompts,
+                                          support=support)
                 metrics.update(heldout)
                 run.summary["after"] = heldout
             if run.want_samples(step) and task is not None:

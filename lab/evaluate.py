@@ -1,8 +1,9 @@
 """Held-out evaluation and before/after comparison, shared by the CLI, the trainers, the notebooks and the app.
 
 ``evaluate`` answers the held-out prompts of a task (greedy by default) and scores them with the task's gold
-reward: ``accuracy`` for verifiable tasks (the gold reward is 0/1), ``gold_reward`` for graded ones. On the
-``bandit`` task it also reports the exact expected reward and KL(π*‖π_θ), which need no sampling at all.
+reward: ``accuracy`` for verifiable tasks (the gold reward is 0/1), ``gold_reward`` for graded ones. On an
+enumerable task (``bandit``, or any ``lab.tasks.EnumerableTask``) it also reports the exact expected reward and
+KL(π*‖π_θ), which need no sampling at all.
 """
 
 from __future__ import annotations
@@ -61,17 +62,20 @@ def evaluate(policy_or_model, task, *, n: int | None = None, greedy: bool = True
 
 
 @torch.no_grad()
-def bandit_exact(model, tokenizer, task, beta: float | None = None, ref_logprobs=None) -> dict:
-    """Exact E_π[r] over the bandit's prompts and, when ``beta`` is given, KL(π*‖π_θ)."""
-    from lab.tasks import bandit
+def bandit_exact(model, tokenizer, task, beta: float | None = None, ref_logprobs=None, support=None) -> dict:
+    """Exact metrics of an enumerable task (``lab.tasks.EnumerableTask``: the built-in ``bandit`` or one you
+    declared) over its held-out prompts: ``exact_reward`` = E_π[r] and, given ``beta`` and π_ref's (B, V)
+    next-token ``ref_logprobs``, ``kl_to_optimum`` = KL(π*‖π_θ); given ``support`` (prompt -> responses seen in
+    training pairs) also ``mass_off_support`` and ``kl_to_optimum_support``
+    (``lab.tasks.enumerable.exact_metrics``)."""
+    from lab.tasks.enumerable import exact_metrics, next_token_logprobs, support_mask
 
     prompts = task.eval_prompts()
-    logprobs = bandit.next_token_logprobs(model, tokenizer, prompts)  # (B, V)
-    rewards = torch.stack([bandit.reward_table(p, tokenizer) for p in prompts]).to(logprobs)  # (B, V)
-    out = {"exact_reward": float((logprobs.exp() * rewards).sum(-1).mean())}
-    if beta is not None and ref_logprobs is not None:
-        star = bandit.pi_star(ref_logprobs, rewards, beta)
-        out["kl_to_optimum"] = float(bandit.kl(star, logprobs).mean())
+    logprobs = next_token_logprobs(model, tokenizer, prompts)  # (B, V)
+    rewards = task.reward_tables(prompts, tokenizer).to(logprobs)  # (B, V)
+    mask = support_mask(prompts, support, tokenizer) if support is not None else None
+    out = exact_metrics(logprobs, rewards, ref_logprobs if beta is not None else None, beta, mask)
+    out.pop("kl_ref", None)
     return out
 
 

@@ -16,6 +16,34 @@ Then maximize PPO's clipped surrogate with a per-token KL penalty to π_ref (her
 
     L(θ) = (1/G) Σ_i (1/|y_i|) Σ_t ℓ_it                                  ("sequence": DeepSeekMath)
 
+That β · k3_it is DeepSeekMath's. How the KL enters is ``cfg.kl_mode``, and each choice has its own fixed point
+(``lab.fixed_points`` computes them exactly on bandit; ``eval/kl_to_fixed_point`` is the distance to it)::
+
+    k1_reward  r_i ← r_i − β Σ_t log(π_old/π_ref)(y_it), before Â     like PPO        fixed point π*  (default)
+    k3         ℓ_it += β · k3_it                                      DeepSeekMath    ∇ is ∇KL(π_ref ‖ π_θ)
+    k3_ratio   ℓ_it += β · ρ_it · k3_it   (ρ not detached)            TRL's default   ∇ is ∇KL(π_θ ‖ π_ref)
+
+k3's value estimates KL(π_θ‖π_ref) without bias, but the sampling distribution is not differentiated, so its
+expected gradient on-policy is E_π[(1 − π_ref/π) ∇log π] = ∇KL(π_ref‖π_θ): the reverse KL. Multiplying by ρ adds
+E_π[k3 ∇log π], which makes it ∇E_π[k3] = ∇KL(π_θ‖π_ref) (TRL's ``use_bias_correction_kl``).
+
+Why k1_reward is the default: its fixed point is π* = π_ref·exp(r/β)/Z, the maximizer of E r − β KL(π‖π_ref),
+for any G, with or without the std division, and for every loss normalization. Write r'(y) = r(y) − β log π(y)/π_ref(y).
+
+* π* is a fixed point: at π*, r'(y) = β log Z for every y, so every group's rewards are equal, every Â_i = 0, and
+  the update is exactly zero — not only in expectation.
+* It is the only one (one token, free logits z): the expected step F = E[Σ_i Â_i ∇_z log π(y_i)] / G has
+  ⟨F, r'⟩ = E[Σ_i Â_i r'_i] / G (Σ_i Â_i = 0 removes the E_π r' part of ∇_z log π) = E[Σ_i (r'_i − r̄')² / (s + ε)] / G
+  (s = 1 − ε = 0 without std scaling), which is > 0 unless r' is constant on π's support, i.e. unless π = π*.
+
+The k3 choices do not reach π*. Without std scaling the group mean includes the sample itself, so the surrogate's
+expected step is (G − 1)/G · π(r − E_π r); k3_ratio then settles at π_ref·exp((G − 1) r / (G β))/Z, which is π* at
+β·G/(G − 1), and k3 where (G − 1)/G · π(r − E_π r) = β (π − π_ref). With std scaling both move further, since
+1/std rescales the reward but not the KL term. On bandit, G = 8, KL(π* ‖ fixed point) as a share of KL(π* ‖ π_ref)::
+
+    scaled (default)     k3: 4% (β = 0.1), 152% (β = 0.5)      k3_ratio: 52%, 354%      k1_reward: 0, 0
+    scale_rewards=False  k3: 5%, 8%                             k3_ratio: 0.3%, 1.6%     k1_reward: 0, 0
+
 How the per-token losses are averaged is the main thing later papers changed; each is its own function here:
 
     sequence   (1/B) Σ_i (1/|y_i|) Σ_t ℓ_it     DeepSeekMath: a long completion's tokens weigh less each
@@ -34,6 +62,7 @@ G                               ``cfg.group_size``
 ε_std                           ``cfg.epsilon_std``
 ε_low, ε_high                   ``cfg.epsilon_low``, ``cfg.epsilon_high``
 β                               ``cfg.beta`` (0: π_ref is never computed)
+where the KL enters             ``cfg.kl_mode``: ``kl_reward``, ``k3_penalty``, ``k3_ratio_penalty``
 μ                               ``cfg.num_iterations``
 log π_θ, log π_old, log π_ref   ``logprobs``, ``old_logprobs``, ``ref_logprobs`` (B, T)
 r_i, Â_i                        ``rewards``, ``advantages`` (B·G,)
@@ -66,20 +95,31 @@ from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optim
 
 @dataclass
 class GRPOConfig(BaseConfig):
-    """GRPO: group-normalized advantages, clipped surrogate, k3 KL to the reference."""
+    """GRPO: group-normalized advantages, clipped surrogate, KL to the reference (in the reward by default)."""
+
+    # bandit's optimum π* needs one free logit per answer: LoRA on its 2-layer model was still at 53–66% of the start
+    # KL(π*‖π_θ) after 60 steps at β = 0.1 (lr 1e-3 or 5e-3; 1e-2 diverged), full fine-tuning reaches < 1%
+    mode: str | None = opt(None, "full (all weights), lora (peft adapters) or qlora (4-bit nf4 base + adapters); "
+                                 "default: full on bandit, lora elsewhere", builtin="lora")
 
     lr: float | None = opt(None, "AdamW learning rate; default: 1e-3 on the built-in models, "
                                   "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=1e-3)
     steps: int = opt(60, "rollouts; each is followed by num_iterations × (minibatches) optimizer steps",
                      min=1, max=1_000_000)
-    batch_size: int = opt(8, "prompts per rollout (each gets group_size completions)", min=1, max=4096)
+    batch_size: int | None = opt(None, "prompts per rollout (each gets group_size completions); default: 12 on "
+                                       "bandit (its 6 prompts twice), 8 elsewhere", min=1, max=4096, builtin=8)
     group_size: int = opt(8, "G: completions per prompt; ≥ 2 so the group has a baseline", min=2, max=1024)
     epsilon_std: float = opt(1e-4, "ε added to the group std before dividing (a group of equal rewards gets Â = 0)",
                              min=0.0, max=1.0)
     epsilon_low: float = opt(0.2, "ε_low: the ratio is clipped below at 1 − ε_low", min=0.0, max=0.999)
     epsilon_high: float = opt(0.2, "ε_high: the ratio is clipped above at 1 + ε_high (DAPO: 0.28)", min=0.0, max=10.0)
-    beta: float = opt(0.0, "β of the per-token k3 KL to π_ref (DeepSeekMath: 0.04; 0: no reference pass at all)",
+    beta: float = opt(0.0, "β of the KL to π_ref (DeepSeekMath: 0.04; 0: no reference pass at all)",
                       min=0.0, max=100.0)
+    kl_mode: str = opt("k1_reward", "how β·KL enters: k1_reward = r − β·log(π/π_ref) before the group advantage "
+                                    "(fixed point π* ∝ π_ref·e^{r/β}); k3 = β·k3 in the loss (DeepSeekMath; "
+                                    "gradient of KL(π_ref‖π), fixed point ≠ π*); k3_ratio = β·(π/π_old)·k3 (TRL; "
+                                    "gradient of KL(π‖π_ref), fixed point ≠ π* with group advantages)",
+                       choices=("k1_reward", "k3", "k3_ratio"))
     num_iterations: int = opt(1, "μ: optimizer passes over each rollout (> 1 reuses it: ratio ≠ 1, clipping acts)",
                               min=1, max=100)
     loss_norm: str = opt("sequence", "how per-token losses are averaged: sequence (DeepSeekMath), token (DAPO), "
@@ -97,6 +137,11 @@ class GRPOConfig(BaseConfig):
     eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
 
     def __post_init__(self) -> None:
+        bandit = self.task == "bandit"
+        if self.mode is None:
+            self.mode = "full" if bandit else "lora"
+        if self.batch_size is None:
+            self.batch_size = 12 if bandit else 8
         # the checks that need a reason come first, so the message says why and not only the range
         if isinstance(self.group_size, int) and self.group_size < 2:
             raise ConfigError(f"group_size: must be ≥ 2 so the group has a baseline, got {self.group_size}")
@@ -106,6 +151,7 @@ class GRPOConfig(BaseConfig):
         super().__post_init__()
         check(self.loss_norm in LOSS_NORMS, "loss_norm",
               f"must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}")
+        check(self.kl_mode in KL_MODES, "kl_mode", f"must be one of {', '.join(KL_MODES)}, got {self.kl_mode!r}")
         if self.scale_rewards is None:
             self.scale_rewards = self.loss_norm != "constant"
         rollout_size = self.batch_size * self.group_size
@@ -194,14 +240,52 @@ def constant_norm(per_token_loss, completion_mask, *, num_sequences=None, num_to
 LOSS_NORMS = {"sequence": sequence_mean, "token": token_mean, "constant": constant_norm}
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The KL to π_ref: in the reward (k1_reward) or in the loss (k3, k3_ratio). See the module docstring for the fixed
+# point of each.
+
+
+@torch.no_grad()
+def kl_reward(rewards: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+              completion_mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """r'_i = r_i − β · Σ_t m_it (log π_old(y_it) − log π_ref(y_it))     (k1, summed over the completion, as PPO)
+
+    The sequence log-ratio is an unbiased sample of KL(π_old‖π_ref) and, held fixed (no gradient) like the reward,
+    its score-function gradient is the gradient of that KL. rewards (B,); the rest (B, T). Returns (B,).
+    """
+    log_ratio = masked_sum(old_logprobs - ref_logprobs, completion_mask, dim=-1)  # (B,)
+    return rewards - beta * log_ratio
+
+
+def k3_penalty(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3_t = π_ref/π_θ − log(π_ref/π_θ) − 1   (DeepSeekMath eq. 4): on-policy ∇E[k3] is ∇KL(π_ref‖π_θ). (B, T)."""
+    return kl_k3(logprobs, ref_logprobs)
+
+
+def k3_ratio_penalty(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """ρ_t · k3_t,  ρ_t = π_θ/π_old with its gradient (TRL ``use_bias_correction_kl``; DeepSeek-V3.2).
+
+    Same value as k3 on-policy (ρ = 1), but the gradient gains k3 · ∇log π_θ, and E_π[k3 ∇log π + ∇k3] =
+    ∇E_π[k3] = ∇KL(π_θ‖π_ref). (B, T).
+    """
+    return torch.exp(logprobs - old_logprobs) * kl_k3(logprobs, ref_logprobs)
+
+
+KL_PENALTIES = {"k3": k3_penalty, "k3_ratio": k3_ratio_penalty}  # the KL as a loss term
+KL_MODES = ("k1_reward", *KL_PENALTIES)  # k1_reward: the KL in the reward, via kl_reward
+
+
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
               completion_mask: torch.Tensor, *, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
-              epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_norm: str = "sequence",
-              max_new_tokens: int | None = None, num_sequences: int | None = None, num_tokens: int | None = None):
-    """L = norm( ℓ ),  ℓ_it = clipped_surrogate_it + β · k3(log π_θ, log π_ref)_it   (see the module docstring)
+              kl_penalty: str = "k3", epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+              loss_norm: str = "sequence", max_new_tokens: int | None = None, num_sequences: int | None = None,
+              num_tokens: int | None = None):
+    """L = norm( ℓ ),  ℓ_it = clipped_surrogate_it + β · penalty_it   (see the module docstring)
 
+    penalty: ``k3_penalty`` (DeepSeekMath) or ``k3_ratio_penalty`` (TRL), by ``kl_penalty``. For kl_mode k1_reward
+    the KL is already in the advantages: call this with β = 0.
     logprobs, old_logprobs, ref_logprobs, completion_mask: (B, T); advantages: (B,).
-    Returns (loss, metrics); metrics are token means over this (micro)batch.
+    Returns (loss, metrics); metrics are token means over this (micro)batch; ``kl/ref`` is the k3 value.
     """
     norm = LOSS_NORMS[loss_norm]
     mask = completion_mask.to(logprobs.dtype)  # (B, T)
@@ -213,9 +297,9 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs ref_logprobs")
-        kl = kl_k3(logprobs, ref_logprobs)  # (B, T)
-        loss = loss + beta * norm(kl, mask, **sizes)  # the same as adding β·k3 to ℓ: every norm is linear
-        metrics["kl/ref"] = masked_mean(kl.detach(), mask)
+        penalty = KL_PENALTIES[kl_penalty](logprobs, old_logprobs, ref_logprobs)  # (B, T)
+        loss = loss + beta * norm(penalty, mask, **sizes)  # the same as adding β·penalty to ℓ: every norm is linear
+        metrics["kl/ref"] = masked_mean(kl_k3(logprobs.detach(), ref_logprobs), mask)
     with torch.no_grad():
         metrics.update({"loss/policy": policy_loss.detach(),
                         "clip/low_frac": masked_mean(low.float(), mask),
@@ -266,31 +350,41 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
 
     reuse = cfg.num_iterations > 1 or minibatch < rollout_size  # later updates see a stale rollout
     bandit_ref = bandit_reference(policy, task) if cfg.beta > 0 else None  # π_ref only when β > 0
+    fixed_point = bandit_fixed_point(cfg, policy, task, bandit_ref)  # where this kl_mode settles (bandit, β > 0)
+    in_reward = cfg.beta > 0 and cfg.kl_mode == "k1_reward"
+
+    def evaluate() -> dict:
+        return eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref, fixed_point=fixed_point)
 
     with Run(cfg, "grpo", policy=policy, stop=stop, record=record) as run:
         run.summary["reward"] = reward_fn.name
-        run.summary["before"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
+        run.summary["before"] = evaluate()
         for step in run.steps():
             # 1. rollout: every prompt G times, side by side, so groups are contiguous rows
             group_rows = [row for row in next(batches) for _ in range(G)]
             roll = rollout(policy, [r["prompt"] for r in group_rows], cfg, generator, max_new_tokens)  # B·G rows
             # 2. score
             rewards = score(reward_fn, roll, prompt_columns(group_rows))  # (B·G,)
-            # 3. advantages, from the group alone
-            advantages = group_advantages(rewards, G, cfg.epsilon_std, cfg.scale_rewards)  # (B·G,)
             metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))
-            group_std = rewards.view(-1, G).std(-1)  # (B,)
-            metrics["groups/zero_std_frac"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()
             # default microbatch: the largest whose forward/backward (logits and activations) fits in memory
             microbatch = cfg.microbatch_size or auto_microbatch(policy.model, minibatch, roll.completion_ids.shape[1],
                                                                 context_tokens=roll.prompt_ids.shape[1])
-            # 4. log-probs that stay fixed during the update: π_old (only if the rollout is reused; else the
-            #    ratio is 1 and logprobs.detach() serves) and π_ref (only if β > 0)
-            old_logprobs = logprobs_in_chunks(policy.model, roll, cfg.temperature, microbatch) if reuse else None
+            # 3. log-probs that stay fixed during the update: π_old (if the rollout is reused, or for the KL in the
+            #    reward; else the ratio is 1 and logprobs.detach() serves) and π_ref (only if β > 0)
+            old_logprobs = (logprobs_in_chunks(policy.model, roll, cfg.temperature, microbatch)
+                            if reuse or in_reward else None)  # (B·G, T)
             ref_logprobs = None
             if cfg.beta > 0:
                 with policy.reference() as ref:
                     ref_logprobs = logprobs_in_chunks(ref, roll, cfg.temperature, microbatch)  # (B·G, T)
+            # 4. advantages, from the group alone (k1_reward: of r − β·log π_old/π_ref, like PPO's shaped reward)
+            if in_reward:
+                rewards = kl_reward(rewards, old_logprobs, ref_logprobs, roll.completion_mask, cfg.beta)  # (B·G,)
+                metrics["reward/shaped"] = rewards.mean()
+                metrics["kl/ref"] = masked_mean(kl_k3(old_logprobs, ref_logprobs), roll.completion_mask)
+            advantages = group_advantages(rewards, G, cfg.epsilon_std, cfg.scale_rewards)  # (B·G,)
+            group_std = rewards.view(-1, G).std(-1)  # (B,)
+            metrics["groups/zero_std_frac"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()
             # 5. update: μ passes; each pass: minibatches (one optimizer step) of microbatches (accumulated)
             policy.model.train()
             meter, grad_norms, losses = _Mean(), [], []
@@ -308,10 +402,11 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
                         logprobs, entropy = completion_logprobs(policy.model, part, cfg.temperature,
                                                                 with_entropy=True)  # (b, T)
                         idx = micro.to(logprobs.device)
-                        old = old_logprobs[idx] if old_logprobs is not None else logprobs.detach()
+                        old = old_logprobs[idx] if reuse else logprobs.detach()  # ratio exactly 1 when fresh
                         loss, loss_metrics = grpo_loss(
                             logprobs, old, advantages[idx], mask,
-                            ref_logprobs=ref_logprobs[idx] if ref_logprobs is not None else None, beta=cfg.beta,
+                            ref_logprobs=ref_logprobs[idx] if ref_logprobs is not None else None,
+                            beta=0.0 if in_reward else cfg.beta, kl_penalty=cfg.kl_mode,  # k1_reward: β = 0
                             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_norm=cfg.loss_norm,
                             max_new_tokens=max_new_tokens, num_sequences=len(rows), num_tokens=num_tokens)
                         loss.backward()
@@ -324,11 +419,26 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
             metrics["loss/policy"] = sum(losses) / len(losses)
             metrics["grad/norm"] = sum(grad_norms) / len(grad_norms)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics.update(eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref))
+                metrics.update(evaluate())
             if run.want_samples(step):
                 run.samples(step, sample_rows(roll, rewards, advantages, n=2 * G))
             yield run.log(step, metrics, tokens=rollout_tokens(roll))
-        run.summary["after"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
+        run.summary["after"] = evaluate()
+
+
+def bandit_fixed_point(cfg: GRPOConfig, policy, task, ref_logprobs: torch.Tensor | None) -> torch.Tensor | None:
+    """log π at the exact fixed point of this config's expected update on an enumerable task's prompts (B, V)
+    (the built-in bandit or one declared with ``lab.tasks.EnumerableTask``), for ``eval/kl_to_fixed_point``; None
+    on other tasks, at β = 0, or when the rollouts do not sample π_θ itself or are not scored by the gold reward
+    (temperature, top_p, reward)."""
+    exact = cfg.reward == "gold" and cfg.temperature == 1.0 and cfg.top_p == 1.0  # samples from π_θ, scored by r
+    if task is None or task.kind != "bandit" or ref_logprobs is None or not exact:
+        return None
+    from lab.fixed_points import grpo_fixed_point
+
+    rewards = task.reward_tables(task.eval_prompts(), policy.tokenizer)  # (B, V)
+    return grpo_fixed_point(ref_logprobs.cpu(), rewards, cfg.beta, cfg.kl_mode, cfg.group_size,
+                            cfg.scale_rewards, cfg.epsilon_std)
 
 
 Config = GRPOConfig

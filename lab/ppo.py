@@ -57,7 +57,7 @@ from lab.ops import kl_estimate, masked_mean, masked_var, masked_whiten
 from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
 from lab.sft import sft_loss
 
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS = ("k1",)  # k3 is refused in PPOConfig.__post_init__, with the reason
 
 
 @dataclass
@@ -74,8 +74,12 @@ class PPOConfig(BaseConfig):
     batch_size: int = opt(32, "prompts per rollout batch (one completion each)", min=1, max=4096)
     # the KL-regularized reward
     beta: float = opt(0.05, "β: weight of the per-token KL(π_θ‖π_ref) penalty in the reward", min=0.0, max=10.0)
-    kl_estimator: str = opt("k1", "per-token KL in the reward: k1 = log π/π_ref (unbiased; InstructGPT) or "
-                                  "k3 = (ρ − 1) − log ρ, ρ = π_ref/π (≥ 0, lower variance)", choices=KL_ESTIMATORS)
+    # As a reward, only k1 keeps the optimum: the policy gradient of a fixed per-token reward −β·k is
+    # −β·E[k ∇log π], and E_π[k3 ∇log π] = ∇KL(π‖π_ref) − E_π[∇k3] misses the second part; adding it back,
+    # k3 + (1 − π_ref/π) = −log(π_ref/π), is k1. tests/test_ppo.py shows the k3 reward's fixed point on bandit.
+    kl_estimator: str = opt("k1", "per-token KL in the reward: k1 = log π/π_ref, whose fixed point is π* ∝ "
+                                  "π_ref·e^{r/β} (InstructGPT); k3 = (ρ − 1) − log ρ is refused: as a reward its "
+                                  "gradient is biased and its fixed point is not π*", choices=KL_ESTIMATORS)
     adaptive_kl: bool = opt(False, "adapt β toward target_kl (Ziegler et al. 2019) instead of keeping it fixed")
     target_kl: float = opt(1.0, "adaptive β: the KL(π_θ‖π_ref) per completion to aim for, in nats",
                            min=1e-3, max=100.0)
@@ -113,6 +117,9 @@ class PPOConfig(BaseConfig):
                           min=0, max=1_000_000)
 
     def __post_init__(self) -> None:
+        check(self.kl_estimator != "k3", "kl_estimator",
+              "k3 as a per-token reward biases the policy gradient away from π* (its score-function gradient "
+              "lacks E[∇k3]; with it added k3 becomes k1): use k1")
         super().__post_init__()
         check(self.kl_estimator in KL_ESTIMATORS, "kl_estimator",
               f"must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")

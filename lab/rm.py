@@ -323,11 +323,40 @@ def bayes_accuracy(rows: list[dict]) -> float:
     return sum(agree) / len(agree)
 
 
+def within_prompt_spearman(prompts: list, learned: list[float], gold: list[float]) -> float | None:
+    """Mean over prompts of the Spearman rank correlation of learned and gold reward among that prompt's
+    completions (one entry per distinct completion)::
+
+        ρ_within = mean_x  ρ_Spearman( r_φ(x, ·), r_gold(x, ·) )
+
+    Bradley–Terry identifies r only up to a constant per prompt (σ sees differences within a pair), so this is
+    what a reward model can be asked to get right. Prompts with fewer than 3 completions or a constant gold reward
+    are skipped (None when none is left); a constant learned reward on a prompt counts as 0, not as skipped, so a
+    reward model that learned nothing there is not hidden.
+    Naive equivalent: group by prompt, ``scipy.stats.spearmanr`` per group, average.
+    """
+    from scipy.stats import spearmanr
+
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(str(prompt), []).append(i)
+    per_prompt = []
+    for indices in groups.values():
+        g, r = [gold[i] for i in indices], [learned[i] for i in indices]
+        if len(indices) < 3 or len(set(g)) < 2:
+            continue
+        per_prompt.append(float(spearmanr(r, g).statistic) if len(set(r)) > 1 else 0.0)
+    return sum(per_prompt) / len(per_prompt) if per_prompt else None
+
+
 @torch.no_grad()
 def evaluate_reward_model(model, tokenizer, rows: list[dict], *, max_length: int = 256,
                           batch_size: int = 128) -> dict:
-    """Held-out pair accuracy, and, where rows carry gold rewards (``chosen_gold``, ``rejected_gold``), the
-    Spearman correlation of r_φ with r_gold over the distinct completions and the Bayes accuracy."""
+    """Held-out pair accuracy, and, where rows carry gold rewards (``chosen_gold``, ``rejected_gold``), the Bayes
+    accuracy and two rank correlations of r_φ with r_gold over the distinct completions: ``eval/spearman``
+    within each prompt, averaged over prompts (the headline: Bradley–Terry fixes r only up to a per-prompt
+    constant), and ``eval/spearman_pooled`` over all completions of all prompts at once, which per-prompt
+    offsets pull down."""
     from scipy.stats import spearmanr
 
     was_training = model.training
@@ -349,7 +378,11 @@ def evaluate_reward_model(model, tokenizer, rows: list[dict], *, max_length: int
                 key = (str(row["prompt"]), row[side], bool(row.get(f"{side}_truncated", False)))
                 learned[key], gold[key] = score, row[f"{side}_gold"]
         keys = list(learned)
-        out["eval/spearman"] = float(spearmanr([learned[k] for k in keys], [gold[k] for k in keys]).statistic)
+        scores, targets = [learned[k] for k in keys], [gold[k] for k in keys]
+        within = within_prompt_spearman([k[0] for k in keys], scores, targets)
+        if within is not None:
+            out["eval/spearman"] = within
+        out["eval/spearman_pooled"] = float(spearmanr(scores, targets).statistic)
         out["eval/bayes_accuracy"] = bayes_accuracy(rows)
     return out
 

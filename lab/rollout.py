@@ -165,10 +165,12 @@ def correct_mask(task, roll: Rollout) -> torch.Tensor | None:
     return torch.tensor([g >= 1.0 for g in gold])
 
 
-def eval_metrics(policy, task, n: int, beta: float | None = None, ref_logprobs: torch.Tensor | None = None) -> dict:
+def eval_metrics(policy, task, n: int, beta: float | None = None, ref_logprobs: torch.Tensor | None = None,
+                 fixed_point: torch.Tensor | None = None) -> dict:
     """Greedy answers on ``n`` held-out prompts scored by the gold reward: ``eval/accuracy`` (verifiable tasks) or
     ``eval/gold_reward``; on ``bandit`` also the exact ``eval/exact_reward`` and, given β and π_ref's next-token
-    log-probs, ``eval/kl_to_optimum`` = KL(π* ‖ π_θ)."""
+    log-probs, ``eval/kl_to_optimum`` = KL(π* ‖ π_θ); given the log-probs of the method's own fixed point (B, V),
+    ``eval/kl_to_fixed_point`` = KL(π_fixed ‖ π_θ) (lab.fixed_points)."""
     from lab.evaluate import bandit_exact, evaluate
 
     if task is None:
@@ -182,6 +184,10 @@ def eval_metrics(policy, task, n: int, beta: float | None = None, ref_logprobs: 
         out["eval/exact_reward"] = exact["exact_reward"]
         if "kl_to_optimum" in exact:
             out["eval/kl_to_optimum"] = exact["kl_to_optimum"]
+        if fixed_point is not None:
+            from lab.fixed_points import kl_to_fixed_point
+
+            out["eval/kl_to_fixed_point"] = kl_to_fixed_point(policy.model, policy.tokenizer, task, fixed_point)
     return out
 
 

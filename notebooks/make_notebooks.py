@@ -936,8 +936,9 @@ def dpo():
         has a closed-form optimum, and solving it for the reward shows that the policy itself defines a reward,
         β·log π_θ/π_ref. Fit that implicit reward to the preference pairs with the Bradley–Terry loss and you are
         training the policy directly, with two forward passes per pair and ordinary backpropagation. This
-        notebook derives the loss, checks it and three variants by hand (length-normalized DPO, SimPO, IPO), and
-        trains on the `reviews` pairs.
+        notebook derives the loss, checks it and three variants by hand (length-normalized DPO, SimPO, IPO),
+        trains on the `reviews` pairs, and measures exactly, on an enumerable task, the probability DPO leaves on
+        answers that no pair holds.
         """),
         INSTALL,
         params_cell("""
@@ -945,6 +946,7 @@ def dpo():
             BATCH_SIZE = 8 if LAB_FAST else 32     # preference pairs per step
             BETA = 0.1                             # β of the sigmoid (DPO) loss
             VARIANT_STEPS = 1 if LAB_FAST else 40  # steps for each variant in §6
+            LEAK_STEPS = 3 if LAB_FAST else 60     # steps of the run in §7 (what DPO never sees)
         """),
         *hub_switch("""
             HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -1119,6 +1121,73 @@ def dpo():
                                  "rewards/accuracy (last batch)": m["rewards/accuracy"]})
             pd.DataFrame(variants)
         """),
+        md(r"""
+        ## 7. What DPO never sees: the mass off the support
+
+        The loss only compares log-ratios of answers that appear in some pair. Call those answers the support
+        S(x). Nothing in the loss says how much probability the policy should keep on every other response, so
+        that mass goes wherever the shared weights take it. On an enumerable task we can measure it exactly:
+
+        * `eval/mass_off_support` = π_θ(y ∉ S(x)), the probability of a response that no training pair holds;
+        * `eval/kl_to_optimum_support` = KL(π* ‖ π_θ) with both renormalized over S(x): does DPO match π* on
+          the answers it saw?
+        * `eval/kl_to_optimum` = KL(π* ‖ π_θ) over the whole vocabulary: does it match π* everywhere?
+
+        To make the support visibly smaller than the response space, we declare a task of our own
+        (`lab.tasks.EnumerableTask`): the `bandit` rewards and model, but pairs drawn so that each prompt's best
+        answer is never in one. π* = π_ref·e^{r/β}/Z still wants that answer; DPO never hears of it.
+        """),
+        code("""
+            from lab.tasks import EnumerableTask, register
+            from lab.tasks.bandit import REF_PROBS, REWARDS
+            from lab.tasks.enumerable import mass_off_support, next_token_logprobs, pair_support, pi_star, support_mask
+
+            unseen = {p: max(table, key=table.get) for p, table in REWARDS.items()}  # each prompt's best answer
+            pair_probs = {p: {a: 0.0 if a == unseen[p] else q for a, q in probs.items()} for p, probs in REF_PROBS.items()}
+            leaky = register(EnumerableTask("bandit-unseen", REWARDS, ref_probs=pair_probs, model="bandit", pairs=2000),
+                             replace=True)
+            lcfg = DPOConfig(task="bandit-unseen", mode="full", beta=0.5, steps=LEAK_STEPS, batch_size=64,
+                             eval_every=max(LEAK_STEPS // 6, 1), sample_every=0)
+            lpolicy = load_for(lcfg, leaky)
+            tok, prompts = lpolicy.tokenizer, leaky.eval_prompts()
+            with torch.no_grad(), lpolicy.reference() as ref:
+                ref_logprobs = next_token_logprobs(ref, tok, prompts)  # (B, V)
+            star = pi_star(ref_logprobs, leaky.reward_tables(prompts, tok), lcfg.beta)  # (B, V)
+            support = support_mask(prompts, pair_support(leaky.preference_rows("train")), tok)  # (B, V) bool
+            print(f"mass off the support: π_ref {mass_off_support(ref_logprobs, support).mean():.3f}, "
+                  f"π* {mass_off_support(star, support).mean():.3f}")
+
+            leak = [m for m in tqdm(train(lcfg, policy=lpolicy), total=lcfg.steps) if "eval/kl_to_optimum" in m]
+            leak_df = pd.DataFrame(leak)
+            fig = px.line(leak_df, x="step", y=["eval/kl_to_optimum", "eval/kl_to_optimum_support", "eval/mass_off_support"],
+                          markers=True, title="DPO on pairs that never hold the best answer (β = 0.5)")
+            fig.add_hline(y=mass_off_support(star, support).mean().item(), line_dash="dot",
+                          annotation_text="π*'s mass off the support")
+            fig.show()
+        """),
+        md("""
+        What our run printed (seed 0, 60 steps, full fine-tuning): on the support, KL(π*‖π_θ) fell from 0.136 to
+        0.019, so DPO found π* among the answers it saw. Over the whole vocabulary it fell only from 0.278 to
+        0.208: the mass off the support stayed where π_ref had it (0.120 → 0.118), while π* puts 0.355 there.
+        A second seed gave the same picture (0.016 on the support, 0.201 overall). How much the unseen mass moves,
+        and in which direction, is not set by the loss; it is a side effect of the shared weights, which is why
+        it is worth logging. The bars show one prompt answer by answer.
+        """),
+        code("""
+            prompt = prompts[0]
+            with torch.no_grad():
+                after = next_token_logprobs(lpolicy.model, tok, [prompt])[0]  # (V,)
+            answers = list(REWARDS[prompt])
+            ids = [tok.convert_tokens_to_ids(a) for a in answers]
+            bars = []
+            for label, logprobs in (("π_ref", ref_logprobs[0]), ("π*", star[0]), ("π_θ after DPO", after)):
+                probs = logprobs.exp()
+                bars += [{"policy": label, "response": a + (" (in no pair)" if a == unseen[prompt] else ""),
+                          "probability": probs[i].item()} for a, i in zip(answers, ids)]
+                bars.append({"policy": label, "response": "every other token", "probability": 1 - probs[ids].sum().item()})
+            px.bar(pd.DataFrame(bars), x="response", y="probability", color="policy", barmode="group",
+                   title=f"{prompt!r}: rewards {REWARDS[prompt]}").show()
+        """),
         md("""
         ## Try this
 
@@ -1156,6 +1225,7 @@ def grpo():
             EVAL_EVERY = 2 if LAB_FAST else 10     # greedy held-out accuracy every N steps
             EVAL_SIZE = 32 if LAB_FAST else 200    # held-out problems per evaluation
             LR = 1e-3                              # steadier on this task than the method's default 3e-3
+            BANDIT_STEPS = 6 if LAB_FAST else 60   # §6: steps of each bandit run (the method's bandit default: 60)
         """),
         *hub_switch("""
             HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -1232,11 +1302,15 @@ def grpo():
         $$\hat A_i = \frac{r_i - \mathrm{mean}(r_1..r_G)}{\mathrm{std}(r_1..r_G) + \epsilon}.$$
 
         No value network has to learn what a prompt is worth: the group's mean is the baseline, measured instead of
-        predicted. Every token of $y_i$ gets the same $\hat A_i$. The update is PPO's clipped surrogate plus a KL
-        penalty to π_ref, estimated per token with k3 (unbiased and never negative, see `01_tour` §4):
+        predicted. Every token of $y_i$ gets the same $\hat A_i$. The update is PPO's clipped surrogate; DeepSeekMath
+        adds a KL penalty to π_ref, estimated per token with k3 (unbiased and never negative, see `01_tour` §4):
 
         $$\ell_{it} = -\min\big(\rho_{it}\hat A_i,\ \mathrm{clip}(\rho_{it}, 1-\epsilon_\text{low}, 1+\epsilon_\text{high})\,\hat A_i\big) + \beta\, k_3\big(\pi_\theta, \pi_\text{ref}\big)_{it},
           \qquad \rho_{it} = \frac{\pi_\theta(y_{it}\mid\cdot)}{\pi_\text{old}(y_{it}\mid\cdot)}.$$
+
+        That k3 term has the right value and the wrong gradient: §6 shows where it leads. The lab's default
+        (`kl_mode="k1_reward"`) puts the KL in the reward instead, $r_i - \beta \log \pi_\text{old}(y_i)/\pi_\text{ref}(y_i)$,
+        before the group advantage, as PPO does.
 
         How the per-token losses $\ell_{it}$ are averaged into one number is where GRPO's descendants differ:
         per sequence then over the group (DeepSeekMath), over all tokens (DAPO), or by a constant (Dr. GRPO).
@@ -1353,6 +1427,63 @@ def grpo():
                                       "after_reward": reward_fn(prompts, after).tolist()})
             table
         """),
+        md(r"""
+        ## 6. Where the KL term leads: two fixed points on `bandit`
+
+        On `bandit` every answer is one token, so the optimum of $E[r] - \beta\,\mathrm{KL}(\pi\,\|\,\pi_\text{ref})$ is
+        known exactly, $\pi^* = \pi_\text{ref}\, e^{r/\beta}/Z$, and so is the point where each way of adding the KL
+        stops moving: `lab.fixed_points` computes the expected GRPO update exactly (every group of G answers
+        enumerated) and follows it until it vanishes.
+
+        * `k1_reward` (the default): at π* the shaped reward $r - \beta\log\pi/\pi_\text{ref} = \beta\log Z$ is the same
+          for every answer, so every Â is 0: its fixed point *is* π*.
+        * `k3` (DeepSeekMath): its expected gradient is that of KL(π_ref ‖ π), the reverse KL, and the std
+          division rescales the reward but not the KL term. At β = 0.5 its fixed point is farther from π* than
+          π_ref is (KL(π* ‖ fixed) = 152% of KL(π* ‖ π_ref)).
+
+        Two runs at β = 0.5 with the bandit defaults (full fine-tuning, 12 prompts × G = 8 a step). Each logs
+        `eval/kl_to_optimum` = KL(π* ‖ π_θ) and `eval/kl_to_fixed_point` = KL(its own fixed point ‖ π_θ). In the full
+        60-step run the default ends at 0.6% of the starting KL to π*, and k3 ends 0.006 nats from its own fixed
+        point and at 1.6 times the starting KL to π*.
+        """),
+        code("""
+            from lab.grpo import bandit_fixed_point
+            from lab.tasks.bandit import REWARDS, next_token_logprobs, pi_star, reward_tables
+
+            BETA = 0.5
+            bandit_task = TASKS.get("bandit")
+            runs, fixed_points = {}, {}
+            for kl_mode in ("k1_reward", "k3"):
+                bandit_cfg = GRPOConfig(task="bandit", beta=BETA, kl_mode=kl_mode, steps=BANDIT_STEPS,
+                                        eval_every=max(1, BANDIT_STEPS // 12), sample_every=0)
+                bandit_policy = load_for(bandit_cfg, bandit_task)
+                with torch.no_grad(), bandit_policy.reference() as ref:
+                    bandit_ref = next_token_logprobs(ref, bandit_policy.tokenizer, bandit_task.eval_prompts())  # (6, V)
+                fixed_points[kl_mode] = bandit_fixed_point(bandit_cfg, bandit_policy, bandit_task, bandit_ref)  # (6, V)
+                runs[kl_mode] = (pd.DataFrame([m for m in train(bandit_cfg, policy=bandit_policy)
+                                               if "eval/kl_to_optimum" in m]), bandit_policy)
+            curves = pd.concat([df.assign(kl_mode=mode) for mode, (df, _) in runs.items()])
+            curves = curves.melt(id_vars=["step", "kl_mode"], value_vars=["eval/kl_to_optimum", "eval/kl_to_fixed_point"])
+            px.line(curves, x="step", y="value", color="variable", facet_col="kl_mode", markers=True,
+                    title=f"β = {BETA}: distance to π* and to each mode's own fixed point (nats)").show()
+        """),
+        md("""
+        The first prompt's answers: π_ref, π*, each mode's fixed point, and where each run ended.
+        """),
+        code("""
+            prompt = bandit_task.eval_prompts()[0]
+            tokenizer = runs["k3"][1].tokenizer
+            rewards = reward_tables([prompt], tokenizer)[0]  # (V,)
+            ids = [tokenizer.convert_tokens_to_ids(a) for a in REWARDS[prompt]]  # this prompt's answers
+            star = pi_star(bandit_ref[0], rewards, BETA)  # (V,)
+            with torch.no_grad():
+                ended = {mode: next_token_logprobs(p.model, tokenizer, [prompt])[0] for mode, (_, p) in runs.items()}
+            pd.DataFrame({"answer": tokenizer.convert_ids_to_tokens(ids), "reward": rewards[ids].tolist(),
+                          "π_ref": bandit_ref[0, ids].exp().tolist(), "π*": star[ids].exp().tolist(),
+                          "k3 fixed point": fixed_points["k3"][0, ids].exp().tolist(),
+                          "k1_reward run": ended["k1_reward"][ids].exp().tolist(),
+                          "k3 run": ended["k3"][ids].exp().tolist()}).round(3)
+        """),
         md("""
         ## Try this
 
@@ -1365,6 +1496,9 @@ def grpo():
         * **`settings["beta"] = 0.04`** (DeepSeekMath's value): `kl/ref` appears in the metrics and the policy
           stays closer to π_ref; with β = 0 (the lab's default, as in DAPO and Dr. GRPO) nothing holds it back but
           the clip.
+        * **§6 with `kl_mode="k3_ratio"`** (TRL's bias-corrected KL, the gradient of KL(π ‖ π_ref)) or with
+          `scale_rewards=False`: the fixed points move (`lab.grpo`'s docstring tabulates them; without the std
+          division k3_ratio lands on π* at β·G/(G − 1)), and `BETA = 0.1` puts all of them closer to π*.
         """),
     ]
     return title, cells

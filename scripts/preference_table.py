@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         rm_line = (f"Reward model (`python -m lab train rm --task {args.task}`, {cfg.steps} steps, "
                    f"{time.time() - t0:.0f} s): held-out pair accuracy {last['eval/accuracy']:.3f} "
                    f"(Bayes limit {last['eval/bayes_accuracy']:.3f}), Spearman with the gold reward "
-                   f"{last['eval/spearman']:.3f}.")
+                   f"{last['eval/spearman']:.3f} within prompts ({last['eval/spearman_pooled']:.3f} pooled).")
         print(rm_line, flush=True)
 
     # 1. the base policy, before any training

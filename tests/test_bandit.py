@@ -188,3 +188,15 @@ def test_bandit_preference_rows_follow_bradley_terry():
     for prompt in PROMPTS:
         best = max(REWARDS[prompt], key=REWARDS[prompt].get)
         assert sum(r["prompt"] == prompt and best in (r["chosen"], r["rejected"]) for r in rows) >= 30
+
+
+def test_the_builtin_bandit_is_an_enumerable_task():
+    """The built-in task is an instance of the general mechanism: same table, same non-answer reward, and the
+    module-level functions give what its methods give."""
+    from lab.tasks import EnumerableTask
+
+    task = get_task("bandit")
+    assert isinstance(task, EnumerableTask) and task.kind == "bandit"
+    assert task.rewards == REWARDS and task.non_answer_reward == NON_ANSWER_REWARD
+    assert task.gold_reward("pick a drink :", " water ") == 1.0 and task.gold_reward("pick a drink :", "red") == -1.0
+    assert task.sft_rows()[:3] == task.sft_rows()[:3] and len(task.sft_rows()) == 50 * len(PROMPTS)

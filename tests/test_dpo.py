@@ -401,3 +401,38 @@ def test_cli_bad_hyperparameter_is_one_line(tmp_path, capsys, flags, message):
     assert main(["train", "dpo", *flags, "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == message
     assert not any(tmp_path.iterdir())  # no run was started
+
+
+def test_sampled_off_support_hand_computed():
+    """Prompt a has support {x, y}: samples x, z, " y " → 1 of 3 off (whitespace ignored). Prompt b is in no pair,
+    so its samples are not counted; prompt c's sample w is off: 2 of 4 = 0.5. No prompt in the pairs → None."""
+    from lab.dpo import sampled_off_support
+    from lab.tasks.enumerable import pair_support
+
+    support = pair_support([{"prompt": "a", "chosen": "x", "rejected": "y"}, {"prompt": "c", "chosen": "v",
+                                                                            "rejected": "u"}])
+    assert support == {"a": {"x", "y"}, "c": {"v", "u"}}
+    prompts, completions = ["a", "a", "a", "b", "c"], ["x", "z", " y ", "q", "w"]
+    assert sampled_off_support(prompts, completions, support) == pytest.approx(0.5)
+    assert sampled_off_support(["b"], ["q"], support) is None
+
+
+def test_bandit_run_logs_the_exact_mass_off_the_pairs(tmp_path):
+    """eval/mass_off_support on bandit is 1 − Σ π_θ(y|x) over the tokens in the training pairs of x, averaged over
+    the prompts, before and after; eval/kl_to_optimum_support ≤ eval/kl_to_optimum here (π_ref puts ~0.1% off)."""
+    from lab.modeling import load_policy
+    from lab.tasks import bandit, get_task
+    from lab.tasks.enumerable import pair_support, support_mask
+
+    policy = load_policy(task="bandit", mode="lora", lora_r=4, lora_alpha=8)
+    cfg = DPOConfig(task="bandit", beta=0.5, steps=2, batch_size=64, lr=2e-2, out=str(tmp_path), run_id="m",
+                    sample_every=0)
+    last = list(train(cfg, policy=policy))[-1]
+    mask = support_mask(bandit.PROMPTS, pair_support(get_task("bandit").preference_rows("train")), policy.tokenizer)
+    with torch.no_grad():
+        probs = bandit.next_token_logprobs(policy.model, policy.tokenizer, bandit.PROMPTS).exp()  # (6, V)
+    assert last["eval/mass_off_support"] == pytest.approx(1 - (probs * mask).sum(-1).mean().item(), abs=1e-5)
+    assert 0 < last["eval/mass_off_support"] < 0.05
+    assert 0 <= last["eval/kl_to_optimum_support"] <= last["eval/kl_to_optimum"] + 1e-3
+    _, status = _read(tmp_path / "m")
+    assert "eval/mass_off_support" in status["summary"]["before"]

@@ -130,3 +130,26 @@ def test_group_advantages_match_trl_formula(scale):
     if scale:
         expected = expected / (std + 1e-4)
     torch.testing.assert_close(group_advantages(rewards, G, eps=1e-4, scale=scale), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("loss_norm,loss_type", [("sequence", "grpo"), ("token", "dapo"), ("constant", "dr_grpo")])
+def test_k3_ratio_matches_trl_bias_corrected_kl(loss_norm, loss_type):
+    """kl_mode k3_ratio = TRL's ``use_bias_correction_kl=True`` (its default in 1.16): per-token k3 times the
+    undetached ratio π_θ/π_old. Loss and gradient equal TRL's, off-policy too (old ≠ logprobs here)."""
+    logprobs, old, ref, mask, advantages = _tensors(2)
+    ours, _ = grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.04, kl_penalty="k3_ratio",
+                        epsilon_low=0.2, epsilon_high=0.28, loss_norm=loss_norm, max_new_tokens=MAX_LEN)
+    (ours_grad,) = torch.autograd.grad(ours, logprobs)
+    fake = _trl_self(loss_type, 0.04, 0.2, 0.28, logprobs, torch.zeros(B, T))
+    fake.args.use_bias_correction_kl = True
+    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
+              "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum()}
+    theirs = trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
+    (theirs_grad,) = torch.autograd.grad(theirs, logprobs)
+    assert abs(float(ours.detach()) - float(theirs.detach())) < 1e-6
+    torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=0)
+    plain, _ = grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.04, kl_penalty="k3",
+                         epsilon_low=0.2, epsilon_high=0.28, loss_norm=loss_norm, max_new_tokens=MAX_LEN)
+    assert abs(float(plain.detach()) - float(ours.detach())) > 1e-6  # the ratio does change the loss off-policy

@@ -206,7 +206,8 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target():
     ({"lam": -0.1}, "lam", "[0.0, 1.0]"),
     ({"beta": -1.0}, "beta", "[0.0, 10.0]"),
     ({"ppo_epochs": 0}, "ppo_epochs", "[1, 100]"),
-    ({"kl_estimator": "k2"}, "kl_estimator", "k1, k3"),
+    ({"kl_estimator": "k2"}, "kl_estimator", "must be one of k1"),
+    ({"kl_estimator": "k3"}, "kl_estimator", "biases the policy gradient away from π*"),
     ({"batch_size": 32, "num_minibatches": 3}, "num_minibatches", "divide batch_size (32)"),
     ({"batch_size": 8, "num_minibatches": 2, "gradient_accumulation": 3}, "gradient_accumulation", "= 4"),
     ({"adaptive_kl": True, "beta": 0.0}, "adaptive_kl", "beta > 0"),
@@ -365,3 +366,25 @@ def test_cli_trains_ppo_and_rejects_bad_values_in_one_line(tmp_path, capsys):
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "completed" and status["steps"] == 2
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_k3_as_a_reward_has_the_wrong_gradient_and_k1_the_right_one():
+    """Why PPOConfig refuses kl_estimator=k3. A per-token reward −β·k(y) held fixed has the policy gradient
+    −β·E_π[k(y) ∇log π(y)]; exactly over a 5-token softmax: k1 gives −β·∇KL(π‖π_ref) (so the fixed point is π*),
+    k3 does not, and k3 + (1 − π_ref/π) — the E_π[∇k3] part the score function misses — is k1."""
+    from lab.ops import kl_k1, kl_k3
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(5, generator=g, dtype=torch.float64).log_softmax(-1)
+    logp = z.log_softmax(-1)
+    (kl_grad,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), z, retain_graph=True)  # ∇KL(π‖π_ref)
+
+    def score_function_grad(estimator):
+        k = estimator(logp, ref).detach()  # the reward is a number, not a function of θ
+        (grad,) = torch.autograd.grad((logp.exp().detach() * k * logp).sum(), z, retain_graph=True)
+        return grad
+
+    torch.testing.assert_close(score_function_grad(kl_k1), kl_grad)
+    assert (score_function_grad(kl_k3) - kl_grad).abs().max() > 1e-2
+    torch.testing.assert_close(kl_k3(logp, ref) + 1 - (ref - logp).exp(), kl_k1(logp, ref))

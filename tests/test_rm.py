@@ -146,7 +146,7 @@ def test_a_few_steps_train_and_the_checkpoint_scores_the_same(tmp_path, mode):
     status = json.loads((tmp_path / "rm" / "status.json").read_text())
     assert status["status"] == "completed" and len(metrics) == 2
     for key in ("loss/rm", "rm/accuracy", "rm/margin", "rewards/chosen", "rewards/rejected", "eval/accuracy",
-                "eval/spearman", "eval/bayes_accuracy"):
+                "eval/spearman", "eval/spearman_pooled", "eval/bayes_accuracy"):
         assert key in metrics[-1], key
     # the run folder loads back as a scorer that gives the trained model's scores
     scorer = load_reward_model(str(tmp_path / "rm"))
@@ -188,3 +188,43 @@ def test_cli_bad_hyperparameter_is_one_line(tmp_path, capsys):
 
     assert main(["train", "rm", "--center-weight", "-1", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "error: center_weight: must be in [0.0, 10.0], got -1.0"
+
+
+def test_within_prompt_spearman_hand_computed():
+    """Prompt a: gold (1, 2, 3), learned (1, 3, 2): rank differences (0, 1, −1), ρ = 1 − 6·2/(3·8) = 0.5.
+    Prompt b: gold (1, 2, 3, 4), learned reversed: ρ = −1. Prompt c has 2 completions and prompt d a constant gold
+    reward: both skipped. Mean (0.5 − 1)/2 = −0.25. Adding prompt e, whose learned reward is constant, counts it
+    as 0: (0.5 − 1 + 0)/3 = −1/6. With no prompt left, None."""
+    from lab.rm import within_prompt_spearman
+
+    prompts = ["a"] * 3 + ["b"] * 4 + ["c"] * 2 + ["d"] * 3
+    gold = [1, 2, 3] + [1, 2, 3, 4] + [1, 2] + [5, 5, 5]
+    learned = [1, 3, 2] + [4, 3, 2, 1] + [1, 2] + [1, 2, 3]
+    assert within_prompt_spearman(prompts, learned, gold) == pytest.approx(-0.25)
+    assert within_prompt_spearman(prompts + ["e"] * 3, learned + [0, 0, 0], gold + [1, 2, 3]) == pytest.approx(-1 / 6)
+    assert within_prompt_spearman(["c", "c"], [1, 2], [1, 2]) is None
+
+
+def test_per_prompt_offsets_leave_within_prompt_spearman_at_one_and_pull_the_pooled_one_down():
+    """Bradley–Terry identifies r only up to a constant per prompt. A reward model equal to the gold reward plus a
+    per-prompt offset (opposite to the prompt's mean gold reward, ×10) ranks every prompt's completions exactly:
+    eval/spearman = 1, pair accuracy unchanged; but pooled over prompts the offsets dominate:
+    eval/spearman_pooled is low (measured 0.37 on these 184 reviews pairs)."""
+    from lab.modeling import load_tokenizer
+    from lab.tasks import get_task
+
+    tok = load_tokenizer("reviews")
+    rows = [r for r in get_task("reviews").preference_rows("eval")[:200] if r["chosen_gold"] != r["rejected_gold"]]
+    means: dict[str, list[float]] = {}
+    for r in rows:
+        means.setdefault(r["prompt"], []).extend([r["chosen_gold"], r["rejected_gold"]])
+    offset = {p: -10 * sum(v) / len(v) for p, v in means.items()}
+    shifted = [{**r, "chosen_gold": r["chosen_gold"] + offset[r["prompt"]],
+                "rejected_gold": r["rejected_gold"] + offset[r["prompt"]]} for r in rows]
+    exact = evaluate_reward_model(GoldLookup(tok, rows), tok, rows, batch_size=64)
+    out = evaluate_reward_model(GoldLookup(tok, shifted), tok, rows, batch_size=64)
+    assert len(means) >= 5
+    assert out["eval/spearman"] == pytest.approx(1.0)
+    assert out["eval/accuracy"] == pytest.approx(exact["eval/accuracy"])
+    assert exact["eval/spearman_pooled"] == pytest.approx(1.0)
+    assert out["eval/spearman_pooled"] < 0.7, out["eval/spearman_pooled"]

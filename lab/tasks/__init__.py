@@ -5,6 +5,9 @@
     bandit   bandit       one-token answers with a known reward table and exact optimum π*
 
 Each comes with a tiny base policy in lab/models/<name>/ (see lab/pretrain.py).
+
+Your own enumerable task (one-token answers, a known reward each, so π* and every exact metric work on it):
+build a `EnumerableTask` (lab/tasks/enumerable.py) and `register` it; trainers then find it by name.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from .arith import ArithTask
 from .bandit import BanditTask
 from .base import Task
+from .enumerable import EnumerableTask
 from .reviews import ReviewsTask
 
 TASKS: dict[str, Task] = {task.name: task for task in (ArithTask(), ReviewsTask(), BanditTask())}
@@ -31,4 +35,22 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "Task", "UnknownTaskError", "get_task"]
+BUILTIN_TASKS = tuple(TASKS)
+
+
+def register(task: Task, *, replace: bool = False) -> Task:
+    """Make ``task`` findable by its name (``get_task``, ``--task`` in this process, the trainers' configs).
+
+    A built-in name cannot be taken; registering a name twice needs ``replace=True``. Returns the task."""
+    if not task.name or any(c in task.name for c in ":/"):
+        raise ValueError(f"a task name must be non-empty and hold no ':' or '/' (those mean data sources), "
+                         f"got {task.name!r}")
+    if task.name in BUILTIN_TASKS:
+        raise ValueError(f"{task.name!r} is a built-in task; give yours another name")
+    if task.name in TASKS and not replace:
+        raise ValueError(f"a task named {task.name!r} is already registered; pass replace=True to replace it")
+    TASKS[task.name] = task
+    return task
+
+
+__all__ = ["TASKS", "EnumerableTask", "Task", "UnknownTaskError", "get_task", "register"]
