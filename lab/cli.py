@@ -2,34 +2,36 @@
 
 Every hyperparameter of ``train METHOD`` is a flag named after its config field (``--beta 0.1``,
 ``--group-size 8``); ``python -m lab train grpo --help`` lists them with their help text and defaults.
-Errors a user can fix (a bad value, a missing model, a malformed data row) print one line and exit with code 2.
+Errors a user can fix (a bad value, a missing model, a malformed data row: any ``lab.errors.UserError``, and
+argparse's own) print one line and exit with code 2. What can be checked before the model loads is checked first.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
 import threading
 
 from lab.config import ConfigError, add_config_arguments, config_from_args
+from lab.errors import UserError
 
 
-def _user_errors():
-    """The exceptions that are the user's to fix: shown as one line, never as a traceback."""
-    from lab.modeling import ModelNotFound
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistake prints one line with a hint instead of the whole usage block: ``--bogus-flag`` →
+    ``error: unrecognized arguments: --bogus-flag (see: python -m lab train grpo --help)``, and a misspelt flag
+    gets the closest real one."""
 
-    from lab.tasks import UnknownTaskError
-
-    errors = [ConfigError, ModelNotFound, FileNotFoundError, UnknownTaskError]
-    try:
-        from lab.data import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    def error(self, message: str):
+        hint = f"see: {self.prog} --help"
+        if message.startswith("unrecognized arguments: "):
+            flags = [a.split("=")[0] for a in message.split(": ", 1)[1].split() if a.startswith("--")]
+            close = difflib.get_close_matches(flags[0], list(self._option_string_actions), n=1) if flags else []
+            if close:
+                hint = f"did you mean {close[0]}? {hint}"
+        self.exit(2, f"error: {message} ({hint})\n")
 
 
 def _fmt(value) -> str:
@@ -48,32 +50,48 @@ def cmd_train(method: str, argv: list[str]) -> int:
     from lab.methods import get_method
 
     config_cls, train = get_method(method)
-    parser = argparse.ArgumentParser(prog=f"python -m lab train {method}",
+    parser = ArgumentParser(prog=f"python -m lab train {method}",
                                      description=(config_cls.__doc__ or "").strip().splitlines()[0]
                                      if config_cls.__doc__ else None)
     add_config_arguments(parser, config_cls)
     args = parser.parse_args(argv)
     cfg = config_from_args(config_cls, args)
+    check_before_loading(cfg)
     stop = threading.Event()
     headline = ("reward/mean", "loss/dpo", "loss/rm", "loss/sft", "loss/policy", "kl/ref", "accuracy")
     last: dict = {}
     gen = train(cfg, stop=stop)
-    bar = tqdm(total=cfg.steps, desc=f"{method} on {cfg.task}", unit="step", dynamic_ncols=True)
+    bar = None  # made at the first step, so an error while loading prints its one line and no empty bar
     try:
         for metrics in gen:
             last = metrics
+            if bar is None:
+                bar = tqdm(total=cfg.steps, desc=f"{method} on {cfg.task}", unit="step", dynamic_ncols=True)
             bar.update(1)
             bar.set_postfix({k.split("/")[-1] if k != "kl/ref" else "kl": _fmt(v)
                              for k, v in metrics.items() if k in headline})
     except KeyboardInterrupt:
         # Ctrl-C: close the generator so the run finishes its record as "stopped".
         gen.close()
-        bar.close()
+        if bar is not None:
+            bar.close()
         print("stopped; the record is complete up to the last finished step", file=sys.stderr)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     _print_summary(cfg, last)
     return 0
+
+
+def check_before_loading(cfg) -> None:
+    """What can be checked before the model loads, so a typo costs no loading time and leaves no run folder: the
+    task is built in or a data source, and the run id and --out can hold the record."""
+    from lab.records import check_run_target
+    from lab.tasks import get_task
+
+    if _is_builtin_task(cfg.task):
+        get_task(cfg.task)  # an unknown name fails here, named, instead of as "reward 'gold' needs a built-in task"
+    check_run_target(cfg.out, cfg.run_id)
 
 
 def _print_summary(cfg, last: dict) -> None:
@@ -251,7 +269,7 @@ def cmd_runs(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from lab.methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="python -m lab", description="An interactive lab for RL on language models.")
+    parser = ArgumentParser(prog="python -m lab", description="An interactive lab for RL on language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="build a built-in task's tiny base model from scratch (seeded)")
@@ -321,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return bon_main(args.rest) or 0
         return {"eval": cmd_eval, "generate": cmd_generate, "runs": cmd_runs}[args.command](args)
-    except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:
+        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
+              file=sys.stderr)
         return 2

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import numbers
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from lab.errors import UserError
 
 MODES = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -25,8 +30,11 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 # larger step). The built-in models keep the larger rates in each field's ``builtin`` metadata.
 OWN_MODEL_LR = {"full": 1e-6, "lora": 2e-5, "qlora": 2e-5}
 
+# What torch, numpy and random all accept as a seed (numpy's legacy seeding refuses anything outside 32 bits).
+SEED_RANGE = (0, 2**32 - 1)
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A hyperparameter is out of range. The message names the field and what to change."""
 
 
@@ -59,7 +67,7 @@ class BaseConfig:
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 disables)", min=0.0, max=100.0)
     steps: int = opt(50, "optimizer steps (for RL: one rollout + update per step)", min=1, max=1_000_000)
     batch_size: int = opt(16, "prompts or rows per step", min=1, max=4096)
-    seed: int = opt(0, "random seed for data order, sampling and initialisation")
+    seed: int = opt(0, "random seed for data order, sampling and initialisation", min=SEED_RANGE[0], max=SEED_RANGE[1])
     # sampling
     max_new_tokens: int | None = opt(None, "completion length cap; default: the task's own", min=1, max=4096)
     temperature: float = opt(1.0, "sampling temperature for rollouts", min=0.05, max=5.0)
@@ -69,7 +77,9 @@ class BaseConfig:
     run_id: str | None = opt(None, "name of this run's folder under --out; default: method-date-time-hex")
     log_every: int = opt(1, "write metrics every N steps", min=1, max=100_000)
     sample_every: int = opt(10, "write samples every N steps (0: only at the end)", min=0, max=100_000)
-    save_every: int = opt(0, "save the adapter/weights every N steps (0: only at the end)", min=0, max=1_000_000)
+    # 50: a kill (SIGKILL, out of memory) loses at most 50 steps, and the checkpoint is overwritten, not accumulated
+    save_every: int = opt(50, "save the adapter/weights to checkpoints/latest every N steps, replacing the previous "
+                              "one (0: only at the end)", min=0, max=1_000_000)
     eval_size: int = opt(64, "held-out prompts used for before/after evaluation", min=1, max=100_000)
     # loading
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
@@ -82,6 +92,7 @@ class BaseConfig:
     skip_bad_rows: bool = opt(False, "skip and count malformed data rows instead of stopping at the first one")
 
     def __post_init__(self) -> None:
+        check_types(self)  # first: every check below may then trust a field's type
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         check(self.optim in OPTIMIZERS, "optim", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if getattr(self, "lr", 0) is None:
@@ -93,10 +104,14 @@ class BaseConfig:
               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def _check_ranges(self) -> None:
-        """Check every numeric field against the ``min``/``max`` in its metadata."""
+        """Check every field's type (see `check_types`), then every numeric field against the ``min``/``max`` in its
+        metadata; a field named ``seed`` without a range gets ``SEED_RANGE``."""
+        check_types(self)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            if f.name == "seed" and lo is None and hi is None:
+                lo, hi = SEED_RANGE
             if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if value != value:  # NaN compares unequal to itself
@@ -120,6 +135,57 @@ class BaseConfig:
     def replace(self, **changes) -> "BaseConfig":
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# types
+
+
+@functools.cache
+def _declared_types(cls: type) -> dict[str, tuple[Any, bool]]:
+    """``{field: (base type, None allowed)}``: ``int | None`` → ``(int, True)``."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+        out[f.name] = (_base_type(tp), union and type(None) in typing.get_args(tp))
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_types(cfg: Any) -> None:
+    """Raise ConfigError unless every field holds its declared type.
+
+    The CLI's argparse types and the app's ``coerce`` convert text before a config is built; the Python API does
+    not, so ``trust_remote_code="false"`` (a non-empty string, hence true) or ``steps="50"`` must be refused here.
+    The rules: a bool field takes only True/False; an int field takes whole numbers but not bools (True is an int in
+    Python) nor 1.5; a float field takes ints too; a str field takes a path (``out=tmp_path``), kept as its text;
+    None only where the field is declared ``X | None``.
+    """
+    for name, (tp, optional) in _declared_types(type(cfg)).items():
+        value = getattr(cfg, name)
+        if value is None:
+            check(optional, name, f"needs a value ({tp.__name__}), got None")
+            continue
+        if tp is bool:
+            ok, expected = isinstance(value, bool), "true or false (a bool)"
+        elif tp is int:
+            ok, expected = isinstance(value, numbers.Integral) and not isinstance(value, bool), "a whole number (int)"
+        elif tp is float:
+            ok, expected = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number (float)"
+        elif tp is str:
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                setattr(cfg, name, value)
+            ok, expected = isinstance(value, str), "text (str)"
+        else:
+            continue
+        check(ok, name, f"must be {expected}, got {_short(value)} ({type(value).__name__})")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ What a method receives after `normalize_row`:
 Bad rows raise `DataError` naming the row and the key:
 
     row 17 (line 17 of prefs.jsonl): key 'chosen' is missing
+
+Besides the keys' types, a row is refused when its pair teaches nothing (chosen == rejected) or a message has a role
+other than system, user, assistant or tool. A text longer than `MAX_TEXT_CHARS` characters is cut when it is loaded
+(prompts keep their end, completions their start, as token truncation does later), so one 10 MB line cannot stall
+a step in the tokenizer; `Rows.cut` counts the cut values.
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lab.errors import UserError
 
 FORMATS = ("prompt_only", "prompt_completion", "preference", "conversational")
 
@@ -70,8 +78,19 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 # Shown in error messages when lab.tasks cannot be imported.
 _FALLBACK_TASKS = ("arith", "reviews", "bandit")
 
+# The roles chat templates know (tool: a tool call's result, in templates that support tools).
+ROLES = ("system", "user", "assistant", "tool")
 
-class DataError(ValueError):
+# Longest text value kept, in characters: 4 characters a token (the usual English BPE average) × 65536, the largest
+# max_length any config accepts. Token truncation to max_length happens later, at batching; this cut only bounds
+# what the tokenizer has to read (a 10 MB line took minutes).
+MAX_TEXT_CHARS = 4 * 65536
+
+# Bad rows skipped under skip_bad_rows, per thread and load, until a run records them (`take_skipped_rows`).
+_skipped = threading.local()
+
+
+class DataError(UserError, ValueError):
     """A data source or row that cannot be used. The message is one line naming the row and the key."""
 
 
@@ -87,6 +106,7 @@ class Rows:
     format: str
     skipped: int = 0  # bad rows dropped because of skip_bad_rows=True
     source: str = ""
+    cut: int = 0  # text values cut to MAX_TEXT_CHARS
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -188,6 +208,8 @@ def normalize_row(row: Any, format: str | None = None, *, index: int | None = No
                 prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
             except DataError as err:
                 raise DataError(f"{loc}{err}") from None
+        if chosen == rejected:
+            raise DataError(f"{loc}keys 'chosen' and 'rejected' are identical: the pair prefers nothing")
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **extras}
 
     # prompt_only / prompt_completion, from explicit keys or from a conversation
@@ -307,7 +329,7 @@ def load_rows(source: str, *, format: str | None = None, split: str = "train", s
     elif source.lower().endswith(FILE_SUFFIXES):
         records = _read_local(source, None, split)
     elif source in task_names():
-        return _load_task(source, fmt, split, skip_bad_rows)
+        return _note_skipped(_load_task(source, fmt, split, skip_bad_rows), split)
     elif os.path.isdir(source):
         records = _read_local(source, None, split)
     else:
@@ -315,7 +337,7 @@ def load_rows(source: str, *, format: str | None = None, split: str = "train", s
             f"unknown data source '{source}': use a .jsonl/.json/.parquet/.csv file, a dataset folder, "
             f"jsonl:PATH, hf:ID[:SPLIT], hf:ID:CONFIG[:SPLIT], or a built-in task ({', '.join(task_names())})"
         )
-    return _collect(records, fmt, source, skip_bad_rows)
+    return _note_skipped(_collect(records, fmt, source, skip_bad_rows), split)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
@@ -346,6 +368,7 @@ def _collect(records: Iterable[Record], fmt: str | None, source: str, skip_bad_r
     detect = fmt is None
     rows: list[dict] = []
     errors: list[DataError] = []
+    cut = 0
     for index, where, value in records:
         try:
             if isinstance(value, DataError):
@@ -362,6 +385,7 @@ def _collect(records: Iterable[Record], fmt: str | None, source: str, skip_bad_r
                         f"{_location(index, where)}keys {sorted(value)} are in format '{row_format}', "
                         f"but the rows before are '{fmt}'"
                     )
+            cut += _cut_long_text(row)
             rows.append(row)
         except DataError as err:
             if not skip_bad_rows:
@@ -369,9 +393,49 @@ def _collect(records: Iterable[Record], fmt: str | None, source: str, skip_bad_r
             errors.append(err)
     if errors:
         warnings.warn(f"skipped {len(errors)} bad row(s) of {source}; first: {errors[0]}", stacklevel=3)
+    if cut:
+        warnings.warn(f"cut {cut} text value(s) of {source} to {MAX_TEXT_CHARS} characters", stacklevel=3)
     if not rows:
         raise DataError(f"{source}: no usable rows")
-    return Rows(rows=rows, format=fmt, skipped=len(errors), source=source)
+    return Rows(rows=rows, format=fmt, skipped=len(errors), source=source, cut=cut)
+
+
+def _note_skipped(rows: Rows, split: str) -> Rows:
+    """Remember how many rows this load skipped, per (source, format, split): loading the same data twice (a check
+    before the model loads, then the trainer's own load) counts its bad rows once."""
+    if not hasattr(_skipped, "counts"):
+        _skipped.counts = {}
+    _skipped.counts[(rows.source, rows.format, split)] = rows.skipped
+    return rows
+
+
+def take_skipped_rows() -> int:
+    """The number of bad rows skipped (skip_bad_rows) by the loads in this thread since the last call, and reset it.
+    A run calls it so that its record holds the count, not only a warning on stderr."""
+    counts = getattr(_skipped, "counts", {})
+    _skipped.counts = {}
+    return sum(counts.values())
+
+
+def _cut_long_text(row: dict) -> int:
+    """Cut the text values of a normalized row to MAX_TEXT_CHARS, in place; returns how many were cut. Prompt-side
+    text keeps its end and completion-side text its start, as `batching.encode_completions` truncates tokens."""
+    cut = 0
+
+    def keep(text: str, tail: bool) -> str:
+        nonlocal cut
+        if len(text) <= MAX_TEXT_CHARS:
+            return text
+        cut += 1
+        return text[-MAX_TEXT_CHARS:] if tail else text[:MAX_TEXT_CHARS]
+
+    for key in ("prompt", "messages", "completion", "chosen", "rejected"):
+        value = row.get(key)
+        if isinstance(value, str):
+            row[key] = keep(value, tail=key == "prompt")
+        elif isinstance(value, list):
+            row[key] = [{**m, "content": keep(m["content"], tail=m["role"] != "assistant")} for m in value]
+    return cut
 
 
 def _read_file(path_text: str) -> list[Record]:
@@ -626,6 +690,9 @@ def _check_messages(value: Any, key: str, loc: str) -> list[dict]:
                 raise DataError(f"{loc}key '{key}[{i}].{part}' is missing")
         if not isinstance(message["role"], str) or not message["role"].strip():
             raise DataError(f"{loc}key '{key}[{i}].role' must be a non-empty string, got {_kind(message['role'])}")
+        if message["role"] not in ROLES:
+            raise DataError(f"{loc}key '{key}[{i}].role' must be one of {', '.join(ROLES)}, "
+                            f"got {message['role'][:40]!r}")
         if not isinstance(message["content"], str):
             raise DataError(f"{loc}key '{key}[{i}].content' must be a string, got {_kind(message['content'])}")
     return value

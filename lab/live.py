@@ -41,19 +41,11 @@ SHARED_FIELDS = ("task", "model", "mode", "out")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is meant for the user (bad value, bad data, missing model, out of memory)."""
-    from lab.config import ConfigError
-    from lab.data import DataError
-    from lab.modeling import ModelNotFound
+    """Exception types whose message is meant for the user: every ``lab.errors.UserError`` (bad value, bad data,
+    missing model, bad run id, full disk...) and running out of GPU memory."""
+    from lab.errors import UserError
 
-    kinds: list[type[BaseException]] = [ConfigError, DataError, ModelNotFound, torch.OutOfMemoryError]
-    try:
-        from lab.tasks import UnknownTaskError
-
-        kinds.append(UnknownTaskError)
-    except ImportError:
-        pass
-    return tuple(kinds)
+    return (UserError, torch.OutOfMemoryError)
 
 
 def user_message(err: BaseException) -> str:

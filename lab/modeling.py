@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lab.errors import UserError
+
 MODELS_DIR = Path(__file__).parent / "models"
 
 # bitsandbytes (imported by peft, so by every adapter run) tries, on CPUs with AVX512-BF16, to fetch a fused kernel
@@ -36,8 +38,12 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
-class ModelNotFound(OSError):
+class ModelNotFound(UserError, OSError):
     """The model could not be found locally and the hub could not provide it. The message is one line."""
+
+
+class BadModelFiles(UserError, ValueError):
+    """A model folder exists but cannot be used: corrupt weights, a tokenizer without pad and eos tokens."""
 
 
 def builtin_models() -> list[str]:
@@ -125,10 +131,33 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ModelNotFound(_offline_message(name, err)) from None
+    if tok.pad_token is None and tok.eos_token is None:
+        # sampling stops at eos and batches pad with pad: without either, no completion could end or be batched
+        raise BadModelFiles(f"the tokenizer of {name!r} has neither a pad token nor an eos token; set eos_token "
+                            "(and pad_token) in its tokenizer_config.json")
     if tok.pad_token is None:
         # Many hub LMs ship without a pad token. Masks, not the pad id, decide what counts, so eos is a safe pad.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_safetensors(path: str) -> None:
+    """Open the header of every ``*.safetensors`` file in a local folder, so a truncated or garbage file fails in
+    one line naming it, before ``from_pretrained`` (which raises a bare ``SafetensorError`` without the file name).
+    safetensors checks at open that the header parses and that its tensors cover the file exactly; nothing else is
+    read (the file is memory-mapped)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isdir(path):
+        return
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BadModelFiles(f"{file} is not a readable safetensors file ({reason}); it is truncated or corrupt: "
+                                "download or save the model again") from None
 
 
 def load_causal_lm(name: str, *, quantize_4bit: bool = False, device: str = "auto", trust_remote_code: bool = False,
@@ -153,6 +182,7 @@ def load_causal_lm(name: str, *, quantize_4bit: bool = False, device: str = "aut
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
     path = resolve_model_path(name)
     _check_source(name, path)
+    check_safetensors(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
@@ -337,6 +367,7 @@ def _load_adapter_policy(path: str, mode: str, device: str, trust_remote_code: b
     with open(os.path.join(path, "adapter_config.json")) as f:
         base_name = json.load(f)["base_model_name_or_path"]
     mode = "qlora" if mode == "qlora" else "lora"
+    check_safetensors(path)  # the adapter's own weights, before the base model loads
     model = load_causal_lm(base_name, quantize_4bit=mode == "qlora", device=device,
                            trust_remote_code=trust_remote_code, frozen_base=True)
     model = PeftModel.from_pretrained(model, path, is_trainable=True)
@@ -462,7 +493,7 @@ def load_scalar_model(name: str, *, mode: str = "lora", lora_r: int = 16, lora_a
                             trust_remote_code=trust_remote_code, frozen_base=True)
         lm = PeftModel.from_pretrained(lm, path, adapter_name="reward", is_trainable=True)
         model = ScalarModel(lm, "reward", lm.config.hidden_size)
-        model.head.load_state_dict(torch.load(head_file, map_location=model.head.weight.device))
+        model.head.load_state_dict(torch.load(head_file, map_location=model.head.weight.device, weights_only=True))
         tok_src = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_name
         model.tokenizer = load_tokenizer(tok_src, trust_remote_code)
         return model, model.tokenizer

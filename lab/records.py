@@ -25,7 +25,9 @@ Why the files are written the way they are:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -42,10 +44,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from lab.errors import UserError
+
 STATUSES = ("running", "completed", "stopped", "failed")
 FINAL_STATUSES = ("completed", "stopped", "failed")
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+# errno values that mean the disk (or the user's quota on it) is full
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class RunTargetError(UserError, ValueError):
+    """A run id or an output folder that cannot hold a run: a path in the id, an existing run, --out a file."""
+
+
+class RunNotFound(UserError, FileNotFoundError):
+    """No run folder where one was asked for."""
+
+
+class DiskFull(UserError, OSError):
+    """No space left on the device while writing a record. The record keeps every line written before."""
 
 
 def safe_run_dir(out: str | os.PathLike, run_id: str) -> Path:
@@ -61,13 +80,39 @@ def safe_run_dir(out: str | os.PathLike, run_id: str) -> Path:
 
 def _check_name(name: Any, what: str) -> None:
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{what} must be a non-empty string, got {name!r}")
+        raise RunTargetError(f"{what} must be a non-empty string, got {name!r}")
     if not _SAFE_NAME.fullmatch(name):
-        raise ValueError(
+        raise RunTargetError(
             f"{what} {name!r} may only use letters, digits, '.', '_' and '-' (no path separators or spaces)"
         )
     if name.startswith("."):
-        raise ValueError(f"{what} {name!r} must not start with '.'")
+        raise RunTargetError(f"{what} {name!r} must not start with '.'")
+
+
+def check_run_target(out: str | os.PathLike, run_id: str | None = None) -> Path:
+    """Check, without creating anything, that a run can be recorded in `<out>/<run_id>`: the id is a plain name
+    (see `safe_run_dir`) not taken yet, and `out` is a writable folder or can be made one. Returns `out` as a Path.
+
+    The CLI calls it before the model loads, so a typo costs no loading time and leaves no folder behind;
+    `RunRecord.create` calls it again. Raises RunTargetError (a UserError) naming the problem.
+    """
+    out = Path(out)
+    if run_id is not None:
+        path = safe_run_dir(out, run_id)
+        if path.exists() or path.is_symlink():
+            raise RunTargetError(f"run folder {path} already exists; choose another run id")
+    # the nearest folder that exists is the one that must let us write: out itself, or where out will be made
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise RunTargetError(f"--out {out}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"is inside {existing}, which is a file"
+        raise RunTargetError(f"--out {out} {where}, not a folder; choose a folder for the run records")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunTargetError(f"--out {out}: cannot write to {existing} (permission denied); choose a folder you own")
+    return out
 
 
 class RunRecord:
@@ -102,8 +147,11 @@ class RunRecord:
         """
         config_dict = _config_dict(config)
         method = prefix or config_dict.get("method") or _method_from_class(config)
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = check_run_target(out, run_id)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a race with the check above, or a read-only file system that os.access missed
+            raise RunTargetError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
 
         for _ in range(10):  # only generated ids retry; a collision needs the same second and 4 hex
             rid = run_id
@@ -115,7 +163,9 @@ class RunRecord:
                 break
             except FileExistsError:
                 if run_id is not None:
-                    raise ValueError(f"run folder {path} already exists; choose another run id") from None
+                    raise RunTargetError(f"run folder {path} already exists; choose another run id") from None
+            except OSError as err:
+                raise RunTargetError(f"--out {out}: cannot create {path} ({err.strerror or err})") from None
         else:
             raise RuntimeError(f"could not find a free run id in {out}")
 
@@ -135,8 +185,6 @@ class RunRecord:
         }
         if config is not None and not isinstance(config, dict):
             meta["config_class"] = type(config).__name__
-        _write_json_atomic(path / "config.json", {**config_dict, "meta": meta})
-
         status = {
             "status": "running",
             "run_id": rid,
@@ -148,7 +196,13 @@ class RunRecord:
             "latest_checkpoint": None,
             "checkpoints": [],
         }
-        _write_json_atomic(path / "status.json", status)
+        try:
+            _write_json_atomic(path / "config.json", {**config_dict, "meta": meta})
+            _write_json_atomic(path / "status.json", status)
+        except BaseException:
+            # a run that never started leaves no folder: a full disk or Ctrl-C here would leave a run without status
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return cls(path, status)
 
     # ---- state ---------------------------------------------------------------------------------
@@ -338,10 +392,13 @@ class RunData:
 
 def load_run(path: str | os.PathLike) -> RunData:
     """Read a run folder. Missing files read as empty; a torn last line of a .jsonl file is skipped
-    silently, corrupt lines before it are skipped and counted in `bad_lines`."""
+    silently, corrupt lines before it are skipped and counted in `bad_lines`. A symbolic link is refused: a run
+    folder is one a run wrote, and a link could point a listing or the app anywhere on the disk."""
     path = Path(path)
+    if path.is_symlink():
+        raise RunNotFound(f"{path} is a symbolic link, not a run folder; run records are read from real folders only")
     if not path.is_dir():
-        raise FileNotFoundError(f"no run folder at {path}")
+        raise RunNotFound(f"no run folder at {path}")
     metrics, bad_metrics = _read_jsonl_tolerant(path / "metrics.jsonl")
     samples, bad_samples = _read_jsonl_tolerant(path / "samples.jsonl")
     return RunData(
@@ -356,14 +413,22 @@ def load_run(path: str | os.PathLike) -> RunData:
 
 
 def list_runs(out: str | os.PathLike = "runs") -> list[RunData]:
-    """Every run folder under `out` (one holding config.json or status.json), oldest first."""
+    """Every run folder under `out` (one holding config.json or status.json), oldest first. Symbolic links are
+    skipped, with one warning naming them (see `load_run`)."""
     root = Path(out)
     if not root.is_dir():
         return []
+    children = sorted(root.iterdir())
+    links = [child.name for child in children if child.is_symlink()]
+    if links:
+        warnings.warn(f"skipped {len(links)} symbolic link(s) in {root}, not run folders: {', '.join(links[:5])}",
+                      stacklevel=2)
     runs = [
         load_run(child)
-        for child in root.iterdir()
-        if child.is_dir() and ((child / "status.json").exists() or (child / "config.json").exists())
+        for child in children
+        if not child.is_symlink()
+        and child.is_dir()
+        and ((child / "status.json").exists() or (child / "config.json").exists())
     ]
     # ISO-8601 UTC timestamps of one fixed width sort correctly as strings
     runs.sort(key=lambda run: (run.started or "", run.run_id))
@@ -465,7 +530,7 @@ def _jsonable(
 def _append_jsonl(path: Path, rows: list[dict]) -> None:
     """Append rows and fsync, so every line written is on disk before the run goes on."""
     text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
-    with open(path, "a", encoding="utf-8") as f:
+    with _disk_full_is_user_error(path), open(path, "a", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -474,12 +539,28 @@ def _append_jsonl(path: Path, rows: list[dict]) -> None:
 def _write_json_atomic(path: Path, obj: dict) -> None:
     """Write to a temp file in the same folder, fsync, then os.replace: readers see the old or the new file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    try:
+        with _disk_full_is_user_error(path), open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the old file stays as it was
+        raise
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _disk_full_is_user_error(path: Path):
+    """Turn "no space left on device" while writing `path` into DiskFull: one line, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in _DISK_FULL and not isinstance(err, UserError):
+            raise DiskFull(f"no space left on the disk while writing {path}; free some space or choose another "
+                           "--out (the record keeps every line written before)") from err
+        raise
 
 
 def _read_json(path: Path) -> dict | None:

@@ -58,6 +58,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from lab.config import ConfigError
+from lab.errors import UserError
 
 
 @runtime_checkable
@@ -77,18 +78,22 @@ class RewardSpecError(ConfigError):
     line saying what exists. A ConfigError, so the CLI shows it as one line: the spec is a method's ``reward``."""
 
 
+class RewardValueError(UserError, ValueError):
+    """A reward function returned what no loss can use: None, the wrong number of values, NaN or inf."""
+
+
 def _as_tensor(values, n: int, name: str) -> torch.Tensor:
     """A list/array/tensor of n numbers -> (n,) float32 on the CPU, or a one-line error naming the reward."""
     if isinstance(values, (list, tuple)) and any(v is None for v in values):
         i = next(i for i, v in enumerate(values) if v is None)
-        raise ValueError(
+        raise RewardValueError(
             f"reward {name!r} returned None for completion {i}: TRL skips such rows, the lab needs a "
             "number for every completion"
         )
     out = torch.as_tensor(values.detach().cpu() if torch.is_tensor(values) else values, dtype=torch.float32)
     out = out.reshape(-1)  # (B,)
     if out.numel() != n:
-        raise ValueError(f"reward {name!r} returned {out.numel()} values for {n} completions")
+        raise RewardValueError(f"reward {name!r} returned {out.numel()} values for {n} completions")
     return out
 
 
@@ -401,6 +406,7 @@ __all__ = [
     "ModelReward",
     "RewardFn",
     "RewardSpecError",
+    "RewardValueError",
     "SumReward",
     "answers_match",
     "completion_answer",

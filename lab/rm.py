@@ -233,7 +233,16 @@ def _load_saved_scalar(path: str, device: str = "auto", trainable: bool = False)
         model, _ = load_scalar_model(path, device=device)
     else:  # full mode: the folder is a causal LM; load it and put the saved head on top
         model, _ = load_scalar_model(path, mode="full", device=device)
-        model.head.load_state_dict(torch.load(os.path.join(path, "scalar_head.pt"), map_location="cpu"))
+        # weights_only: a checkpoint folder is data, and must not be able to run code when it is unpickled
+        head_file = os.path.join(path, "scalar_head.pt")
+        try:
+            head = torch.load(head_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError (not tensors only), a truncated file, ...
+            from lab.modeling import BadModelFiles
+
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BadModelFiles(f"{head_file} cannot be loaded as plain tensors: {reason[:200]}") from None
+        model.head.load_state_dict(head)
     if not trainable:
         model.requires_grad_(False).eval()
     return model

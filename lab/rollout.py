@@ -89,17 +89,23 @@ def rollout(policy, prompts: list, cfg, generator: torch.Generator | None = None
 @torch.no_grad()
 def score(reward_fn, roll: Rollout, columns: dict[str, list] | None = None) -> torch.Tensor:
     """r(x, y) for each completion of a rollout: (B,) float32 on the rollout's device. ``columns`` are the rows'
-    extra dataset columns (lists of B values), passed to the reward function as keywords."""
+    extra dataset columns (lists of B values), passed to the reward function as keywords. A reward that is not one
+    finite number per completion raises ``RewardValueError`` (a user error: the reward is the user's code)."""
+    from lab.rewards import RewardValueError
+
     # TRL also hands reward functions the completion token ids (a length penalty needs them)
     completion_ids = [ids[mask.bool()].tolist() for ids, mask in zip(roll.completion_ids, roll.completion_mask)]
     rewards = reward_fn(roll.prompts, roll.completions, roll.truncated.tolist(), completion_ids=completion_ids,
                         **(columns or {}))  # (B,)
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).to(roll.completion_ids.device)
+    name = getattr(reward_fn, "name", reward_fn)
     if rewards.numel() != len(roll):
-        raise ValueError(f"reward {getattr(reward_fn, 'name', reward_fn)!r} gave {rewards.numel()} values "
-                         f"for {len(roll)} completions")
-    if not torch.isfinite(rewards).all():
-        raise ValueError(f"reward {getattr(reward_fn, 'name', reward_fn)!r} returned a nan or inf")
+        raise RewardValueError(f"reward {name!r} gave {rewards.numel()} values for {len(roll)} completions")
+    bad = (~torch.isfinite(rewards)).nonzero().flatten()
+    if len(bad):  # a NaN would turn the advantages, the loss and every weight into NaN at the next step
+        i = int(bad[0])
+        raise RewardValueError(f"reward {name!r} returned {rewards[i].item()} for completion {i} "
+                               f"({len(bad)} of {len(roll)} not finite); a reward must be a finite number")
     return rewards
 
 

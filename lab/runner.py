@@ -9,21 +9,49 @@ or the app can show the step as soon as it exists, and can stop between steps. A
             yield run.log(step, metrics)
 
 ``Run`` writes the record: ``config.json`` at the start, one ``metrics.jsonl`` line per step, samples, checkpoints
-every ``save_every`` steps and at the end, and a final status: ``completed``, ``stopped`` (stop event set or the
-generator closed) or ``failed`` (an exception, which is re-raised after the record is closed).
+every ``save_every`` steps (to ``checkpoints/latest``, replaced each time) and at the end (``final``), and a final
+status: ``completed``, ``stopped`` (stop event set, SIGTERM, or the generator closed) or ``failed`` (an exception,
+which is re-raised after the record is closed). The number of bad data rows skipped under ``skip_bad_rows`` goes into
+the status's summary as ``skipped_rows``.
+
+Two things are never silently wrong:
+- a loss or gradient norm that turns NaN or inf stops the run as ``failed`` (`Diverged`), rather than training on
+  NaN weights to a ``completed`` status;
+- SIGTERM (``kill``, a scheduler's preemption) is handled like Ctrl-C: the current step finishes, the weights are
+  saved and the status is ``stopped``. A second SIGTERM kills at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import random
+import signal
+import sys
 import threading
 import time
 
 import numpy as np
 import torch
 
+from lab.config import ConfigError
 from lab.records import RunRecord
+
+
+class Diverged(ConfigError):
+    """A loss or gradient norm turned NaN or inf: the run stops as ``failed`` with this one-line reason."""
+
+
+def _watched(name: str) -> bool:
+    """Metrics whose non-finite value means the weights are (or are about to be) NaN."""
+    return name.startswith("loss/") or name in ("loss", "grad/norm")
+
+
+def _take_skipped_rows() -> int:
+    from lab.data import take_skipped_rows
+
+    return take_skipped_rows()
 
 
 def seed_everything(seed: int) -> None:
@@ -206,13 +234,34 @@ class Run:
         self.summary: dict = {}
         self.started = time.time()
         self._step_started = self.started
+        self._skipped_rows = _take_skipped_rows()  # loaded before the run started
+        self._previous_sigterm = None
 
     @property
     def path(self):
         return self.record.path
 
     def __enter__(self) -> "Run":
+        # only the main thread may install a handler (the app trains in a worker thread; its stop button sets `stop`)
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
+
+    def _on_sigterm(self, signum, frame) -> None:
+        """First SIGTERM: stop after this step (the record ends as ``stopped``, with a checkpoint). Second: the
+        handler that was there before (by default, terminate now)."""
+        if self.stop.is_set():
+            signal.signal(signal.SIGTERM, self._previous_sigterm or signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+            return
+        self.stop.set()
+        print(f"SIGTERM: stopping after step {self.step}, then saving (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def _restore_sigterm(self) -> None:
+        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def steps(self):
         """Step numbers 1..cfg.steps, ending early once a stop was asked for (after the current step)."""
@@ -235,10 +284,17 @@ class Run:
         device = self._device()
         if device is not None:
             metrics.update(memory_metrics(device))
-        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+        bad = {k: v for k, v in metrics.items() if _watched(k) and isinstance(v, numbers.Real) and not math.isfinite(v)}
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps or bad:
             self.record.log_metrics(step, metrics)
-        if self.cfg.save_every and step % self.cfg.save_every == 0 and self.save is not None:
-            self.record.save_checkpoint(self.save, f"step-{step}")
+        if bad:
+            what = ", ".join(f"{k} = {v}" for k, v in bad.items())
+            raise Diverged(f"step {step}: {what}; the run diverged: lower lr, or check that the rewards are finite and "
+                           "of a sane scale")
+        # the final step is saved as "final" on exit; a periodic save replaces the last one (one extra copy on disk)
+        every = self.cfg.save_every
+        if every and step % every == 0 and step < self.cfg.steps and self.save is not None:
+            self.record.save_checkpoint(self.save, "latest")
         return metrics
 
     def _device(self) -> torch.device | None:
@@ -256,6 +312,7 @@ class Run:
         self.record.log_samples(step, rows)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._restore_sigterm()
         if exc_type is None:
             status = "stopped" if self.stop.is_set() and self.step < self.cfg.steps else "completed"
         elif exc_type in (GeneratorExit, KeyboardInterrupt):
@@ -264,13 +321,16 @@ class Run:
             status = "failed"
         if status != "failed" and self.save is not None:
             self.record.save_checkpoint(self.save, "final")
-        elif self.save is not None and self.step >= 1:
+        elif self.save is not None and self.step >= 1 and not issubclass(exc_type, Diverged):
             # the weights of a run that failed after training (in its last evaluation, say) are still worth having
             try:
                 self.record.save_checkpoint(self.save, "last")
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 pass
         self.summary.setdefault("steps", self.step)
+        skipped = self._skipped_rows + _take_skipped_rows()  # plus any rows loaded inside the run (held-out sets)
+        if skipped:
+            self.summary["skipped_rows"] = skipped
         self.summary.setdefault("wall_time_s", round(time.time() - self.started, 2))
         error = None if status != "failed" else f"{exc_type.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         self.record.finish(status, summary=self.summary, error=error)

@@ -12,6 +12,8 @@ build a `EnumerableTask` (lab/tasks/enumerable.py) and `register` it; trainers t
 
 from __future__ import annotations
 
+from lab.errors import UserError
+
 from .arith import ArithTask
 from .bandit import BanditTask
 from .base import Task
@@ -21,7 +23,7 @@ from .reviews import ReviewsTask
 TASKS: dict[str, Task] = {task.name: task for task in (ArithTask(), ReviewsTask(), BanditTask())}
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(UserError, ValueError):
     """Raised by get_task for a name that is not a built-in task."""
 
 
