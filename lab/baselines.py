@@ -35,7 +35,6 @@ r_φ                         ``scorer`` (``lab.rm.load_reward_model``)
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import threading
@@ -46,7 +45,7 @@ import torch
 
 from lab.batching import token_logprobs
 from lab.data import unique_prompts
-from lab.config import BaseConfig, ConfigError, add_config_arguments, check, config_from_args, opt
+from lab.config import ArgumentParser, BaseConfig, ConfigError, add_config_arguments, check, config_from_args, opt
 from lab.dpo import (dpo_loss, encode_preference_batch, ends_with_eos, greedy_samples, heldout_metrics,
                      load_preference_rows, pair_microbatch, select_pairs)
 from lab.runner import (Run, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
@@ -255,7 +254,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
 
 def bon_main(argv: list[str] | None = None) -> int:
     """``python -m lab bon --reward-model PATH --n 8 --task reviews [--json]``."""
-    parser = argparse.ArgumentParser(prog="python -m lab bon", description=BestOfNConfig.__doc__)
+    parser = ArgumentParser(prog="python -m lab bon", description=BestOfNConfig.__doc__)
     add_config_arguments(parser, BestOfNConfig)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

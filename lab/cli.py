@@ -9,29 +9,13 @@ argparse's own) print one line and exit with code 2. What can be checked before 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import sys
 import threading
 
-from lab.config import ConfigError, add_config_arguments, config_from_args
+from lab.config import ArgumentParser, ConfigError, add_config_arguments, config_from_args
 from lab.errors import UserError
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a mistake prints one line with a hint instead of the whole usage block: ``--bogus-flag`` →
-    ``error: unrecognized arguments: --bogus-flag (see: python -m lab train grpo --help)``, and a misspelt flag
-    gets the closest real one."""
-
-    def error(self, message: str):
-        hint = f"see: {self.prog} --help"
-        if message.startswith("unrecognized arguments: "):
-            flags = [a.split("=")[0] for a in message.split(": ", 1)[1].split() if a.startswith("--")]
-            close = difflib.get_close_matches(flags[0], list(self._option_string_actions), n=1) if flags else []
-            if close:
-                hint = f"did you mean {close[0]}? {hint}"
-        self.exit(2, f"error: {message} ({hint})\n")
 
 
 def _fmt(value) -> str:
@@ -121,12 +105,9 @@ def _print_summary(cfg, last: dict) -> None:
 def _is_builtin_task(name: str | None) -> bool:
     """None (the default task) or a name that is not a data source: unknown names fail in ``get_task`` with the
     list of built-in tasks, instead of being read as a file."""
-    if name is None:
-        return True
-    from lab.data import FILE_SUFFIXES
+    from lab.data import is_data_source
 
-    is_data = name.startswith(("jsonl:", "hf:")) or name.lower().endswith(FILE_SUFFIXES) or os.path.exists(name)
-    return not is_data
+    return name is None or not is_data_source(name)
 
 
 def _own_data(args):
@@ -318,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    if argv[:1] in (["bon"], ["make-model"]):
+    if argv[:1] in (["bon"], ["make-model"], ["pretrain"]):
         # argparse's REMAINDER cannot start with a flag (`bon --reward-model ...`), so these parse their own flags
         args = argparse.Namespace(command=argv[0], rest=argv[1:])
     else:

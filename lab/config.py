@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import numbers
 import os
@@ -94,6 +95,12 @@ class BaseConfig:
     def __post_init__(self) -> None:
         check_types(self)  # first: every check below may then trust a field's type
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        from lab.data import is_data_source
+        from lab.tasks import TASKS
+
+        check(self.task in TASKS or is_data_source(self.task), "task",
+              f"unknown task {self.task!r}; built-in tasks: {', '.join(sorted(TASKS))} (for your own data use "
+              "jsonl:PATH, a .jsonl/.json/.parquet/.csv file, a saved dataset folder or hf:ID)")
         check(self.optim in OPTIMIZERS, "optim", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if getattr(self, "lr", 0) is None:
             # tiny built-in models learn at 1e-3; a real model's LoRA at that rate diverges in a few steps
@@ -190,6 +197,23 @@ def check_types(cfg: Any) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # dataclass <-> argparse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistake prints one line with a hint instead of the whole usage block: ``--bogus-flag`` →
+    ``error: unrecognized arguments: --bogus-flag (see: python -m lab train grpo --help)``, and a misspelt flag
+    gets the closest real one."""
+
+    def error(self, message: str):
+        hint = f"see: {self.prog} --help"
+        if message.startswith("unrecognized arguments: "):
+            flags = [a.split("=")[0] for a in message.split(": ", 1)[1].split() if a.startswith("--")]
+            close = difflib.get_close_matches(flags[0], list(self._option_string_actions), n=1) if flags else []
+            if close:
+                hint = f"did you mean {close[0]}? {hint}"
+        self.exit(2, f"error: {message} ({hint})\n")
+
+
 
 
 def _base_type(tp: Any) -> Any:

@@ -297,6 +297,13 @@ def split_implicit_prompt(chosen: str | list, rejected: str | list) -> tuple[str
 # ---------------------------------------------------------------------------------------------
 
 
+def is_data_source(name: str) -> bool:
+    """Whether a ``task`` value names data rather than a built-in task: ``jsonl:``/``hf:`` prefixes, a data file
+    suffix, or an existing path. Anything else is a task name, checked against the registered tasks."""
+    name = str(name)
+    return name.startswith(("jsonl:", "hf:")) or name.lower().endswith(FILE_SUFFIXES) or os.path.exists(name)
+
+
 def load_rows(source: str, *, format: str | None = None, split: str = "train", skip_bad_rows: bool = False) -> Rows:
     """Load and normalize the rows of a data source.
 

@@ -29,7 +29,6 @@ wall time on an idle machine (on a busy one, wall time can be several times long
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import statistics
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lab.config import ArgumentParser
 from lab.tasks import get_task
 from lab.tasks.base import Task, builtin_model_dir, sample_completions
 
@@ -259,7 +259,7 @@ def _pretrain(task: Task, recipe: Recipe, steps: int, seed: int, out_dir: Path, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lab pretrain", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m lab pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("task", choices=sorted(RECIPES), help="built-in task whose base policy to build")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the task's recipe)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and data")

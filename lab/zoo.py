@@ -36,11 +36,12 @@ Sizes: ``tiny`` (a few million parameters, for tests), ``100m`` (about 100M with
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import random
 from pathlib import Path
+
+from lab.config import ArgumentParser
 
 ARCHS = ("qwen2", "llama", "gpt2")
 SIZES = ("tiny", "100m", "0.5b")
@@ -437,7 +438,7 @@ def make_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lab make-model", description="write a random model of a real architecture, with its tokenizer"
     )
     parser.add_argument("--arch", choices=ARCHS, required=True)
