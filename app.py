@@ -3,6 +3,7 @@
     python app.py                      # http://127.0.0.1:7860
     python app.py --port 8000 --host 0.0.0.0
     python app.py --share              # a public gradio.live link (in Colab: !python app.py --share)
+    python app.py --share --allow-local  # shared, yet still taking server paths and code: trusted users only
 
 This file is UI only. Every control is built from a method's config dataclass (``lab.config.describe_fields``),
 the run itself goes through ``lab.live`` (a trainer generator in a thread, one metrics dict per step), and
@@ -60,22 +61,6 @@ def param_name(method: str, field: str) -> str:
     return f"{re.sub(r'[^a-z0-9]+', '_', method.lower())}_{field}"
 
 
-def _slider_step(lo: float, hi: float, is_int: bool) -> float:
-    if is_int:
-        return 1
-    return 10 ** math.floor(math.log10((hi - lo) / 100))
-
-
-def _as_slider(f: dict) -> bool:
-    """Sliders for short ranges (temperature, β in [0, 1], LoRA rank); numbers for spans over decades (lr, steps)."""
-    lo, hi, default = f["min"], f["max"], f["default"]
-    if lo is None or hi is None or default is None:
-        return False
-    if f["type"] is int:
-        return hi - lo <= 512
-    return lo >= 0 and hi <= 10 and not (lo > 0 and hi / lo > 1000)
-
-
 def field_control(method: str, f: dict) -> gr.components.Component:
     """One widget for one config field, with the field's help as its info line and its range as bounds."""
     name, tp, default, help_ = f["name"], f["type"], f["default"], f["help"]
@@ -92,21 +77,20 @@ def field_control(method: str, f: dict) -> gr.components.Component:
         span = f" · range [{f['min']:g}, {f['max']:g}]" if f["min"] is not None and f["max"] is not None else ""
         return gr.Textbox(value="", label=name, info=help_ + span, placeholder="empty: default", elem_id=elem_id)
     if tp in (int, float):
-        if _as_slider(f):
-            return gr.Slider(f["min"], f["max"], value=default, step=_slider_step(f["min"], f["max"], tp is int),
-                             label=name, info=help_, elem_id=elem_id)
-        # No bounds on the widget: the config checks the range and says what to change (ConfigError).
+        # A number box without bounds or rounding: a slider clamps a typed 999 to its maximum and precision=0
+        # rounds 2.5 to 2, both without a word. The config checks the range and says what to change (ConfigError).
         span = f" · range [{f['min']:g}, {f['max']:g}]" if f["min"] is not None and f["max"] is not None else ""
-        return gr.Number(value=default, label=name, info=help_ + span, precision=0 if tp is int else None,
-                         elem_id=elem_id)
+        return gr.Number(value=default, label=name, info=help_ + span, elem_id=elem_id)
     return gr.Textbox(value="" if default is None else str(default), label=name, info=help_,
                       placeholder="default" if default is None else None, elem_id=elem_id)
 
 
-def method_panel(method: str) -> dict[str, gr.components.Component]:
-    """The method's fields: the main knobs, then an accordion with everything else."""
+def method_panel(method: str, hide: tuple[str, ...] = ()) -> dict[str, gr.components.Component]:
+    """The method's fields: the main knobs, then an accordion with everything else (less the ``hide`` ones, which
+    keep their config default: a shared app has no trust_remote_code box)."""
     cls, _ = get_method(method)
-    fields = [f for f in describe_fields(cls) if f["name"] not in live.SHARED_FIELDS and not f["name"].startswith("_")]
+    fields = [f for f in describe_fields(cls) if f["name"] not in live.SHARED_FIELDS and not f["name"].startswith("_")
+              and f["name"] not in hide]
     main = sorted((f for f in fields if f["name"] in MAIN_FIELDS), key=lambda f: MAIN_FIELDS.index(f["name"]))
     rest = [f for f in fields if f["name"] not in MAIN_FIELDS]
     controls = {}
@@ -321,8 +305,10 @@ def default_method(methods: list[str]) -> str:
     return methods[0]
 
 
-def build_app(runs_dir: str = "runs") -> gr.Blocks:
-    """The whole UI. ``runs_dir`` is where runs are recorded and where "past runs" looks."""
+def build_app(runs_dir: str = "runs", serving: live.Serving | None = None) -> gr.Blocks:
+    """The whole UI. ``runs_dir`` is where runs are recorded and where "past runs" looks; ``serving`` says what a
+    shared app refuses (default: nothing, the app is on this machine only)."""
+    serving = serving or live.Serving()
     methods = available()
     if not methods:
         raise RuntimeError("no training method could be imported; check the installation (pip install -e .)")
@@ -363,12 +349,14 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                             with gr.Column(visible=(m == first)) as col:
                                 panels[m] = col
                                 fields_of[m] = {}
-                                for name, comp in method_panel(m).items():
+                                for name, comp in method_panel(m, hide=serving.hidden_fields).items():
                                     controls[param_name(m, name)] = comp
                                     fields_of[m][param_name(m, name)] = name
                         with gr.Row():
                             launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                        # Stop answers here, so that it never overwrites the run's final status in the live view
+                        stop_note = gr.Markdown(elem_id="stop-note")
                     # ---------------- live view ----------------
                     with gr.Column(scale=5):
                         status = gr.Markdown("Choose settings and press **Launch**.", elem_id="status")
@@ -381,7 +369,8 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                 gr.Markdown("## Before and after\nThe same held-out prompts, answered greedily by the reference "
                             "policy (π_ref: the adapters switched off) and by the tuned policy.")
                 with gr.Row():
-                    n_compare = gr.Slider(1, 64, value=8, step=1, label="held-out prompts", scale=3)
+                    n_compare = gr.Number(8, label="held-out prompts", scale=3, elem_id="n-compare",
+                                          info="at most the task's held-out set (arith 200, reviews 10, bandit 6)")
                     compare_btn = gr.Button("Compare again", scale=1, elem_id="compare")
                 ba_text = gr.Markdown(elem_id="before-after-summary")
                 ba_table = gr.Dataframe(before_after_frame([]), wrap=True, interactive=False, elem_id="before-after")
@@ -395,11 +384,13 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                                     "at most log N − (N − 1)/N.")
                         with gr.Row():
                             bon_reward = gr.Dropdown(["gold"], value="gold", allow_custom_value=True, label="reward",
-                                                     info="gold (the task's own) or a reward-model run folder",
+                                                     info="gold (the task's own) or a reward model trained here, "
+                                                     "with the task it was trained on",
                                                      elem_id="bon-reward")
-                            bon_n = gr.Slider(1, 64, value=bon_fields["n"]["default"], step=1, label="N",
+                            bon_n = gr.Number(bon_fields["n"]["default"], label="N", elem_id="bon-n",
                                               info=bon_fields["n"]["help"])
-                            bon_prompts = gr.Slider(1, 200, value=16, step=1, label="held-out prompts")
+                            bon_prompts = gr.Number(6, label="held-out prompts", elem_id="bon-prompts",
+                                                    info="at most the task's held-out set")
                             bon_btn = gr.Button("Run best-of-N", elem_id="bon")
                         bon_text = gr.Markdown()
                         bon_table = gr.Dataframe(pd.DataFrame(), interactive=False, wrap=True, max_height=300)
@@ -478,11 +469,15 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
             if method not in fields_of:
                 yield out(error_text(f"unknown method {method!r}; choose one of: {', '.join(methods)}"), final=True)
                 return
-            values = {field: fields[key] for key, field in fields_of[method].items() if fields.get(key) is not None}
+            # Every field goes to the config, an emptied box too (None): it is refused with the field's range, not
+            # replaced by the default. API callers who omit a field get its widget's value from gradio_client.
+            values = {field: fields.get(key) for key, field in fields_of[method].items()}
             values.update(task=(f"jsonl:{data_file}" if data_file else (task or "arith")),
                           model=(model or "").strip() or None,
                           mode="qlora" if four_bit else (mode or "lora"), out=runs_dir)
             try:
+                served = (f"jsonl:{data_file}",) if data_file else ()
+                serving.check(values, served + tuple(live.reward_models(runs_dir)) if serving.shared else served)
                 job = live.start(state, method, values)
             except Exception as err:  # noqa: BLE001 - a bad setting must never take the app down
                 message = live.user_message(err)
@@ -540,7 +535,7 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                           final=True)
                 return
             try:
-                ba_rows, summary = live.compare(state, n=8)
+                ba_rows, summary = live.compare(state, n=None)
             except Exception as err:  # noqa: BLE001
                 yield out(done, ba_text_=error_text(live.user_message(err)), final=True)
                 return
@@ -556,7 +551,9 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
         launch_outputs = [status, progress, plot, samples, metrics_json, ba_text, ba_table, sample_pick, session]
         launch_btn.click(on_launch, inputs=[session], inputs_kwargs=launch_inputs, outputs=launch_outputs,
                          api_name="launch", concurrency_limit=1, concurrency_id="training",
-                         show_progress="full", show_progress_on=[status, progress])
+                         show_progress="full", show_progress_on=[status, progress],
+                         validator=queue_validator(demo, on_launch.__signature__, serving) if serving.shared else None)
+        launch_btn.click(lambda: "", outputs=stop_note, api_name=False, queue=False)  # a new run: no stale note
 
         def on_stop(state):
             job = state.job if state is not None else None
@@ -565,7 +562,7 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
             job.request_stop()
             return "Stopping after the current step…"
 
-        stop_btn.click(on_stop, inputs=session, outputs=status, api_name="stop", concurrency_limit=None,
+        stop_btn.click(on_stop, inputs=session, outputs=stop_note, api_name="stop", concurrency_limit=None,
                        show_progress="hidden")
 
         def on_compare(state, n):
@@ -573,7 +570,7 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                 return (error_text("no trained policy in this tab yet: launch a run first"), before_after_frame([]),
                         gr.skip())
             try:
-                rows, summary = live.compare(state, n=int(n))
+                rows, summary = live.compare(state, n=n)
             except Exception as err:  # noqa: BLE001
                 return error_text(live.user_message(err)), before_after_frame([]), gr.skip()
             return before_after_text(summary), before_after_frame(rows), sample_choices(state)
@@ -621,7 +618,9 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
             def on_bon(state, task_name, reward, n, prompts):
                 state = state if state is not None else live.Session()
                 try:
-                    rows, summary = live.best_of_n(state, task_name, reward or "gold", int(n), int(prompts))
+                    reward = reward or "gold"
+                    serving.check({"reward": reward}, tuple(live.reward_models(runs_dir)))
+                    rows, summary = live.best_of_n(state, task_name, reward, n, prompts)
                 except Exception as err:  # noqa: BLE001
                     return error_text(live.user_message(err)), pd.DataFrame(), state
                 text = (f"Gold reward on {summary['prompts']} held-out prompts: **best of {summary['n']}: "
@@ -636,7 +635,7 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
                           outputs=[bon_text, bon_table, session], api_name="best_of_n")
 
             def on_reward_models():
-                return gr.update(choices=["gold", *live.reward_models(runs_dir)])
+                return gr.update(choices=[("gold", "gold"), *live.reward_model_choices(runs_dir)])
 
             demo.load(on_reward_models, outputs=bon_reward, api_name=False)
 
@@ -662,6 +661,43 @@ def build_app(runs_dir: str = "runs") -> gr.Blocks:
     return demo
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# A shared app: one user's launches waiting or running are capped when they are queued
+
+
+def _client_host(request) -> str | None:
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None)
+
+
+def user_launches(demo: gr.Blocks, host: str | None, concurrency_id: str = "training") -> int:
+    """Launches from ``host`` now waiting in gradio's queue or running (read from the queue itself, so that a
+    launch that ended or was cancelled while waiting never counts)."""
+    queue = demo._queue
+    waiting = getattr(queue.event_queue_per_concurrency_id.get(concurrency_id), "queue", [])
+    running = [event for job in queue.active_jobs if job for event in job]
+    return sum(1 for event in [*waiting, *running]
+               if event.concurrency_id == concurrency_id and _client_host(event.request) == host)
+
+
+def queue_validator(demo: gr.Blocks, signature: inspect.Signature, serving: live.Serving):
+    """A gradio validator for /launch: it runs when a launch is queued, before it waits its turn, and refuses it
+    when its user (the client address) already has ``serving.max_queue`` launches waiting or running."""
+
+    def validate(request: gr.Request, state=None, **fields):
+        # one verdict per input (the tab's state, then the launch inputs): the refusal shows on "method"
+        verdicts = [gr.validate(True, "") for _ in range(1 + len(fields))]
+        try:
+            live.check_queue(user_launches(demo, _client_host(request)), serving.max_queue)
+        except live.NotServed as err:
+            verdicts[1] = gr.validate(False, str(err))
+        return verdicts
+
+    request = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)
+    validate.__signature__ = signature.replace(parameters=[request, *signature.parameters.values()])
+    return validate
+
+
 WARM_UP: threading.Thread | None = None  # imports the model libraries while the first page loads
 
 
@@ -673,14 +709,18 @@ def warm_up() -> None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, runs_dir: str = "runs",
-          prevent_thread_lock: bool = False, warm: bool = True):
+          prevent_thread_lock: bool = False, warm: bool = True, allow_local: bool = False,
+          max_steps: int = live.SHARED_MAX_STEPS, max_queue: int = live.SHARED_MAX_QUEUE, shared: bool | None = None):
     """Build and launch the app; returns the Blocks (with ``prevent_thread_lock`` the call returns at once).
-    ``warm``: do the first-time work in the background right away (tests turn it off to keep the CPU)."""
+    ``warm``: do the first-time work in the background right away (tests turn it off to keep the CPU).
+    ``shared`` (default: ``--share`` or a host other than localhost) refuses server paths and code unless
+    ``allow_local``, and caps steps per run and each user's queued launches."""
     global WARM_UP
     if warm:
         WARM_UP = threading.Thread(target=warm_up, name="lab-warm-up", daemon=True)
         WARM_UP.start()
-    demo = build_app(runs_dir)
+    shared = live.is_shared(host, share) if shared is None else shared
+    demo = build_app(runs_dir, live.Serving(shared, allow_local, max_steps, max_queue))
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
                 css=CSS, theme=gr.themes.Soft(), footer_links=["api"], quiet=prevent_thread_lock)
@@ -693,8 +733,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (Colab)")
     parser.add_argument("--runs", default="runs", help="folder that holds run records")
+    parser.add_argument("--allow-local", action="store_true",
+                        help="on a shared app (--share or a host other than localhost) still take server paths, "
+                             "python: rewards and trust_remote_code: only for users you trust with this machine")
+    parser.add_argument("--max-steps", type=int, default=live.SHARED_MAX_STEPS,
+                        help="on a shared app, the most steps one run may take")
+    parser.add_argument("--max-queue", type=int, default=live.SHARED_MAX_QUEUE,
+                        help="on a shared app, the most launches one user may have waiting or running")
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.share, args.runs)
+    serve(args.host, args.port, args.share, args.runs, allow_local=args.allow_local, max_steps=args.max_steps,
+          max_queue=args.max_queue)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 import time
 import traceback
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lab.errors import UserError
 
 log = logging.getLogger("lab.live")
 
@@ -83,7 +86,7 @@ def coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
             if tp is str:
                 out[name] = ""
                 continue
-            raise ConfigError(f"{name}: needs a value")
+            raise ConfigError(f"{name}: needs a value{_range_text(cls, name)}")
         try:
             if tp is bool:
                 value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
@@ -102,6 +105,123 @@ def coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
         out[name] = value
     return out
+
+
+def _range_text(cls: type, name: str) -> str:
+    """The range ``in [lo, hi]`` from a field's metadata, or an empty string when it declares none."""
+    meta = next((f.metadata for f in dataclasses.fields(cls) if f.name == name), {})
+    lo, hi = meta.get("min"), meta.get("max")
+    return f" in [{lo}, {hi}]" if lo is not None and hi is not None else ""
+
+
+def check_count(name: str, value: Any, lo: int, hi: int, why: str = "") -> int:
+    """A whole number in [lo, hi] from a widget value, else the config's one-line range error (no clamping)."""
+    from lab.config import ConfigError
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ConfigError(f"{name}: needs a value in [{lo}, {hi}]")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected int, got {value!r}") from None
+    if not number.is_integer():
+        raise ConfigError(f"{name}: must be a whole number, got {value}")
+    if not lo <= number <= hi:
+        raise ConfigError(f"{name}: must be in [{lo}, {hi}]{why}, got {int(number)}")
+    return int(number)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Serving to others: what a shared app (--share, or a host other than localhost) refuses
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+SHARED_MAX_STEPS = 500  # default cap on steps per run on a shared app (--max-steps)
+SHARED_MAX_QUEUE = 2  # default cap on one user's launches waiting or running (--max-queue)
+PATH_FIELDS = ("task", "ptx_data")  # data sources: built-in names, hf:ID, uploads
+MODEL_FIELDS = ("model", "reward_model")  # models: built-in names, hub ids
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+class NotServed(UserError):
+    """A value a shared app does not accept (a server path, code to import, remote code, too many steps)."""
+
+
+def is_shared(host: str, share: bool) -> bool:
+    """Whether the app is reachable by others: a public link, or listening on anything but the loopback."""
+    return share or host not in LOCAL_HOSTS
+
+
+def check_shared_inputs(values: dict[str, Any], allow_local: bool = False, max_steps: int | None = None,
+                        served: tuple[str, ...] = ()) -> None:
+    """Raise ``NotServed`` for what a shared app must not take from a stranger, else return None.
+
+    Refused unless ``allow_local``: any data source but a built-in task, ``hf:ID`` or one of ``served`` (the
+    tab's upload, the app's own reward-model runs); any model but a built-in name or a hub id; any reward but the
+    built-in ones (gold, math, format, joined by "+") and ``served``; ``trust_remote_code``. Always: more than
+    ``max_steps`` steps. Each message is the same whether or not the path exists on the server.
+    """
+    if not allow_local:
+        _check_no_local(values, served)
+    steps = values.get("steps")
+    if max_steps is not None and isinstance(steps, (int, float)) and steps > max_steps:
+        raise NotServed(f"steps: at most {max_steps} per run on a shared app, got {steps:g}")
+
+
+def _check_no_local(values: dict[str, Any], served: tuple[str, ...]) -> None:
+    from lab.modeling import builtin_models
+    from lab.rewards import BUILTIN_REWARDS
+    from lab.tasks import TASKS
+
+    for name in PATH_FIELDS:
+        value = str(values.get(name) or "").strip()
+        if value and value not in TASKS and value not in served and not _hub_source(value):
+            raise NotServed(f"{name}: local paths are not served on a shared app; use a built-in task "
+                            f"({', '.join(sorted(TASKS))}), an upload or hf:ID")
+    for name in MODEL_FIELDS:
+        value = str(values.get(name) or "").strip()
+        if value and value not in builtin_models() and not (HUB_ID.fullmatch(value) and not Path(value).exists()):
+            raise NotServed(f"{name}: local paths are not served on a shared app; use a built-in model or a hub id")
+    reward = str(values.get("reward") or "").strip()
+    parts = [part.strip() for part in reward.split("+")] if reward and reward not in served else []
+    if any(part.startswith("python:") for part in parts):
+        raise NotServed("reward: python: rewards are not served on a shared app")
+    if any(part != "gold" and part not in BUILTIN_REWARDS for part in parts):
+        raise NotServed("reward: local paths are not served on a shared app; use gold, "
+                        f"{', '.join(sorted(BUILTIN_REWARDS))} or a reward model this app trained")
+    if values.get("trust_remote_code") is True:
+        raise NotServed("trust_remote_code: remote code is not run on a shared app")
+
+
+def _hub_source(value: str) -> bool:
+    """``hf:ID`` (``hf:ID:CONFIG:SPLIT``) whose ID has a hub id's shape and names no folder on this machine."""
+    ident = value[3:].split(":", 1)[0] if value.startswith("hf:") else ""
+    return bool(HUB_ID.fullmatch(ident) or re.fullmatch(r"[A-Za-z0-9][\w.-]*", ident)) and not Path(ident).exists()
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Who the app serves. Local (the default) refuses nothing; shared applies ``check_shared_inputs`` unless
+    ``allow_local``, and caps steps per run and one user's launches waiting or running."""
+
+    shared: bool = False
+    allow_local: bool = False
+    max_steps: int = SHARED_MAX_STEPS
+    max_queue: int = SHARED_MAX_QUEUE
+
+    @property
+    def hidden_fields(self) -> tuple[str, ...]:
+        return ("trust_remote_code",) if self.shared and not self.allow_local else ()
+
+    def check(self, values: dict[str, Any], served: tuple[str, ...] = ()) -> None:
+        if self.shared:
+            check_shared_inputs(values, self.allow_local, self.max_steps, served)
+
+
+def check_queue(waiting_or_running: int, max_queue: int) -> None:
+    """Raise ``NotServed`` when one user already has ``max_queue`` launches waiting or running."""
+    if waiting_or_running >= max_queue:
+        raise NotServed(f"queue: you already have {waiting_or_running} run(s) waiting or running, the most a shared "
+                        "app takes from one user; wait for one to end")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -334,8 +454,9 @@ def finish(session: Session) -> None:
 # Before / after and the per-token view
 
 
-def compare(session: Session, n: int = 8, prompts: list[str] | None = None) -> tuple[list[dict], dict]:
-    """The same held-out prompts answered greedily by π_ref (adapters off) and by the tuned policy.
+def compare(session: Session, n: int | None = 8, prompts: list[str] | None = None) -> tuple[list[dict], dict]:
+    """The same held-out prompts answered greedily by π_ref (adapters off) and by the tuned policy. ``n``: how many
+    (more than the task holds is refused); None: up to 8.
 
     Returns (rows, summary): rows have prompt, before, before_reward, after, after_reward; summary has the mean
     reward before and after and their difference (None when there is no gold reward, e.g. for your own data).
@@ -346,8 +467,14 @@ def compare(session: Session, n: int = 8, prompts: list[str] | None = None) -> t
     if task is not None:
         from lab.evaluate import before_after
 
+        count = len(task.eval_prompts())
+        if prompts is None and n is None:
+            n = min(8, count)
+        elif prompts is None:  # a task has so many held-out prompts: more is refused, not cut down without a word
+            n = check_count("held-out prompts", n, 1, count, f" ({task.name} has that many)")
         rows = before_after(policy, task, prompts=prompts, n=n)
     else:
+        n = 8 if n is None else check_count("held-out prompts", n, 1, 100_000)
         rows = _before_after_untasked(policy, session, n, prompts)
     session.compared = rows
     before = [r["before_reward"] for r in rows if r["before_reward"] is not None]
@@ -466,6 +593,21 @@ def reward_models(out: str) -> list[str]:
     return [str(Path(out) / r["id"]) for r in past_runs(out) if r["method"] == "rm" and r["status"] == "completed"]
 
 
+def reward_model_choices(out: str) -> list[tuple[str, str]]:
+    """(label, folder) for each finished reward model under ``out``; the label names the task it was trained on."""
+    return [(f"{Path(path).name} · task {reward_model_task(path) or '?'}", path) for path in reward_models(out)]
+
+
+def reward_model_task(path: str) -> str | None:
+    """The task a reward-model run was trained on (its recorded config), or None for anything else."""
+    from lab.records import load_run
+
+    try:
+        return (load_run(Path(path)).config or {}).get("task")
+    except Exception:  # noqa: BLE001 - not a run folder: a checkpoint path or a hub model
+        return None
+
+
 def best_of_n(session: Session, task_name: str, reward: str = "gold", n: int = 8, prompts: int = 16,
               temperature: float = 1.0, seed: int = 0) -> tuple[list[dict], dict]:
     """Best-of-N from π_ref on held-out prompts of a built-in task, scored by ``reward`` ("gold" or a reward-model
@@ -479,6 +621,14 @@ def best_of_n(session: Session, task_name: str, reward: str = "gold", n: int = 8
     from lab.tasks import get_task
 
     task = get_task(task_name)
+    trained_on = reward_model_task(reward) if reward != "gold" else None
+    if trained_on is not None and trained_on != task_name:
+        from lab.config import ConfigError
+
+        raise ConfigError(f"reward: the reward model {Path(reward).name} was trained on {trained_on}, not "
+                          f"{task_name}; pick one trained on {task_name} or gold")
+    n = check_count("N", n, 1, 4096)
+    prompts = check_count("held-out prompts", prompts, 1, len(task.eval_prompts()), f" ({task_name} has that many)")
     scorer = make_reward(reward, task)
     held_out = task.eval_prompts()[:prompts]
     kwargs = dict(max_new_tokens=task.max_new_tokens, temperature=temperature, seed=seed, task=task)

@@ -47,9 +47,9 @@ def test_launch_watch_stop_and_compare(tmp_path):
                 page.goto(f"http://127.0.0.1:{port}/")
                 page.wait_for_selector("#launch")
 
-                # a slider: typing into its box moves the range handle too
+                # a number box without bounds: what is typed is what is sent (a slider would clamp 999 to 5)
                 _set_number(page, f"{m}-temperature", 0.7)
-                assert page.locator(f"#{m}-temperature input[type=range]").input_value() == "0.7"
+                assert page.locator(f"#{m}-temperature input[type=number]").input_value() == "0.7"
                 # a long run (so that it is still going when Stop is pressed) of tiny steps
                 _set_number(page, f"{m}-steps", 300)
                 _set_number(page, f"{m}-batch_size", 2)
@@ -66,7 +66,12 @@ def test_launch_watch_stop_and_compare(tmp_path):
                 assert "step" in page.locator("#progress-text, #lab-progress-text").first.inner_text()
 
                 page.click("#stop")
+                page.wait_for_function("document.querySelector('#stop-note').innerText.includes('Stopping')")
                 page.wait_for_function("document.querySelector('#status').innerText.includes('stopped after')")
+                # Stop again after the end: its reply goes beside the button, the final status keeps the record
+                page.click("#stop")
+                page.wait_for_function("document.querySelector('#stop-note').innerText.includes('No run')")
+                assert "record" in page.locator("#status").inner_text()
                 page.wait_for_function("document.querySelector('#before-after-summary').innerText.includes('before')")
                 summary = page.locator("#before-after-summary").inner_text()
                 assert "after" in summary and "difference" in summary
