@@ -47,7 +47,8 @@ from lab.batching import token_logprobs
 from lab.data import unique_prompts
 from lab.config import ArgumentParser, BaseConfig, ConfigError, add_config_arguments, check, config_from_args, opt
 from lab.dpo import (dpo_loss, encode_preference_batch, ends_with_eos, greedy_samples, heldout_metrics,
-                     load_preference_rows, pair_microbatch, select_pairs)
+                     load_preference_rows, pair_microbatch, select_pairs, step_kl)
+from lab.rollout import kl_due
 from lab.runner import (Run, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
                         use_one_thread_for_tiny_models)
 from lab.sft import SFTAccumulator
@@ -73,6 +74,11 @@ class PreferredSFTConfig(BaseConfig):
     eval_every: int = opt(0, "held-out kl/ref and eval/gold_reward every N steps (0: at the end only)",
                           min=0, max=1_000_000)
     kl_samples: int = opt(8, "completions sampled per held-out prompt for the kl/ref estimate", min=1, max=1024)
+    # as in DPO: the chosen answers are not samples of π_θ, so kl/ref between evaluations needs fresh ones
+    kl_every: int = opt(1, "log kl/ref every N steps, from one fresh sample of π_θ on each of kl_prompts held-out "
+                           "prompts, before the step's update (0: at evaluations only)", min=0, max=1_000_000)
+    kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for the per-step kl/ref",
+                          min=1, max=4096)
     microbatch_size: int | None = opt(None, "pairs per forward/backward (gradients accumulate over the batch); "
                                             "default: the most that fit in memory (LAB_MICROBATCH_GB)",
                                       min=1, max=4096)
@@ -109,6 +115,10 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
             batch_rows = next(batches)
             batch = encode_preference_batch(policy.tokenizer, batch_rows, cfg.max_length, add_eos)
             B = len(batch_rows)
+            evaluating = step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+            # kl/ref before this step's update, from fresh samples of π_θ (an evaluation step logs the held-out one)
+            kl_ref = (step_kl(policy, task, cfg, heldout_prompts, seed=cfg.seed + step)
+                      if kl_due(step, cfg.kl_every) and not evaluating else None)
             policy.model.train()
             accumulator = SFTAccumulator(batch.completion_mask[:B].sum().clamp(min=1), B, cfg.per_sequence)
             pieces, ref_pieces = [], []  # (2, b) log π_θ(y|x) and log π_ref(y|x), chosen row over rejected row
@@ -127,6 +137,8 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
                         ref_logprobs, _ = token_logprobs(ref, part)  # (2b, L-1)
                     ref_pieces.append((ref_logprobs * mask).sum(-1).view(2, b))  # (2, b)
             metrics = accumulator.result()
+            if kl_ref is not None:
+                metrics["kl/ref"] = kl_ref
 
             # 4. update
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
@@ -138,7 +150,7 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
                 metrics["logprobs/rejected"] = sequence[1].mean()
 
             # 5. held-out evaluation
-            if step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+            if evaluating:
                 heldout = heldout_metrics(policy, task, cfg, prompts=heldout_prompts, support=support)
                 metrics.update(heldout)
                 run.summary["after"] = heldout

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from lab.batching import PairBatch, sequence_logprob
 from lab.config import BaseConfig, check, opt
 from lab.data import unique_prompts
+from lab.rollout import kl_due, sample_heldout, sampled_kl, step_kl
 from lab.runner import (Run, auto_microbatch, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
                         use_one_thread_for_tiny_models)
 
@@ -92,6 +93,13 @@ class DPOConfig(BaseConfig):
     eval_every: int = opt(0, "held-out kl/ref and eval/gold_reward every N steps (0: at the end only)",
                           min=0, max=1_000_000)
     kl_samples: int = opt(8, "completions sampled per held-out prompt for the kl/ref estimate", min=1, max=1024)
+    # the pairs are not samples of π_θ, so between evaluations kl/ref needs fresh ones: kl_prompts generations and
+    # two no-grad passes over them every kl_every steps (a few % of a step on the built-in models; more on long
+    # completions of a large model, where kl_every 10 or 0 keeps the cost down)
+    kl_every: int = opt(1, "log kl/ref every N steps, from one fresh sample of π_θ on each of kl_prompts held-out "
+                           "prompts, before the step's update (0: at evaluations only)", min=0, max=1_000_000)
+    kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for the per-step kl/ref",
+                          min=1, max=4096)
     microbatch_size: int | None = opt(None, "pairs per forward/backward (gradients accumulate over the batch); "
                                             "default: the most that fit in memory (LAB_MICROBATCH_GB)",
                                       min=1, max=4096)
@@ -301,41 +309,6 @@ def _load_policy(cfg: DPOConfig, task, prompts: list | None = None):
 
 
 @torch.no_grad()
-def sample_heldout(policy, prompts: list[str], *, max_new_tokens: int, samples: int = 8, seed: int = 0):
-    """``samples`` temperature-1 completions per held-out prompt from π_θ: a ``lab.sampling.Rollout``."""
-    from lab.evaluate import generation_batch
-    from lab.sampling import generate
-
-    gen = torch.Generator().manual_seed(seed)
-    repeated = [p for p in prompts for _ in range(samples)]
-    # in batches that fit: 64 prompts × 8 samples at once would hold 512 KV caches and 512 × V logits per step
-    return generate(policy.model, policy.tokenizer, repeated, max_new_tokens, temperature=1.0, generator=gen,
-                    batch_size=generation_batch(policy, repeated, max_new_tokens) if repeated else None)
-
-
-@torch.no_grad()
-def sampled_kl(policy, roll, reference=None) -> float:
-    """kl/ref: KL(π_θ ‖ π_ref) by the k1 estimate over completions y ~ π_θ (a rollout from ``sample_heldout``)::
-
-        KL ≈ mean over y of  Σ_t [ log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t) ]
-
-    (sequence level: the sum runs over the completion's tokens, eos included). ``reference``: a model to use as
-    π_ref instead of ``policy.reference()``.
-    """
-    from contextlib import nullcontext
-
-    from lab.ops import masked_sum
-    from lab.rollout import logprobs_in_chunks
-
-    rows = auto_microbatch(policy.model, len(roll), roll.completion_ids.shape[1], context_tokens=roll.prompt_ids.shape[1])
-    logprobs = logprobs_in_chunks(policy.model, roll, 1.0, rows)  # (B, T)
-    with (nullcontext(reference) if reference is not None else policy.reference()) as ref:
-        ref_logprobs = logprobs_in_chunks(ref, roll, 1.0, rows)  # (B, T)
-    kl = masked_sum(logprobs - ref_logprobs, roll.completion_mask, dim=-1)  # (B,) k1 per sequence
-    return kl.mean().item()
-
-
-@torch.no_grad()
 def heldout_metrics(policy, task, cfg, *, use_reference: bool = True, prompts: list[str] | None = None,
                     support: dict[str, set[str]] | None = None) -> dict:
     """Held-out ``eval/gold_reward`` (greedy answers, where the task has a gold reward), ``eval/sample_reward``
@@ -450,8 +423,12 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
             batch_rows = next(batches)
             batch = encode_preference_batch(policy.tokenizer, batch_rows, cfg.max_length, add_eos)
             B = len(batch_rows)
-            policy.model.train()
             metrics: dict = {}
+            # kl/ref of the policy this step's loss sees, before its update (an evaluation step logs the held-out
+            # one, after the update, instead); simpo has no π_ref
+            if uses_reference and kl_due(step, cfg.kl_every) and not _is_eval_step(cfg, step):
+                metrics["kl/ref"] = step_kl(policy, task, cfg, heldout_prompts, seed=cfg.seed + step)
+            policy.model.train()
             for start in range(0, B, micro):  # microbatches of b pairs; the loss is a pair mean, so × b/B
                 part = select_pairs(batch, start, min(start + micro, B)).to(policy.device)
                 share = min(micro, B - start) / B

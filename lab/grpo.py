@@ -61,7 +61,7 @@ symbol                          code
 G                               ``cfg.group_size``
 ε_std                           ``cfg.epsilon_std``
 ε_low, ε_high                   ``cfg.epsilon_low``, ``cfg.epsilon_high``
-β                               ``cfg.beta`` (0: π_ref is never computed)
+β                               ``cfg.beta`` (0: π_ref is computed only for ``kl/ref``, every ``cfg.kl_every``)
 where the KL enters             ``cfg.kl_mode``: ``kl_reward``, ``k3_penalty``, ``k3_ratio_penalty``
 μ                               ``cfg.num_iterations``
 log π_θ, log π_old, log π_ref   ``logprobs``, ``old_logprobs``, ``ref_logprobs`` (B, T)
@@ -88,7 +88,7 @@ from lab.ops import kl_k3, masked_mean, masked_sum
 from lab.data import prompt_columns
 from lab.rewards import make_reward
 from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics,
-                         load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
+                         kl_due, load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
                          rollout_metrics, rollout_tokens, sample_rows, score)
 from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
 
@@ -113,7 +113,7 @@ class GRPOConfig(BaseConfig):
                              min=0.0, max=1.0)
     epsilon_low: float = opt(0.2, "ε_low: the ratio is clipped below at 1 − ε_low", min=0.0, max=0.999)
     epsilon_high: float = opt(0.2, "ε_high: the ratio is clipped above at 1 + ε_high (DAPO: 0.28)", min=0.0, max=10.0)
-    beta: float = opt(0.0, "β of the KL to π_ref (DeepSeekMath: 0.04; 0: no reference pass at all)",
+    beta: float = opt(0.0, "β of the KL to π_ref (DeepSeekMath: 0.04; 0: no KL term, π_ref only for kl/ref)",
                       min=0.0, max=100.0)
     kl_mode: str = opt("k1_reward", "how β·KL enters: k1_reward = r − β·log(π/π_ref) before the group advantage "
                                     "(fixed point π* ∝ π_ref·e^{r/β}); k3 = β·k3 in the loss (DeepSeekMath; "
@@ -135,6 +135,11 @@ class GRPOConfig(BaseConfig):
     eval_every: int = opt(10, "greedy held-out evaluation every N steps (0: only before and after)",
                           min=0, max=1_000_000)
     eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
+    # at β > 0 π_ref's log-probs are needed anyway and kl/ref is logged every step; at β = 0 the diagnostic costs
+    # one no-grad forward pass of π_ref over the rollout (a fifth to a third of a step without sampling)
+    kl_every: int = opt(1, "at β = 0, log kl/ref every N steps from one extra no-grad π_ref pass over the rollout "
+                           "(0: never, and π_ref is never computed); at β > 0 it is logged every step for free",
+                        min=0, max=1_000_000)
 
     def __post_init__(self) -> None:
         bandit = self.task == "bandit"
@@ -370,11 +375,12 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
             microbatch = cfg.microbatch_size or auto_microbatch(policy.model, minibatch, roll.completion_ids.shape[1],
                                                                 context_tokens=roll.prompt_ids.shape[1])
             # 3. log-probs that stay fixed during the update: π_old (if the rollout is reused, or for the KL in the
-            #    reward; else the ratio is 1 and logprobs.detach() serves) and π_ref (only if β > 0)
+            #    reward; else the ratio is 1 and logprobs.detach() serves) and π_ref (if β > 0, or for kl/ref)
             old_logprobs = (logprobs_in_chunks(policy.model, roll, cfg.temperature, microbatch)
                             if reuse or in_reward else None)  # (B·G, T)
             ref_logprobs = None
-            if cfg.beta > 0:
+            kl_only = cfg.beta == 0 and kl_due(step, cfg.kl_every)  # π_ref for the kl/ref diagnostic alone
+            if cfg.beta > 0 or kl_only:
                 with policy.reference() as ref:
                     ref_logprobs = logprobs_in_chunks(ref, roll, cfg.temperature, microbatch)  # (B·G, T)
             # 4. advantages, from the group alone (k1_reward: of r − β·log π_old/π_ref, like PPO's shaped reward)
@@ -412,6 +418,8 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
                         loss.backward()
                         total = total + loss_metrics.pop("loss/policy")  # a tensor: no sync per microbatch
                         loss_metrics["entropy"] = masked_mean(entropy.detach(), mask)
+                        if kl_only:  # old is π_old exactly (stored, or this pass before any step): as k1_reward
+                            loss_metrics["kl/ref"] = masked_mean(kl_k3(old.detach(), ref_logprobs[idx]), mask)
                         meter.add(loss_metrics, weight=mask.sum())
                     losses.append(float(total))
                     grad_norms.append(clip_and_step(optimizer, params, cfg.max_grad_norm))

@@ -45,7 +45,7 @@ from lab.ops import kl_k1, masked_mean
 from lab.data import prompt_columns
 from lab.rewards import make_reward
 from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics,
-                         load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
+                         kl_due, load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
                          rollout_metrics, rollout_tokens, sample_rows, score)
 from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
 
@@ -63,8 +63,8 @@ class ReinforceConfig(BaseConfig):
     baseline: str = opt("batch", "b subtracted from the reward: none, batch (batch mean) or ema (running mean)",
                         choices=BASELINES)
     baseline_decay: float = opt(0.9, "d of the running-mean baseline b ← d·b + (1−d)·mean(R)", min=0.0, max=0.9999)
-    beta: float = opt(0.0, "β of the KL penalty −β·Σ_t log(π_θ/π_ref) added to the reward (0: no reference pass)",
-                      min=0.0, max=100.0)
+    beta: float = opt(0.0, "β of the KL penalty −β·Σ_t log(π_θ/π_ref) added to the reward (0: no penalty, π_ref "
+                            "only for kl/ref)", min=0.0, max=100.0)
     reward: str = opt("gold", "reward: gold (the task's), a reward-model path, or python:module:function")
     microbatch_size: int | None = opt(None, "completions per forward/backward (gradients accumulate over the batch); "
                                             "default: the most that fit in memory (LAB_MICROBATCH_GB)",
@@ -72,6 +72,11 @@ class ReinforceConfig(BaseConfig):
     eval_every: int = opt(20, "greedy held-out evaluation every N steps (0: only before and after)",
                           min=0, max=1_000_000)
     eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
+    # at β > 0 π_ref's log-probs are needed anyway and kl/ref is logged every step; at β = 0 the diagnostic costs
+    # one no-grad forward pass of π_ref over the batch (a fifth to a third of a step without sampling)
+    kl_every: int = opt(1, "at β = 0, log kl/ref every N steps from one extra no-grad π_ref pass over the batch "
+                           "(0: never, and π_ref is never computed); at β > 0 it is logged every step for free",
+                        min=0, max=1_000_000)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,6 +162,11 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
             microbatch = cfg.microbatch_size or auto_microbatch(policy.model, len(roll), roll.completion_ids.shape[1],
                                                                 context_tokens=roll.prompt_ids.shape[1])
             returns = rewards
+            ref_logprobs = None
+            kl_only = cfg.beta == 0 and kl_due(step, cfg.kl_every)  # π_ref for the kl/ref diagnostic alone
+            if kl_only:
+                with policy.reference() as ref:
+                    ref_logprobs = logprobs_in_chunks(ref, roll, cfg.temperature, microbatch)  # (B, T)
             if cfg.beta > 0:
                 # 3. the KL penalty needs log π_θ of the whole batch before any advantage exists: a no-grad pass
                 sampled_logprobs = logprobs_in_chunks(policy.model, roll, cfg.temperature, microbatch)  # (B, T)
@@ -185,6 +195,8 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
                 loss, loss_metrics = reinforce_loss(logprobs, advantages[rows_], mask[rows_])
                 (loss * share).backward()
                 loss_metrics["entropy"] = masked_mean(entropy, mask[rows_])
+                if kl_only:  # before the one optimizer step, π_θ here is the policy that sampled: as with β > 0
+                    loss_metrics["kl/ref"] = masked_mean(kl_k1(logprobs.detach(), ref_logprobs[rows_]), mask[rows_])
                 tokens_share = float(mask[rows_].sum() / mask.sum().clamp(min=1))
                 for k, v in loss_metrics.items():  # the loss is a row mean, the rest are token means
                     totals[k] = totals.get(k, 0.0) + float(v) * (share if k == "loss/policy" else tokens_share)

@@ -136,6 +136,13 @@ def logprobs_in_chunks(model, roll: Rollout, temperature: float, rows: int) -> t
                       for i in range(0, len(roll), rows)])
 
 
+def kl_due(step: int, every: int) -> bool:
+    """Whether step ``step`` (1-based) logs the ``kl/ref`` diagnostic when it costs an extra π_ref pass: step 1 and
+    every ``every`` steps after it; never when ``every`` is 0. Naive equivalent: ``step in range(1, steps + 1,
+    every)``."""
+    return every > 0 and (step - 1) % every == 0
+
+
 @torch.no_grad()
 def reference_logprobs(policy, roll: Rollout, temperature: float = 1.0) -> torch.Tensor:
     """log π_ref(y_t | x, y_<t): (B, T), no gradients (adapters switched off, or the frozen copy in full mode)."""
@@ -195,6 +202,73 @@ def eval_metrics(policy, task, n: int, beta: float | None = None, ref_logprobs: 
 
             out["eval/kl_to_fixed_point"] = kl_to_fixed_point(policy.model, policy.tokenizer, task, fixed_point)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kl/ref of the methods that do not sample: fresh completions of π_θ (DPO, SFT on preferred, SFT)
+
+
+@torch.no_grad()
+def sample_heldout(policy, prompts: list[str], *, max_new_tokens: int, samples: int = 8, seed: int = 0):
+    """``samples`` temperature-1 completions per held-out prompt from π_θ: a ``lab.sampling.Rollout``."""
+    from lab.evaluate import generation_batch
+
+    gen = torch.Generator().manual_seed(seed)
+    repeated = [p for p in prompts for _ in range(samples)]
+    # in batches that fit: 64 prompts × 8 samples at once would hold 512 KV caches and 512 × V logits per step
+    return generate(policy.model, policy.tokenizer, repeated, max_new_tokens, temperature=1.0, generator=gen,
+                    batch_size=generation_batch(policy, repeated, max_new_tokens) if repeated else None)
+
+
+@torch.no_grad()
+def sampled_kl(policy, roll, reference=None) -> float:
+    """kl/ref: KL(π_θ ‖ π_ref) by the k1 estimate over completions y ~ π_θ (a rollout from ``sample_heldout``)::
+
+        KL ≈ mean over y of  Σ_t [ log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t) ]
+
+    (sequence level: the sum runs over the completion's tokens, eos included). ``reference``: a model to use as
+    π_ref instead of ``policy.reference()``.
+    """
+    from contextlib import nullcontext
+
+    from lab.ops import masked_sum
+    from lab.runner import auto_microbatch
+
+    rows = auto_microbatch(policy.model, len(roll), roll.completion_ids.shape[1],
+                           context_tokens=roll.prompt_ids.shape[1])
+    logprobs = logprobs_in_chunks(policy.model, roll, 1.0, rows)  # (B, T)
+    with (nullcontext(reference) if reference is not None else policy.reference()) as ref:
+        ref_logprobs = logprobs_in_chunks(ref, roll, 1.0, rows)  # (B, T)
+    kl = masked_sum(logprobs - ref_logprobs, roll.completion_mask, dim=-1)  # (B,) k1 per sequence
+    return kl.mean().item()
+
+
+@torch.no_grad()
+def step_kl(policy, task, cfg, prompts: list | None, seed: int) -> float:
+    """The per-step ``kl/ref`` of DPO, SFT on preferred and SFT: KL(π_θ ‖ π_ref) per completion, as held out.
+
+    The training rows' log-ratios are at hand every step, but those rows are not samples of π_θ, so their mean is
+    no KL estimate. Instead, one fresh temperature-1 completion of π_θ for each of the first ``cfg.kl_prompts`` held-out
+    prompts (the task's, else ``prompts``), scored by ``sampled_kl`` (k1 summed over the completion). On an
+    enumerable task it is exact, over the whole vocabulary and every held-out prompt, the number ``heldout_metrics``
+    logs. ``seed`` picks the samples (the step number: fresh ones each step)."""
+    from lab.tasks.enumerable import kl, next_token_logprobs
+
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        if task is not None and task.kind == "bandit":
+            eval_prompts = task.eval_prompts()
+            logprobs = next_token_logprobs(policy.model, policy.tokenizer, eval_prompts)  # (B, V)
+            with policy.reference() as ref:
+                ref_logprobs = next_token_logprobs(ref, policy.tokenizer, eval_prompts)  # (B, V)
+            return kl(logprobs, ref_logprobs).mean().item()
+        prompts = (task.eval_prompts() if task is not None else prompts)[: cfg.kl_prompts]
+        roll = sample_heldout(policy, prompts, max_new_tokens=resolve_max_new_tokens(cfg, task), samples=1,
+                              seed=seed)
+        return sampled_kl(policy, roll)
+    finally:
+        policy.model.train(was_training)
 
 
 def bandit_reference(policy, task) -> torch.Tensor | None:

@@ -30,7 +30,9 @@ import torch
 
 from lab.batching import encode_pairs, token_logprobs
 from lab.config import BaseConfig, check, opt
+from lab.data import unique_prompts
 from lab.ops import masked_mean
+from lab.rollout import kl_due, step_kl
 from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything, shuffled_batches
 
 
@@ -46,6 +48,11 @@ class SFTConfig(BaseConfig):
     microbatch_size: int | None = opt(None, "rows per forward/backward (gradients accumulate over the batch); "
                                             "default: the most that fit in memory (LAB_MICROBATCH_GB)",
                                       min=1, max=4096)
+    # the demonstrations are not samples of π_θ, so kl/ref needs fresh ones: kl_prompts generations and two no-grad
+    # passes over them every kl_every steps (a few % of a step on the built-in models, more on large ones)
+    kl_every: int = opt(1, "log kl/ref = KL(π_θ‖π_ref) every N steps, from one fresh sample of π_θ on each of "
+                           "kl_prompts held-out prompts, before the step's update (0: never)", min=0, max=1_000_000)
+    kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for kl/ref", min=1, max=4096)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -117,6 +124,7 @@ def train(cfg: SFTConfig, *, policy=None, stop: threading.Event | None = None, r
     params = policy.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
     batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
+    kl_prompts = None if task is not None else unique_prompts(rows)[: cfg.kl_prompts]  # own data: training prompts
 
     with Run(cfg, "sft", policy=policy, stop=stop, record=record) as run:
         run.summary["rows"] = len(rows)
@@ -125,6 +133,9 @@ def train(cfg: SFTConfig, *, policy=None, stop: threading.Event | None = None, r
             batch_rows = next(batches)
             batch = encode_pairs(policy.tokenizer, [r["prompt"] for r in batch_rows],
                                  [r["completion"] for r in batch_rows], max_length=cfg.max_length)
+            # kl/ref before this step's update, from fresh samples of π_θ: the demonstrations are not π_θ's
+            due = kl_due(step, cfg.kl_every)
+            kl_ref = step_kl(policy, task, cfg, kl_prompts, seed=cfg.seed + step) if due else None
             # 2. loss on completion tokens only, over microbatches of b rows that fit in memory
             policy.model.train()
             B, L = batch.input_ids.shape
@@ -135,6 +146,8 @@ def train(cfg: SFTConfig, *, policy=None, stop: threading.Event | None = None, r
                 logprobs, mask = token_logprobs(policy.model, part)  # (b, L-1), (b, L-1)
                 accumulator.backward(logprobs, mask)
             metrics = accumulator.result()
+            if kl_ref is not None:
+                metrics["kl/ref"] = kl_ref
             # 3. update
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
             if run.want_samples(step) and task is not None:

@@ -122,3 +122,18 @@ def test_bon_command_prints_best_of_n_against_a_single_sample(tmp_path, capsys):
     assert result["rm/best"] >= result["rm/mean"]
     for key in ("eval/gold_reward", "eval/sample_reward"):
         assert isinstance(result[key], float)
+
+
+def test_sft_on_preferred_logs_kl_ref_every_step(tmp_path):
+    """Default kl_every = 1: kl/ref at every step, from fresh samples of π_θ before the step's update (the chosen
+    answers are not π_θ's samples): 0 at step 1 with a fresh adapter (B = 0), nonzero once it has moved."""
+    from lab.modeling import load_policy
+
+    policy = load_policy(task="reviews", mode="lora", lora_r=4, lora_alpha=8)
+    cfg = PreferredSFTConfig(steps=3, batch_size=4, eval_size=2, kl_samples=2, kl_prompts=4, lr=3e-2,
+                             sample_every=0, out=str(tmp_path), run_id="k")
+    assert cfg.kl_every == 1
+    rows = list(train_preferred(cfg, policy=policy))
+    assert all("kl/ref" in r for r in rows)
+    assert rows[0]["kl/ref"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1]["kl/ref"] != pytest.approx(0.0, abs=1e-6)

@@ -436,3 +436,51 @@ def test_bandit_run_logs_the_exact_mass_off_the_pairs(tmp_path):
     assert 0 <= last["eval/kl_to_optimum_support"] <= last["eval/kl_to_optimum"] + 1e-3
     _, status = _read(tmp_path / "m")
     assert "eval/mass_off_support" in status["summary"]["before"]
+
+
+def test_dpo_logs_kl_ref_every_step_from_fresh_samples(tmp_path):
+    """With the default kl_every = 1, DPO logs kl/ref at every step: k1 per completion over fresh samples of π_θ
+    on held-out prompts (not over the pairs: those are not π_θ's samples), taken before the step's update. A fresh
+    LoRA adapter (B = 0) is π_ref, so step 1 reads 0; later steps read the moved policy's KL. The last step is an
+    evaluation and logs the held-out estimate instead."""
+    from lab.modeling import load_policy
+
+    policy = load_policy(task="reviews", mode="lora", lora_r=4, lora_alpha=8)
+    cfg = DPOConfig(task="reviews", steps=3, batch_size=4, eval_size=2, kl_samples=2, kl_prompts=4,
+                    sample_every=0, out=str(tmp_path), run_id="k", lr=3e-2)
+    assert cfg.kl_every == 1
+    rows = list(train(cfg, policy=policy))
+    assert all("kl/ref" in r for r in rows)
+    assert rows[0]["kl/ref"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[1]["kl/ref"] != pytest.approx(0.0, abs=1e-6)
+
+
+def test_dpo_step_kl_on_bandit_is_the_exact_kl(tmp_path):
+    """On bandit the per-step kl/ref is exact: 0 at step 1, and at step 2 it equals bandit.kl of the policy after
+    step 1's update (measured while the run waits between the two steps), > 0."""
+    from lab.modeling import load_policy
+    from lab.rollout import step_kl
+    from lab.tasks import bandit, get_task
+
+    policy = load_policy(task="bandit", mode="lora", lora_r=4, lora_alpha=8)
+    cfg = DPOConfig(task="bandit", beta=0.5, steps=3, batch_size=64, lr=2e-2, sample_every=0, out=str(tmp_path),
+                    run_id="b")
+    steps = train(cfg, policy=policy)
+    first = next(steps)
+    assert first["kl/ref"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad(), policy.reference() as ref:
+        ref_logprobs = bandit.next_token_logprobs(ref, policy.tokenizer, bandit.PROMPTS)
+    with torch.no_grad():
+        exact = bandit.kl(bandit.next_token_logprobs(policy.model, policy.tokenizer, bandit.PROMPTS),
+                          ref_logprobs).mean().item()
+    assert step_kl(policy, get_task("bandit"), cfg, None, seed=0) == pytest.approx(exact, rel=1e-5)
+    second = next(steps)  # its kl/ref is taken before its update: the policy measured above
+    assert second["kl/ref"] == pytest.approx(exact, rel=1e-4) and exact > 0
+    list(steps)
+
+
+def test_simpo_logs_no_kl_ref_between_evaluations(tmp_path):
+    """SimPO has no π_ref, so kl_every finds nothing to compare against: no kl/ref at any step."""
+    cfg = DPOConfig(task="bandit", loss_type="simpo", steps=2, batch_size=8, sample_every=0, out=str(tmp_path),
+                    run_id="s")
+    assert not any("kl/ref" in r for r in train(cfg))

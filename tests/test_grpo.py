@@ -353,19 +353,20 @@ def _params(policy):
 
 def test_a_few_grpo_steps_on_arith_change_parameters_and_write_the_record(tmp_path):
     """Two steps, μ = 2, with two minibatches of two microbatches each: the adapter moves, the record holds every
-    metric the glossary lists, and β = 0 never touches the reference model."""
+    metric the glossary lists, and β = 0 with kl_every = 0 never touches the reference model."""
     from lab.grpo import train
     from lab.records import load_run
     from lab.runner import load_for
     from lab.tasks import get_task
 
     cfg = GRPOConfig(task="arith", steps=2, batch_size=4, group_size=4, num_iterations=2, minibatch_size=8,
-                     microbatch_size=4, eval_every=2, eval_size=8, out=str(tmp_path), run_id="g", lr=1e-2)
+                     microbatch_size=4, eval_every=2, eval_size=8, out=str(tmp_path), run_id="g", lr=1e-2,
+                     kl_every=0)
     policy = load_for(cfg, get_task("arith"))
     before = _params(policy)
 
     def no_reference():
-        raise AssertionError("β = 0 must not compute the reference")
+        raise AssertionError("β = 0 and kl_every = 0 must not compute the reference")
 
     policy.reference = no_reference
     history = list(train(cfg, policy=policy))
@@ -408,3 +409,37 @@ def test_cli_bad_hyperparameters_give_one_line(flags, words, capsys, tmp_path):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], lines
     assert not any(tmp_path.iterdir())  # no run record for a run that never started
+
+
+@pytest.mark.parametrize("changes", [{}, {"num_iterations": 2, "minibatch_size": 8, "microbatch_size": 4}])
+def test_grpo_at_beta_0_logs_kl_ref_every_step_by_default(tmp_path, changes):
+    """β = 0 with the default kl_every = 1: every step logs kl/ref, the k3 token mean of π_old against π_ref over
+    the step's samples (what kl_mode k1_reward logs at β > 0). It is taken before the step's update, so with a fresh
+    LoRA adapter (B = 0: π_θ = π_ref) it is 0 at step 1, and positive once the adapter has moved. With a reused
+    rollout (μ = 2, two minibatches) the stored π_old gives the same quantity."""
+    from lab.grpo import train
+    from lab.runner import load_for
+    from lab.tasks import get_task
+
+    cfg = GRPOConfig(task="arith", steps=3, batch_size=4, group_size=4, eval_every=0, eval_size=4, sample_every=0,
+                     out=str(tmp_path), run_id="k", lr=3e-2, **changes)
+    assert cfg.beta == 0 and cfg.kl_every == 1
+    history = list(train(cfg, policy=load_for(cfg, get_task("arith"))))
+    assert all("kl/ref" in m for m in history)
+    assert history[0]["kl/ref"] == pytest.approx(0.0, abs=1e-6)
+    assert history[-1]["kl/ref"] > 1e-6
+    assert "reward/shaped" not in history[-1]  # β = 0: the KL is watched, not optimized
+
+
+def test_grpo_kl_every_logs_kl_ref_on_step_1_and_every_nth_step(tmp_path):
+    """kl_every = 2 over 3 steps: kl/ref at steps 1 and 3, not 2 (lab.rollout.kl_due)."""
+    from lab.grpo import train
+    from lab.rollout import kl_due
+    from lab.runner import load_for
+    from lab.tasks import get_task
+
+    assert [s for s in range(1, 8) if kl_due(s, 3)] == [1, 4, 7] and not any(kl_due(s, 0) for s in range(1, 8))
+    cfg = GRPOConfig(task="arith", steps=3, batch_size=2, group_size=2, eval_every=0, eval_size=4, sample_every=0,
+                     out=str(tmp_path), run_id="k2", kl_every=2)
+    history = list(train(cfg, policy=load_for(cfg, get_task("arith"))))
+    assert ["kl/ref" in m for m in history] == [True, False, True]

@@ -147,3 +147,38 @@ def test_a_few_reinforce_steps_on_arith_change_parameters_and_write_the_record(t
     assert [m["step"] for m in run.metrics] == [1, 2]
     assert json.dumps(run.samples)  # samples are plain JSON
     assert "eval/accuracy" in run.status["summary"]["after"]
+
+
+def test_reinforce_at_beta_0_logs_kl_ref_every_step_by_default(tmp_path):
+    """β = 0 with the default kl_every = 1: every step logs kl/ref, the k1 token mean of log π_θ − log π_ref over
+    the step's samples (what β > 0 logs), taken before the step's update: 0 at step 1 with a fresh LoRA adapter
+    (B = 0), positive once it has moved. Two microbatches: their token-weighted shares add up to the batch mean."""
+    from lab.reinforce import train
+    from lab.runner import load_for
+    from lab.tasks import get_task
+
+    cfg = ReinforceConfig(task="arith", steps=3, batch_size=8, microbatch_size=4, eval_every=0, eval_size=4,
+                          sample_every=0, out=str(tmp_path), run_id="k", lr=3e-2)
+    assert cfg.beta == 0 and cfg.kl_every == 1
+    history = list(train(cfg, policy=load_for(cfg, get_task("arith"))))
+    assert all("kl/ref" in m for m in history)
+    assert history[0]["kl/ref"] == pytest.approx(0.0, abs=1e-6)
+    assert history[-1]["kl/ref"] != pytest.approx(0.0, abs=1e-6)
+
+
+def test_reinforce_with_kl_every_0_never_touches_the_reference(tmp_path):
+    """β = 0 and kl_every = 0: no π_ref pass at all, and no kl/ref."""
+    from lab.reinforce import train
+    from lab.runner import load_for
+    from lab.tasks import get_task
+
+    cfg = ReinforceConfig(task="arith", steps=2, batch_size=4, eval_every=0, eval_size=4, sample_every=0,
+                          kl_every=0, out=str(tmp_path), run_id="n")
+    policy = load_for(cfg, get_task("arith"))
+
+    def no_reference():
+        raise AssertionError("β = 0 and kl_every = 0 must not compute the reference")
+
+    policy.reference = no_reference
+    history = list(train(cfg, policy=policy))
+    assert not any("kl/ref" in m for m in history)

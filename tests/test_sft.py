@@ -93,3 +93,24 @@ def test_shuffled_batches_cover_every_row_once_per_epoch():
     assert all(len(b) == 4 for b in islice(shuffled_batches(rows, 4, seed=3), 5))
     assert drawn == [i for b in islice(shuffled_batches(rows, 4, seed=3), 5) for i in b]
     assert drawn != [i for b in islice(shuffled_batches(rows, 4, seed=4), 5) for i in b]
+
+
+def test_sft_logs_kl_ref_every_kl_every_steps(tmp_path):
+    """SFT logs kl/ref = KL(π_θ‖π_ref) per completion, from one fresh sample of π_θ on each of kl_prompts
+    held-out prompts, before the step's update: 0 at step 1 with a fresh adapter (B = 0: π_θ = π_ref), nonzero
+    after. kl_every = 2 over 3 steps logs it at steps 1 and 3; kl_every = 0 never touches π_ref."""
+    cfg = SFTConfig(task="arith", steps=3, batch_size=8, lr=3e-2, kl_every=2, kl_prompts=4, sample_every=0,
+                    out=str(tmp_path), run_id="k")
+    metrics = list(train(cfg, policy=load_policy("arith", mode="lora", device="cpu")))
+    assert ["kl/ref" in m for m in metrics] == [True, False, True]
+    assert metrics[0]["kl/ref"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(metrics[2]["kl/ref"]) > 1e-6
+
+    policy = load_policy("arith", mode="lora", device="cpu")
+
+    def no_reference():
+        raise AssertionError("kl_every = 0 must not compute the reference")
+
+    policy.reference = no_reference
+    cfg = SFTConfig(task="arith", steps=2, batch_size=8, kl_every=0, sample_every=0, out=str(tmp_path), run_id="n")
+    assert not any("kl/ref" in m for m in train(cfg, policy=policy))
