@@ -1049,8 +1049,9 @@ def dpo():
 
         The metrics are the implicit reward model's: `rewards/accuracy` is how often r̂_w > r̂_l on the batch,
         `rewards/margin` the mean r̂_w − r̂_l. `logprobs/chosen` and `logprobs/rejected` are the policy's
-        log-likelihoods of the two answers; it is common for *both* to fall while the margin grows. The held-out
-        `kl/ref` and `eval/gold_reward` are computed once, at the end.
+        log-likelihoods of the two answers; it is common for *both* to fall while the margin grows. `kl/ref` is
+        estimated every step from a few fresh samples of π_θ (before that step's update), and on the held-out
+        prompts at the end, together with `eval/gold_reward`.
         """),
         code("""
             settings = dict(task="reviews", steps=STEPS, batch_size=BATCH_SIZE, beta=BETA)
