@@ -60,7 +60,7 @@ from lab.batching import PairBatch, sequence_logprob
 from lab.config import BaseConfig, check, opt
 from lab.data import unique_prompts
 from lab.rollout import kl_due, sample_heldout, sampled_kl, step_kl
-from lab.runner import (Run, auto_microbatch, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
+from lab.runner import (MetricAccumulator, Run, auto_microbatch, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
                         use_one_thread_for_tiny_models)
 
 LOSS_TYPES = ("sigmoid", "length_normalized", "simpo", "ipo")
@@ -429,6 +429,7 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
             if uses_reference and kl_due(step, cfg.kl_every) and not _is_eval_step(cfg, step):
                 metrics["kl/ref"] = step_kl(policy, task, cfg, heldout_prompts, seed=cfg.seed + step)
             policy.model.train()
+            totals = MetricAccumulator()
             for start in range(0, B, micro):  # microbatches of b pairs; the loss is a pair mean, so × b/B
                 part = select_pairs(batch, start, min(start + micro, B)).to(policy.device)
                 share = min(micro, B - start) / B
@@ -447,10 +448,10 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
                 part_metrics["logprobs/chosen"] = chosen.detach().mean()
                 part_metrics["logprobs/rejected"] = rejected.detach().mean()
                 (loss * share).backward()
-                for k, v in part_metrics.items():  # every metric is a mean over pairs
-                    metrics[k] = metrics.get(k, 0.0) + float(v) * share
+                totals.add(part_metrics, share)  # every metric is a mean over pairs
 
             # 5. update
+            metrics.update(totals.sums())
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
 
             # 6. held-out evaluation

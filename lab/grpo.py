@@ -90,7 +90,7 @@ from lab.rewards import make_reward
 from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics,
                          kl_due, load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
                          rollout_metrics, rollout_tokens, sample_rows, score)
-from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
+from lab.runner import MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
 
 
 @dataclass
@@ -317,23 +317,6 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
 # The loop
 
 
-class _Mean:
-    """Weighted running means of per-microbatch metrics. Sums stay tensors on the model's device until ``means``,
-    so a GPU is not made to wait for the host after every microbatch."""
-
-    def __init__(self):
-        self.sums: dict = {}
-        self.weights: dict = {}
-
-    def add(self, metrics: dict, weight) -> None:
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value.detach() * weight
-            self.weights[key] = self.weights.get(key, 0.0) + weight
-
-    def means(self) -> dict:
-        return {k: float(self.sums[k] / self.weights[k]) for k in self.sums if float(self.weights[k]) > 0}
-
-
 def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, record=None) -> Iterator[dict]:
     """One rollout and its updates per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
     from lab.tasks import TASKS, get_task
@@ -393,7 +376,7 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
             metrics["groups/zero_std_frac"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()
             # 5. update: μ passes; each pass: minibatches (one optimizer step) of microbatches (accumulated)
             policy.model.train()
-            meter, grad_norms, losses = _Mean(), [], []
+            meter, grad_norms, losses = MetricAccumulator(), [], []
             lengths = roll.completion_mask.sum(-1).cpu()  # (B·G,) one copy to the host, for every minibatch's count
             for _ in range(cfg.num_iterations):
                 order = torch.randperm(rollout_size, generator=shuffler) if reuse else torch.arange(rollout_size)

@@ -54,7 +54,7 @@ import torch
 
 from lab.config import BaseConfig, check, opt
 from lab.ops import kl_estimate, masked_mean, masked_var, masked_whiten
-from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
+from lab.runner import MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
 from lab.sft import sft_loss
 
 KL_ESTIMATORS = ("k1",)  # k3 is refused in PPOConfig.__post_init__, with the reason
@@ -400,7 +400,7 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
                 for start in range(0, cfg.batch_size, minibatch_size):
                     minibatch = order[start: start + minibatch_size]  # (B / num_minibatches,)
                     tokens = mask[minibatch].sum().clamp(min=1)
-                    metrics: dict = {}
+                    totals = MetricAccumulator()  # token means of the minibatch, summed on the device
                     for micro_start in range(0, minibatch_size, micro_size):
                         idx = minibatch[micro_start: micro_start + micro_size]  # (b,)
                         micro, m = roll.select(idx), mask[idx]  # b rows, (b, T)
@@ -415,9 +415,9 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
                             value_loss, value_metrics = ppo_value_loss(values, old_values[idx], returns[idx], m,
                                                                        cfg.cliprange_value)
                             (cfg.vf_coef * value_loss * share).backward()  # the value adapter is active here
-                        for k, v in {**policy_metrics, **value_metrics}.items():
-                            metrics[k] = metrics.get(k, 0.0) + float(v) * float(share)
+                        totals.add({**policy_metrics, **value_metrics}, share)
 
+                    metrics = totals.sums()
                     # 6. ptx term: λ · LM loss on SFT/pretraining rows, in the same optimizer step
                     if ptx_batches is not None:
                         rows = next(ptx_batches)

@@ -47,7 +47,7 @@ from lab.rewards import make_reward
 from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics,
                          kl_due, load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
                          rollout_metrics, rollout_tokens, sample_rows, score)
-from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
+from lab.runner import MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
 
 BASELINES = ("none", "batch", "ema")
 
@@ -185,7 +185,7 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
             advantages = returns - baseline.to(returns.device)  # (B,)
             # 5. update: microbatches of b rows; each loss is a mean over b, so × b/B makes the sum the batch mean
             policy.model.train()
-            totals: dict = {}
+            totals = MetricAccumulator()
             for start in range(0, len(roll), microbatch):
                 rows_ = slice(start, start + microbatch)
                 part = roll.select(rows_)
@@ -197,10 +197,9 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
                 loss_metrics["entropy"] = masked_mean(entropy, mask[rows_])
                 if kl_only:  # before the one optimizer step, π_θ here is the policy that sampled: as with β > 0
                     loss_metrics["kl/ref"] = masked_mean(kl_k1(logprobs.detach(), ref_logprobs[rows_]), mask[rows_])
-                tokens_share = float(mask[rows_].sum() / mask.sum().clamp(min=1))
-                for k, v in loss_metrics.items():  # the loss is a row mean, the rest are token means
-                    totals[k] = totals.get(k, 0.0) + float(v) * (share if k == "loss/policy" else tokens_share)
-            metrics.update(totals)
+                tokens_share = mask[rows_].sum() / mask.sum().clamp(min=1)  # a tensor: no sync per microbatch
+                totals.add(loss_metrics, tokens_share, {"loss/policy": share})  # a row mean, the rest token means
+            metrics.update(totals.sums())
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
             metrics["reward/baseline"] = float(baseline)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):

@@ -142,6 +142,34 @@ def auto_generation_batch(model, rows: int, total_tokens: int, budget_bytes: int
     return _largest_divisor_within(rows, budget // per_row)
 
 
+class MetricAccumulator:
+    """Weighted sums of per-microbatch metrics, kept as tensors on the model's device until they are read, so the
+    inner loop never waits for the host; the one sync per step happens where the metrics are logged.
+
+    ``add(metrics, weight, weights)`` adds w·value for each metric (``weights`` overrides w per key); ``sums()``
+    returns Σ w·value, ``means()`` Σ w·value / Σ w. Naive equivalent: ``total[k] += float(value) * w`` after
+    every microbatch (one host–device sync each).
+    """
+
+    def __init__(self):
+        self._sums: dict = {}
+        self._weights: dict = {}
+
+    def add(self, metrics: dict, weight=1.0, weights: dict | None = None) -> None:
+        for key, value in metrics.items():
+            w = (weights or {}).get(key, weight)
+            value = value.detach() if torch.is_tensor(value) else value
+            self._sums[key] = self._sums.get(key, 0.0) + value * w
+            self._weights[key] = self._weights.get(key, 0.0) + w
+
+    def sums(self) -> dict:
+        return {key: float(value) for key, value in self._sums.items()}
+
+    def means(self) -> dict:
+        return {key: float(self._sums[key] / self._weights[key]) for key in self._sums
+                if float(self._weights[key]) > 0}
+
+
 def memory_metrics(device: torch.device) -> dict:
     """``memory/peak_gb``: the peak since the last call on a GPU (allocated by torch), or the process's peak
     resident set on the CPU (it only grows)."""

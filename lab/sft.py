@@ -33,7 +33,7 @@ from lab.config import BaseConfig, check, opt
 from lab.data import unique_prompts
 from lab.ops import masked_mean
 from lab.rollout import kl_due, step_kl
-from lab.runner import Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything, shuffled_batches
+from lab.runner import MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything, shuffled_batches
 
 
 @dataclass
@@ -88,7 +88,7 @@ class SFTAccumulator:
 
     def __init__(self, batch_tokens, batch_rows: int, per_sequence: bool):
         self.tokens, self.rows, self.per_sequence = batch_tokens, batch_rows, per_sequence
-        self.metrics: dict = {}
+        self.totals = MetricAccumulator()
 
     def backward(self, logprobs: torch.Tensor, mask: torch.Tensor) -> None:
         """logprobs, mask: (b, L-1) of one microbatch's rows."""
@@ -97,14 +97,13 @@ class SFTAccumulator:
         share = logprobs.shape[0] / self.rows if self.per_sequence else token_share
         (loss * share).backward()
         metrics.pop("ppl")
-        weights = {"tokens": 1.0, "loss/sft": share}
-        for k, v in metrics.items():
-            self.metrics[k] = self.metrics.get(k, 0.0) + float(v * weights.get(k, token_share))
+        self.totals.add(metrics, token_share, {"tokens": 1.0, "loss/sft": share})
 
     def result(self) -> dict:
         import math
 
-        return {**self.metrics, "ppl": math.exp(-self.metrics["logprobs/mean"])}
+        sums = self.totals.sums()
+        return {**sums, "ppl": math.exp(-sums["logprobs/mean"])}
 
 
 def load_sft_rows(cfg) -> list[dict]:

@@ -239,7 +239,9 @@ def test_shared_app_caps_one_users_queue(stranger, shared):
     from gradio_client import Client
     from gradio_client.exceptions import ValidationError
 
-    first = stranger.submit(method="grpo", grpo_steps=3, grpo_batch_size=2, grpo_group_size=2, grpo_eval_size=4,
+    # a run of several seconds (64 completions a step, 200 held-out prompts before and after), so that it is still
+    # running on a busy machine when the second launch arrives
+    first = stranger.submit(method="grpo", grpo_steps=3, grpo_batch_size=8, grpo_group_size=8, grpo_eval_size=200,
                             grpo_eval_every=0, api_name="/launch")
     deadline = time.time() + 60
     while time.time() < deadline and not first.outputs():

@@ -282,9 +282,9 @@ def _one_step(method: str, cfg_kwargs: dict, task: str, tmp_path) -> tuple[dict,
     config_cls, train = get_method(method)
     torch.manual_seed(0)  # the same LoRA A matrices every time
     policy = load_policy(task, mode="lora")
-    with torch.no_grad():  # a non-zero B, so every gradient is non-trivial
+    with torch.no_grad():  # the same adapter every time, with a non-zero B so every gradient is non-trivial
         for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
+            if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.01)
     metrics = next(train(config_cls(task=task, steps=1, out=str(tmp_path), **cfg_kwargs), policy=policy))
     return metrics, {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_" in n}
@@ -335,9 +335,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(zoo_model):
     for checkpointing in (False, True):
         torch.manual_seed(0)
         policy = load_policy(zoo_model("qwen2"), mode="lora", gradient_checkpointing=checkpointing)
-        for n, p in policy.model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():  # the same adapter both times, whatever the global RNG did while loading
+            for n, p in policy.model.named_parameters():
+                if "lora_" in n:
+                    torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
         policy.model.train()
         ids = torch.arange(10, 22).view(2, 6)
         sequence_logprobs(policy.model, ids, torch.ones_like(ids), 3).sum().backward()
