@@ -88,9 +88,10 @@ from lab.ops import kl_k3, masked_mean, masked_sum
 from lab.data import prompt_columns
 from lab.rewards import make_reward
 from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics,
-                         kl_due, load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
+                         kl_due, load_prompt_rows, logprobs_in_chunks, resolve_max_new_tokens, rollout,
                          rollout_metrics, rollout_tokens, sample_rows, score)
-from lab.runner import MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
+from lab.runner import (MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer,
+                        seed_everything, shuffled_batches)
 
 
 @dataclass
@@ -330,7 +331,7 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
     optimizer = make_optimizer(params, cfg)
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     shuffler = torch.Generator().manual_seed(cfg.seed)
-    batches = prompt_batches(rows, cfg.batch_size, cfg.seed)
+    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
     max_new_tokens = resolve_max_new_tokens(cfg, task)
     G = cfg.group_size
     rollout_size = cfg.batch_size * G

@@ -54,7 +54,8 @@ import torch
 
 from lab.config import BaseConfig, check, opt
 from lab.ops import kl_estimate, masked_mean, masked_var, masked_whiten
-from lab.runner import MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
+from lab.runner import (MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer,
+                        seed_everything, shuffled_batches)
 from lab.sft import sft_loss
 
 KL_ESTIMATORS = ("k1",)  # k3 is refused in PPOConfig.__post_init__, with the reason
@@ -314,16 +315,16 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
     from lab.data import prompt_columns
     from lab.rewards import make_reward
     from lab.rollout import (bandit_reference, completion_logprobs, eval_metrics, load_prompt_rows,
-                             logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout, rollout_tokens,
+                             logprobs_in_chunks, resolve_max_new_tokens, rollout, rollout_tokens,
                              sample_rows, score)
     from lab.tasks import TASKS, get_task
 
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
     rows = load_prompt_rows(cfg, task)  # {"prompt", **columns}: the columns go to the reward function
-    batches = prompt_batches(rows, cfg.batch_size, cfg.seed)
+    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
     ptx_rows = _ptx_rows(cfg, task)
-    ptx_batches = prompt_batches(ptx_rows, cfg.ptx_batch_size, cfg.seed + 1) if ptx_rows else None
+    ptx_batches = shuffled_batches(ptx_rows, cfg.ptx_batch_size, cfg.seed + 1) if ptx_rows else None
     reward_fn = make_reward(cfg.reward, task)
     policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
     value_model = add_value_head(policy) if value_model is None else value_model

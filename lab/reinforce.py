@@ -45,9 +45,10 @@ from lab.ops import kl_k1, masked_mean
 from lab.data import prompt_columns
 from lab.rewards import make_reward
 from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics,
-                         kl_due, load_prompt_rows, logprobs_in_chunks, prompt_batches, resolve_max_new_tokens, rollout,
+                         kl_due, load_prompt_rows, logprobs_in_chunks, resolve_max_new_tokens, rollout,
                          rollout_metrics, rollout_tokens, sample_rows, score)
-from lab.runner import MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything
+from lab.runner import (MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer,
+                        seed_everything, shuffled_batches)
 
 BASELINES = ("none", "batch", "ema")
 
@@ -143,7 +144,7 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
     params = policy.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    batches = prompt_batches(rows, cfg.batch_size, cfg.seed)
+    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
     max_new_tokens = resolve_max_new_tokens(cfg, task)
     bandit_ref = bandit_reference(policy, task) if cfg.beta > 0 else None  # π_ref only when β > 0
     ema: float | None = None

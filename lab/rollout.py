@@ -14,9 +14,6 @@ shared phases and nothing method-specific. Shape legend: B batch, P prompt lengt
 
 from __future__ import annotations
 
-import random
-from typing import Iterator
-
 import torch
 
 from lab.ops import masked_mean, sequence_logprobs, sequence_logprobs_and_entropy
@@ -37,25 +34,6 @@ def load_prompt_rows(cfg, task=None, split: str = "train") -> list[dict]:
 
     rows = load_rows(cfg.task, format="prompt_only", split=split, skip_bad_rows=cfg.skip_bad_rows)
     return [dict(row) for row in rows]
-
-
-def prompt_batches(prompts: list, batch_size: int, seed: int) -> Iterator[list]:
-    """Endless batches of prompts: shuffled epochs, each prompt once per epoch, seeded.
-
-    Naive equivalent: ``random.Random(seed).sample(prompts, batch_size)`` every step, except that here no prompt is
-    seen twice before every prompt has been seen once.
-    """
-    if not prompts:
-        raise ValueError("no training prompts")
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        while len(order) < batch_size:
-            epoch = list(range(len(prompts)))
-            rng.shuffle(epoch)
-            order += epoch
-        yield [prompts[i] for i in order[:batch_size]]
-        del order[:batch_size]
 
 
 # An instruct model's answer with its chat template's end token: TRL's default max_completion_length. 64 tokens

@@ -195,6 +195,8 @@ def shuffled_batches(rows: list, batch_size: int, seed: int):
     """Endless batches of ``rows``, walking through shuffled epochs: a fresh permutation is appended whenever
     fewer than ``batch_size`` indices are left, so every row is seen once per epoch and batches stay full.
     Naive equivalent: ``random.shuffle(rows)`` each epoch and slice, dropping nothing at epoch ends."""
+    if not rows:
+        raise ValueError("no rows to batch")
     rng = random.Random(seed)
     order: list[int] = []
     while True:

@@ -32,7 +32,8 @@ import torch  # noqa: E402
 
 from lab import grpo, reinforce  # noqa: E402
 from lab.rewards import make_reward  # noqa: E402
-from lab.rollout import completion_logprobs, prompt_batches, rollout, score  # noqa: E402
+from lab.rollout import completion_logprobs, rollout, score
+from lab.runner import shuffled_batches  # noqa: E402
 from lab.runner import load_for, seed_everything  # noqa: E402
 from lab.tasks import get_task  # noqa: E402
 
@@ -74,7 +75,7 @@ def gradient_draws(name: str, cfg, draws: int, seed: int) -> torch.Tensor:
     reward_fn = make_reward(cfg.reward, task)
     generator = torch.Generator().manual_seed(seed)
     G = getattr(cfg, "group_size", 1)
-    batches = prompt_batches(task.train_prompts(), cfg.batch_size, seed)
+    batches = shuffled_batches(task.train_prompts(), cfg.batch_size, seed)
     grads = []
     for _ in range(draws):
         prompts = [p for p in next(batches) for _ in range(G)]

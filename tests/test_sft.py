@@ -114,3 +114,13 @@ def test_sft_logs_kl_ref_every_kl_every_steps(tmp_path):
     policy.reference = no_reference
     cfg = SFTConfig(task="arith", steps=2, batch_size=8, kl_every=0, sample_every=0, out=str(tmp_path), run_id="n")
     assert not any("kl/ref" in m for m in train(cfg, policy=policy))
+
+
+def test_shuffled_batches_refuse_an_empty_dataset():
+    """No rows would otherwise loop forever looking for a full batch."""
+    import pytest
+
+    from lab.runner import shuffled_batches
+
+    with pytest.raises(ValueError, match="no rows"):
+        next(shuffled_batches([], 4, seed=0))
