@@ -109,6 +109,9 @@ class BaseConfig:
         self._check_ranges()
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        from lab.modeling import pick_device
+
+        pick_device(self.device)  # cuda on a machine without a GPU: one line now, not a traceback at load time
 
     def _check_ranges(self) -> None:
         """Check every field's type (see `check_types`), then every numeric field against the ``min``/``max`` in its

@@ -432,6 +432,9 @@ def start(session: Session, method: str, values: dict[str, Any]) -> Job:
         load_rows(cfg.task)  # bad rows or an unreachable dataset fail now, with the row and key named
         if not cfg.model:
             raise ConfigError("model: your own data needs a model (a built-in name, a local folder or a hub id)")
+    from lab.records import check_run_target
+
+    check_run_target(cfg.out, cfg.run_id)  # a bad or taken run id fails now, before any loading
     if session.job is not None and not session.job.done:
         raise RuntimeError("this tab already has a run going; stop it first")
     session.policy = None  # free the previous policy before loading the next one

@@ -51,8 +51,15 @@ def builtin_models() -> list[str]:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` → the GPU when there is one, else the CPU; ``cuda`` on a machine without one is refused in one
+    line (torch's own message, "Torch not compiled with CUDA enabled", comes from deep inside the first load)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from lab.config import ConfigError
+
+        raise ConfigError(f"device: {device} was asked for, but torch sees no CUDA GPU on this machine; "
+                          "use auto or cpu")
     return torch.device(device)
 
 

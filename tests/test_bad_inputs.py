@@ -279,3 +279,31 @@ def test_every_user_error_is_one_type():
     assert all(issubclass(kind, UserError) for kind in kinds)
     assert issubclass(ModelNotFound, OSError) and issubclass(ConfigError, ValueError)
     assert UserError in user_errors()
+
+
+def test_cuda_on_a_machine_without_a_gpu_is_one_line(lab_cli):
+    """Not torch's "AssertionError: Torch not compiled with CUDA enabled" from deep inside the first load."""
+    import torch
+
+    from lab.config import ConfigError
+    from lab.grpo import GRPOConfig
+
+    assert not torch.cuda.is_available()  # the tests hide every GPU (tests/conftest.py)
+    with pytest.raises(ConfigError, match="^device: cuda was asked for, but torch sees no CUDA GPU"):
+        GRPOConfig(device="cuda")
+    out = lab_cli("train", "sft", "--steps", "1", "--device", "cuda:0")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no CUDA GPU" in out.stderr
+
+
+def test_app_refuses_a_taken_run_id_before_loading(tmp_path, monkeypatch):
+    """The app checks the run target when Launch is pressed, before a model loads and without a new folder."""
+    import lab.runner
+    from lab import live
+    from lab.errors import UserError
+
+    (tmp_path / "taken").mkdir()
+    monkeypatch.setattr(lab.runner, "load_for", lambda *a, **k: pytest.fail("the model was loaded"))
+    session = live.Session()
+    with pytest.raises(UserError, match="already exists; choose another run id"):
+        live.start(session, "grpo", {"task": "arith", "steps": 1, "out": str(tmp_path), "run_id": "taken"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
