@@ -127,11 +127,10 @@ def _own_data(args):
 def _load_checked(args, prompts: list):
     """The policy of ``--model``, after checking (before the model loads) that its tokenizer can render the
     prompts: chat messages need a chat template."""
-    from lab.modeling import load_policy, load_tokenizer
-    from lab.runner import check_prompts_fit_tokenizer, use_one_thread_for_tiny_models
+    from lab.modeling import load_policy
+    from lab.runner import use_one_thread_for_tiny_models
 
-    check_prompts_fit_tokenizer(prompts, load_tokenizer(args.model), args.model)
-    policy = load_policy(args.model, mode="lora", device=args.device)
+    policy = load_policy(args.model, mode="lora", device=args.device, prompts=prompts)
     use_one_thread_for_tiny_models(policy)
     return policy
 

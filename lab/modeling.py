@@ -310,11 +310,13 @@ def _lora_config(r: int, alpha: int, dropout: float, model=None):
 
 def load_policy(name: str | None = None, *, task: str | None = None, mode: str = "lora", lora_r: int = 16,
                 lora_alpha: int = 32, lora_dropout: float = 0.0, device: str = "auto",
-                trust_remote_code: bool = False, gradient_checkpointing: bool = False) -> Policy:
+                trust_remote_code: bool = False, gradient_checkpointing: bool = False,
+                prompts: list | None = None) -> Policy:
     """Load a policy by built-in name, local path or hub id (``name=None`` → the built-in model of ``task``).
 
     A folder holding a saved adapter (``adapter_config.json``) is loaded on top of its base model, and the adapter
-    stays trainable, so a run can continue from another run's checkpoint.
+    stays trainable, so a run can continue from another run's checkpoint. Given the run's ``prompts``, the tokenizer
+    is checked against them before the model loads (chat messages need a chat template).
     """
     if name is None:
         from lab.tasks import get_task
@@ -324,11 +326,12 @@ def load_policy(name: str | None = None, *, task: str | None = None, mode: str =
         raise ValueError(f"mode must be full, lora or qlora, got {mode!r}")
     path = resolve_model_path(name)
     if _is_adapter_dir(path):
-        policy = _load_adapter_policy(path, mode, device, trust_remote_code)
+        policy = _load_adapter_policy(path, mode, device, trust_remote_code, prompts)
         if gradient_checkpointing:
             enable_gradient_checkpointing(policy.model)
         return policy
     tokenizer = load_tokenizer(name, trust_remote_code)
+    _check_prompts(prompts, tokenizer, name)
     model = load_causal_lm(name, quantize_4bit=mode == "qlora", device=device, trust_remote_code=trust_remote_code,
                            frozen_base=mode != "full")
     if mode == "full":
@@ -368,19 +371,28 @@ def enable_gradient_checkpointing(model) -> None:
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _load_adapter_policy(path: str, mode: str, device: str, trust_remote_code: bool) -> Policy:
+def _load_adapter_policy(path: str, mode: str, device: str, trust_remote_code: bool,
+                         prompts: list | None = None) -> Policy:
     from peft import PeftModel
 
     with open(os.path.join(path, "adapter_config.json")) as f:
         base_name = json.load(f)["base_model_name_or_path"]
     mode = "qlora" if mode == "qlora" else "lora"
     check_safetensors(path)  # the adapter's own weights, before the base model loads
+    tokenizer = load_tokenizer(path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_name,
+                               trust_remote_code)
+    _check_prompts(prompts, tokenizer, path)
     model = load_causal_lm(base_name, quantize_4bit=mode == "qlora", device=device,
                            trust_remote_code=trust_remote_code, frozen_base=True)
     model = PeftModel.from_pretrained(model, path, is_trainable=True)
-    tokenizer = load_tokenizer(path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_name,
-                               trust_remote_code)
     return Policy(model, tokenizer, mode, base_name)
+
+
+def _check_prompts(prompts: list | None, tokenizer, name: str) -> None:
+    if prompts:
+        from lab.runner import check_prompts_fit_tokenizer
+
+        check_prompts_fit_tokenizer(prompts, tokenizer, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

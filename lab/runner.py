@@ -211,19 +211,17 @@ def shuffled_batches(rows: list, batch_size: int, seed: int):
 def load_for(cfg, task=None, prompts: list | None = None):
     """The policy a config asks for: ``cfg.model`` or the task's built-in model, in ``cfg.mode``.
 
-    Given the run's ``prompts``, the tokenizer is checked against them first: conversational prompts need a chat
-    template, and a tokenizer without one fails here in one line, before the model is loaded."""
-    from lab.modeling import load_policy, load_tokenizer, pick_device
+    Given the run's ``prompts``, the tokenizer is checked against them first (in ``load_policy``): conversational
+    prompts need a chat template, and a tokenizer without one fails in one line, before the model is loaded."""
+    from lab.modeling import load_policy, pick_device
 
     name = cfg.model or (task.model if task is not None else None)
-    if prompts and name is not None:
-        check_prompts_fit_tokenizer(prompts, load_tokenizer(name, cfg.trust_remote_code), name)
     checkpointing = cfg.gradient_checkpointing
     if checkpointing is None:  # on where memory is tight and the model is big enough for it to matter
         checkpointing = pick_device(cfg.device).type == "cuda" and not cfg.uses_builtin_model()
     policy = load_policy(name, task=cfg.task, mode=cfg.mode, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                          lora_dropout=cfg.lora_dropout, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                         gradient_checkpointing=checkpointing)
+                         gradient_checkpointing=checkpointing, prompts=prompts)
     use_one_thread_for_tiny_models(policy)
     return policy
 

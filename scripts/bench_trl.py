@@ -157,7 +157,9 @@ def worker_lab(args) -> dict:
 
     common = {"model": args.model_dir, "mode": args.mode, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
               "lr": 1e-5, "steps": args.steps + 2, "seed": 0, "out": args.out, "device": args.device,
-              "sample_every": 0, "log_every": 1000, "gradient_checkpointing": False}
+              "sample_every": 0, "log_every": 1000, "gradient_checkpointing": False,
+              # TRL computes no KL diagnostic at β = 0: the lab's per-step kl/ref pass is left out for equal work
+              "kl_every": 0}
     if args.method == "grpo":
         cfg = grpo.GRPOConfig(task=f"jsonl:{args.data}", reward="python:bench_trl:reward_len",
                               batch_size=args.prompts, group_size=args.group_size,

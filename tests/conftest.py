@@ -79,3 +79,16 @@ def lab_cli():
         return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
     return run
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port()`` → a TCP port on 127.0.0.1 that nothing listens on right now (for serving the app)."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

@@ -7,7 +7,6 @@ sample picker (the tab's state is not sent to API callers).
 
 import json
 import math
-import socket
 import time
 
 import pytest
@@ -27,18 +26,12 @@ def app_held_out() -> int:
     return app.HELD_OUT  # picker value of the first held-out before/after row
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, free_port):
     import app
 
     runs = tmp_path_factory.mktemp("runs")
-    port = _free_port()
+    port = free_port()
     demo = app.serve(port=port, runs_dir=str(runs), prevent_thread_lock=True, warm=False)
     try:
         yield f"http://127.0.0.1:{port}/", runs

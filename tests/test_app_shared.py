@@ -6,7 +6,6 @@ mode on localhost is driven through gradio_client as a stranger would.
 """
 
 import json
-import socket
 import time
 
 import pytest
@@ -183,18 +182,12 @@ def test_reward_models_name_their_task_and_a_mismatch_is_refused(tmp_path):
 # The app in shared mode, driven as a stranger would
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
+def shared(tmp_path_factory, free_port):
     import app
 
     runs = tmp_path_factory.mktemp("runs")
-    port = _free_port()
+    port = free_port()
     demo = app.serve(port=port, runs_dir=str(runs), prevent_thread_lock=True, warm=False, shared=True,
                      max_steps=3, max_queue=1)
     try:

@@ -2,7 +2,6 @@
 the before/after panel. Run with ``pytest -m browser``; CI installs Debian's chromium."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,24 +17,18 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _set_number(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input[type=number]").first
     box.fill(str(value))
     box.press("Enter")
 
 
-def test_launch_watch_stop_and_compare(tmp_path):
+def test_launch_watch_stop_and_compare(tmp_path, free_port):
     sync_api = pytest.importorskip("playwright.sync_api")
     import app
 
     runs = tmp_path / "runs"
-    port = _free_port()
+    port = free_port()
     demo = app.serve(port=port, runs_dir=str(runs), prevent_thread_lock=True, warm=False)
     m = app.default_method(app.available())
     try:
