@@ -38,19 +38,35 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 from lab.batching import token_logprobs
-from lab.data import unique_prompts
 from lab.config import ArgumentParser, BaseConfig, ConfigError, add_config_arguments, check, config_from_args, opt
-from lab.dpo import (dpo_loss, encode_preference_batch, ends_with_eos, greedy_samples, heldout_metrics,
-                     load_preference_rows, pair_microbatch, select_pairs, step_kl)
+from lab.data import unique_prompts
+from lab.dpo import (
+    dpo_loss,
+    encode_preference_batch,
+    ends_with_eos,
+    greedy_samples,
+    heldout_metrics,
+    load_preference_rows,
+    pair_microbatch,
+    select_pairs,
+    step_kl,
+)
 from lab.rollout import kl_due
-from lab.runner import (Run, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
-                        use_one_thread_for_tiny_models)
+from lab.runner import (
+    Run,
+    clip_and_step,
+    load_for,
+    make_optimizer,
+    seed_everything,
+    shuffled_batches,
+    use_one_thread_for_tiny_models,
+)
 from lab.sft import SFTAccumulator
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -61,35 +77,54 @@ from lab.sft import SFTAccumulator
 class PreferredSFTConfig(BaseConfig):
     """Supervised fine-tuning on the chosen answers of preference pairs (the rejected ones are ignored)."""
 
-    task: str = opt("reviews", "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
-                               "{prompt, chosen, rejected} rows")
-    lr: float | None = opt(None, "AdamW learning rate; default: 3e-4 on the built-in models, "
-                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=3e-4)
+    task: str = opt(
+        "reviews",
+        "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
+        "{prompt, chosen, rejected} rows",
+    )
+    lr: float | None = opt(
+        None,
+        "AdamW learning rate; default: 3e-4 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
+        min=1e-7,
+        max=1.0,
+        builtin=3e-4,
+    )
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "preference pairs per step (their chosen answers are the targets)", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
     per_sequence: bool = opt(False, "average the loss per sequence first instead of over all completion tokens")
-    beta: float = opt(0.1, "β of the implicit-reward metrics rewards/* and loss/dpo (reported, not optimized)",
-                      min=1e-3, max=100.0)
-    eval_every: int = opt(0, "held-out kl/ref and eval/gold_reward every N steps (0: at the end only)",
-                          min=0, max=1_000_000)
+    beta: float = opt(
+        0.1, "β of the implicit-reward metrics rewards/* and loss/dpo (reported, not optimized)", min=1e-3, max=100.0
+    )
+    eval_every: int = opt(
+        0, "held-out kl/ref and eval/gold_reward every N steps (0: at the end only)", min=0, max=1_000_000
+    )
     kl_samples: int = opt(8, "completions sampled per held-out prompt for the kl/ref estimate", min=1, max=1024)
     # as in DPO: the chosen answers are not samples of π_θ, so kl/ref between evaluations needs fresh ones
-    kl_every: int = opt(1, "log kl/ref every N steps, from one fresh sample of π_θ on each of kl_prompts held-out "
-                           "prompts, before the step's update (0: at evaluations only)", min=0, max=1_000_000)
-    kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for the per-step kl/ref",
-                          min=1, max=4096)
-    microbatch_size: int | None = opt(None, "pairs per forward/backward (gradients accumulate over the batch); "
-                                            "default: the most that fit in memory (LAB_MICROBATCH_GB)",
-                                      min=1, max=4096)
+    kl_every: int = opt(
+        1,
+        "log kl/ref every N steps, from one fresh sample of π_θ on each of kl_prompts held-out "
+        "prompts, before the step's update (0: at evaluations only)",
+        min=0,
+        max=1_000_000,
+    )
+    kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for the per-step kl/ref", min=1, max=4096)
+    microbatch_size: int | None = opt(
+        None,
+        "pairs per forward/backward (gradients accumulate over the batch); "
+        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
+        min=1,
+        max=4096,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.task != "arith", "task", "arith has no preference pairs; use reviews, bandit or jsonl:PATH")
 
 
-def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Event | None = None,
-                    record=None) -> Iterator[dict]:
+def train_preferred(
+    cfg: PreferredSFTConfig, *, policy=None, stop: threading.Event | None = None, record=None
+) -> Iterator[dict]:
     """One optimizer step per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
     from lab.tasks import TASKS, get_task
     from lab.tasks.enumerable import pair_support
@@ -108,8 +143,9 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
 
     with Run(cfg, "sft-preferred", policy=policy, stop=stop, record=record) as run:
         run.summary["rows"] = len(rows)
-        run.summary["before"] = heldout_metrics(policy, task, cfg, use_reference=False, prompts=heldout_prompts,
-                                                support=support)
+        run.summary["before"] = heldout_metrics(
+            policy, task, cfg, use_reference=False, prompts=heldout_prompts, support=support
+        )
         for step in run.steps():
             # 1. batch: B pairs; chosen rows 0..B-1, rejected rows B..2B-1
             batch_rows = next(batches)
@@ -117,8 +153,11 @@ def train_preferred(cfg: PreferredSFTConfig, *, policy=None, stop: threading.Eve
             B = len(batch_rows)
             evaluating = step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
             # kl/ref before this step's update, from fresh samples of π_θ (an evaluation step logs the held-out one)
-            kl_ref = (step_kl(policy, task, cfg, heldout_prompts, seed=cfg.seed + step)
-                      if kl_due(step, cfg.kl_every) and not evaluating else None)
+            kl_ref = (
+                step_kl(policy, task, cfg, heldout_prompts, seed=cfg.seed + step)
+                if kl_due(step, cfg.kl_every) and not evaluating
+                else None
+            )
             policy.model.train()
             accumulator = SFTAccumulator(batch.completion_mask[:B].sum().clamp(min=1), B, cfg.per_sequence)
             pieces, ref_pieces = [], []  # (2, b) log π_θ(y|x) and log π_ref(y|x), chosen row over rejected row
@@ -169,10 +208,14 @@ class BestOfNConfig:
 
     reward_model: str | None = opt(None, "reward model: a `python -m lab train rm` run folder or its checkpoint")
     n: int = opt(8, "N: samples per prompt; the reward model keeps the best", min=1, max=4096)
-    task: str = opt("reviews", "built-in task whose held-out prompts to answer, or your prompts: jsonl:PATH, a "
-                               "data file, hf:ID (then --model is required and there is no gold reward)")
-    model: str | None = opt(None, "policy to sample from (builtin name, local path, run checkpoint); default: "
-                                  "the task's model")
+    task: str = opt(
+        "reviews",
+        "built-in task whose held-out prompts to answer, or your prompts: jsonl:PATH, a "
+        "data file, hf:ID (then --model is required and there is no gold reward)",
+    )
+    model: str | None = opt(
+        None, "policy to sample from (builtin name, local path, run checkpoint); default: the task's model"
+    )
     temperature: float = opt(1.0, "sampling temperature", min=0.05, max=5.0)
     top_p: float = opt(1.0, "nucleus sampling threshold", min=0.01, max=1.0)
     max_new_tokens: int | None = opt(None, "completion length cap; default: the task's own", min=1, max=4096)
@@ -182,8 +225,11 @@ class BestOfNConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
-        check(self.reward_model is not None, "reward_model",
-              "give a reward model: the run folder of `python -m lab train rm --task TASK`")
+        check(
+            self.reward_model is not None,
+            "reward_model",
+            "give a reward model: the run folder of `python -m lab train rm --task TASK`",
+        )
         BaseConfig._check_ranges(self)
 
 
@@ -193,8 +239,18 @@ def kl_bound(n: int) -> float:
 
 
 @torch.no_grad()
-def best_of_n(policy, scorer, prompts: list, n: int, *, max_new_tokens: int, temperature: float = 1.0,
-              top_p: float = 1.0, seed: int = 0, task=None) -> list[dict]:
+def best_of_n(
+    policy,
+    scorer,
+    prompts: list,
+    n: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    task=None,
+) -> list[dict]:
     """Sample ``n`` completions per prompt, keep the one ``scorer`` rates highest. One row per prompt:
     {prompt, completion, truncated, score (r_φ of the pick), mean_score (over the n samples)} and, with a
     ``task``, gold_reward of the pick and mean_gold_reward over the n samples (what a single sample gets)."""
@@ -203,8 +259,9 @@ def best_of_n(policy, scorer, prompts: list, n: int, *, max_new_tokens: int, tem
     P = len(prompts)
     gen = torch.Generator().manual_seed(seed)
     repeated = [p for p in prompts for _ in range(n)]  # (P·N,) the N samples of a prompt are neighbours
-    roll = generate(policy.model, policy.tokenizer, repeated, max_new_tokens, temperature=temperature,
-                    top_p=top_p, generator=gen)
+    roll = generate(
+        policy.model, policy.tokenizer, repeated, max_new_tokens, temperature=temperature, top_p=top_p, generator=gen
+    )
     truncated = roll.truncated.tolist()
     scores = scorer(roll.prompts, roll.completions, truncated).view(P, n)  # (P, N)
     best = scores.argmax(-1)  # (P,)
@@ -214,8 +271,13 @@ def best_of_n(policy, scorer, prompts: list, n: int, *, max_new_tokens: int, tem
     rows = []
     for i, prompt in enumerate(prompts):
         j = i * n + int(best[i])
-        row = {"prompt": prompt, "completion": roll.completions[j], "truncated": bool(truncated[j]),
-               "score": float(scores[i, best[i]]), "mean_score": float(scores[i].mean())}
+        row = {
+            "prompt": prompt,
+            "completion": roll.completions[j],
+            "truncated": bool(truncated[j]),
+            "score": float(scores[i, best[i]]),
+            "mean_score": float(scores[i].mean()),
+        }
         if gold is not None:
             row["gold_reward"] = float(gold[i, best[i]])
             row["mean_gold_reward"] = float(gold[i].mean())
@@ -235,10 +297,8 @@ def _load_frozen_policy(name: str, device: str):
 def run_best_of_n(cfg: BestOfNConfig) -> dict:
     """Held-out gold reward of best-of-N against a single sample, and the KL bound."""
     from lab.rm import load_reward_model
-    from lab.tasks import get_task
-
     from lab.rollout import OWN_DATA_MAX_NEW_TOKENS
-    from lab.tasks import TASKS
+    from lab.tasks import TASKS, get_task
 
     task = get_task(cfg.task) if cfg.task in TASKS else None
     if task is None:
@@ -254,11 +314,27 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     use_one_thread_for_tiny_models(policy)
     scorer = load_reward_model(cfg.reward_model, device=cfg.device)
     max_new = cfg.max_new_tokens or (task.max_new_tokens if task is not None else OWN_DATA_MAX_NEW_TOKENS)
-    rows = best_of_n(policy, scorer, prompts * cfg.rounds, cfg.n, max_new_tokens=max_new,
-                     temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, task=task)
+    rows = best_of_n(
+        policy,
+        scorer,
+        prompts * cfg.rounds,
+        cfg.n,
+        max_new_tokens=max_new,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        task=task,
+    )
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    out = {"task": cfg.task, "n": cfg.n, "picks": len(rows), "rm/best": mean("score"), "rm/mean": mean("mean_score"),
-           "kl/ref": kl_bound(cfg.n), "rows": rows}
+    out = {
+        "task": cfg.task,
+        "n": cfg.n,
+        "picks": len(rows),
+        "rm/best": mean("score"),
+        "rm/mean": mean("mean_score"),
+        "kl/ref": kl_bound(cfg.n),
+        "rows": rows,
+    }
     if task is not None:
         out.update({"eval/gold_reward": mean("gold_reward"), "eval/sample_reward": mean("mean_gold_reward")})
     return out
@@ -276,8 +352,10 @@ def bon_main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"best-of-{cfg.n} on {cfg.task}: {result['picks']} picks ({len(rows) // cfg.rounds} held-out prompts "
-          f"× {cfg.rounds} rounds), reward model {cfg.reward_model}")
+    print(
+        f"best-of-{cfg.n} on {cfg.task}: {result['picks']} picks ({len(rows) // cfg.rounds} held-out prompts "
+        f"× {cfg.rounds} rounds), reward model {cfg.reward_model}"
+    )
     if "eval/gold_reward" in result:
         print(f"  eval/gold_reward    best of {cfg.n:<4}   {result['eval/gold_reward']:.3f}")
         print(f"  eval/sample_reward  single sample  {result['eval/sample_reward']:.3f}")

@@ -18,8 +18,8 @@ from lab.sampling import encode_prompt, format_prompt, turn_end_token_id
 
 @dataclass
 class PairBatch:
-    input_ids: torch.Tensor        # (B, L) right-padded prompt + completion (+ eos)
-    attention_mask: torch.Tensor   # (B, L)
+    input_ids: torch.Tensor  # (B, L) right-padded prompt + completion (+ eos)
+    attention_mask: torch.Tensor  # (B, L)
     completion_mask: torch.Tensor  # (B, L) 1 on completion tokens (the eos included)
 
     def to(self, device) -> PairBatch:
@@ -29,8 +29,9 @@ class PairBatch:
         """The rows picked by ``rows`` (a slice or an index tensor), with the columns that are padding in every
         kept row cut off (right padding: real tokens come first). Naive equivalent: encoding those rows alone."""
         width = int(self.attention_mask[rows].sum(-1).max())
-        return PairBatch(self.input_ids[rows, :width], self.attention_mask[rows, :width],
-                         self.completion_mask[rows, :width])
+        return PairBatch(
+            self.input_ids[rows, :width], self.attention_mask[rows, :width], self.completion_mask[rows, :width]
+        )
 
 
 def _text(value) -> str:
@@ -51,8 +52,9 @@ def completion_end_token_id(tokenizer, prompt) -> int:
     return tokenizer.eos_token_id
 
 
-def encode_pairs(tokenizer, prompts: list, completions: list, *, add_eos: bool = True,
-                 max_length: int | None = None) -> PairBatch:
+def encode_pairs(
+    tokenizer, prompts: list, completions: list, *, add_eos: bool = True, max_length: int | None = None
+) -> PairBatch:
     """Tokenize prompt and completion separately, concatenate, right-pad. Over-long rows lose prompt tokens
     from the left first, because the completion is what the loss is about. With ``add_eos`` each completion ends
     with ``completion_end_token_id`` (the turn end of the chat template for conversational prompts)."""
@@ -133,8 +135,9 @@ def prompt_completion_layout(batch: PairBatch) -> tuple[torch.Tensor, torch.Tens
     completion_ok = column[:, :T] < completion_lengths[:, None]  # (B, T)
     pad = batch.input_ids[0, 0].new_tensor(0)
     prompt_ids = torch.where(prompt_ok, batch.input_ids.gather(1, prompt_index.clamp(min=0)), pad)  # (B, P)
-    completion_ids = torch.where(completion_ok, batch.input_ids.gather(1, completion_index.clamp(max=L - 1)),
-                                 pad)  # (B, T)
+    completion_ids = torch.where(
+        completion_ok, batch.input_ids.gather(1, completion_index.clamp(max=L - 1)), pad
+    )  # (B, T)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+T)
     completion_mask = completion_ok.long()  # (B, T)
     attention_mask = torch.cat([prompt_ok.long(), completion_mask], dim=1)  # (B, P+T)

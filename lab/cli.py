@@ -34,9 +34,10 @@ def cmd_train(method: str, argv: list[str]) -> int:
     from lab.methods import get_method
 
     config_cls, train = get_method(method)
-    parser = ArgumentParser(prog=f"python -m lab train {method}",
-                                     description=(config_cls.__doc__ or "").strip().splitlines()[0]
-                                     if config_cls.__doc__ else None)
+    parser = ArgumentParser(
+        prog=f"python -m lab train {method}",
+        description=(config_cls.__doc__ or "").strip().splitlines()[0] if config_cls.__doc__ else None,
+    )
     add_config_arguments(parser, config_cls)
     args = parser.parse_args(argv)
     cfg = config_from_args(config_cls, args)
@@ -52,8 +53,9 @@ def cmd_train(method: str, argv: list[str]) -> int:
             if bar is None:
                 bar = tqdm(total=cfg.steps, desc=f"{method} on {cfg.task}", unit="step", dynamic_ncols=True)
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1] if k != "kl/ref" else "kl": _fmt(v)
-                             for k, v in metrics.items() if k in headline})
+            bar.set_postfix(
+                {k.split("/")[-1] if k != "kl/ref" else "kl": _fmt(v) for k, v in metrics.items() if k in headline}
+            )
     except KeyboardInterrupt:
         # Ctrl-C: close the generator so the run finishes its record as "stopped".
         gen.close()
@@ -113,9 +115,8 @@ def _is_builtin_task(name: str | None) -> bool:
 def _own_data(args):
     """For ``--task jsonl:PATH`` / ``hf:ID`` / a data file: (prompts, columns) of the first ``--n`` rows of the
     split, and the reward to score them with (``--reward``: math, a reward model, python:module:function)."""
-    from lab.data import load_rows
+    from lab.data import load_rows, prompt_columns
     from lab.rewards import make_reward
-    from lab.data import prompt_columns
 
     if args.model is None:
         raise ConfigError(f"model: --task {args.task} is your own data, so give the model to use: --model ID_OR_PATH")
@@ -148,11 +149,23 @@ def cmd_eval(args) -> int:
     else:
         prompts, columns, reward_fn = _own_data(args)
         policy = _load_checked(args, prompts)
-        result = evaluate_prompts(policy, prompts, reward_fn, columns, greedy=not args.sample, seed=args.seed,
-                                  max_new_tokens=args.max_new_tokens or OWN_DATA_MAX_NEW_TOKENS)
+        result = evaluate_prompts(
+            policy,
+            prompts,
+            reward_fn,
+            columns,
+            greedy=not args.sample,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens or OWN_DATA_MAX_NEW_TOKENS,
+        )
         result.pop("rows")
-        result = {"task": args.task, "model": args.model, "reward": getattr(reward_fn, "name", None),
-                  "greedy": not args.sample, **result}
+        result = {
+            "task": args.task,
+            "model": args.model,
+            "reward": getattr(reward_fn, "name", None),
+            "greedy": not args.sample,
+            **result,
+        }
     if args.json:
         print(json.dumps(result))
     else:
@@ -198,13 +211,22 @@ def cmd_generate(args) -> int:
         from lab.sampling import generate
 
         gen = torch_generator(policy, args.seed)
-        roll = generate(policy.model, policy.tokenizer, prompts, max_new, temperature=args.temperature,
-                        top_p=args.top_p, generator=gen)
+        roll = generate(
+            policy.model,
+            policy.tokenizer,
+            prompts,
+            max_new,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            generator=gen,
+        )
         from lab.rollout import score
 
         rewards = score(reward_fn, roll, columns).tolist() if reward_fn is not None else [None] * len(roll)
-        rows = [{"prompt": p, "completion": c, "truncated": bool(t), **({"reward": r} if r is not None else {})}
-                for p, c, t, r in zip(roll.prompts, roll.completions, roll.truncated.tolist(), rewards)]
+        rows = [
+            {"prompt": p, "completion": c, "truncated": bool(t), **({"reward": r} if r is not None else {})}
+            for p, c, t, r in zip(roll.prompts, roll.completions, roll.truncated.tolist(), rewards)
+        ]
     else:
         rows = evaluate_prompts(policy, prompts, reward_fn, columns, max_new_tokens=max_new, seed=args.seed)["rows"]
     for row in rows:
@@ -227,9 +249,20 @@ def cmd_runs(args) -> int:
 
     if args.id:
         run = load_run(safe_run_dir(args.out, args.id))
-        print(json.dumps({"run_id": run.run_id, "status": run.status, "config": run.config,
-                          "steps_logged": len(run.metrics), "last": run.metrics[-1] if run.metrics else None,
-                          "samples": len(run.samples)}, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "run_id": run.run_id,
+                    "status": run.status,
+                    "config": run.config,
+                    "steps_logged": len(run.metrics),
+                    "last": run.metrics[-1] if run.metrics else None,
+                    "samples": len(run.samples),
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     runs = list_runs(args.out)
     if not runs:
@@ -238,8 +271,10 @@ def cmd_runs(args) -> int:
     print(f"{'run':<40} {'method':<14} {'task':<8} {'status':<10} {'steps':>6}")
     for run in runs:
         row = run.summary_row()
-        print(f"{str(row.get('id'))[:40]:<40} {str(row.get('method')):<14} {str(row.get('task')):<8} "
-              f"{str(row.get('status')):<10} {str(row.get('steps')):>6}")
+        print(
+            f"{str(row.get('id'))[:40]:<40} {str(row.get('method')):<14} {str(row.get('task')):<8} "
+            f"{str(row.get('status')):<10} {str(row.get('steps')):>6}"
+        )
     return 0
 
 
@@ -265,15 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bon", help="best-of-N with a reward model (no training)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="flags; see: bon --help")
 
-    for name, help_ in (("eval", "score a model on a task's held-out prompts"),
-                        ("generate", "sample completions from a model")):
+    for name, help_ in (
+        ("eval", "score a model on a task's held-out prompts"),
+        ("generate", "sample completions from a model"),
+    ):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--task", default=None, help="built-in task (default arith), or your data: jsonl:PATH, "
-                                                    "a .jsonl/.json/.parquet/.csv file, hf:ID[:CONFIG]")
+        p.add_argument(
+            "--task",
+            default=None,
+            help="built-in task (default arith), or your data: jsonl:PATH, "
+            "a .jsonl/.json/.parquet/.csv file, hf:ID[:CONFIG]",
+        )
         p.add_argument("--model", default=None, help="builtin name, local path, run checkpoint or hub id")
         p.add_argument("--n", type=int, default=None if name == "eval" else 8, help="number of held-out prompts")
-        p.add_argument("--reward", default=None, help="for your own data: math, format, a reward-model path or "
-                                                      "python:module:function")
+        p.add_argument(
+            "--reward",
+            default=None,
+            help="for your own data: math, format, a reward-model path or python:module:function",
+        )
         p.add_argument("--split", default="test", help="split of a hub dataset (files have one)")
         p.add_argument("--max-new-tokens", type=int, default=None)
         p.add_argument("--seed", type=int, default=0)
@@ -320,6 +364,5 @@ def main(argv: list[str] | None = None) -> int:
             return bon_main(args.rest) or 0
         return {"eval": cmd_eval, "generate": cmd_generate, "runs": cmd_runs}[args.command](args)
     except UserError as err:
-        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
-              file=sys.stderr)
+        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}", file=sys.stderr)
         return 2

@@ -62,8 +62,13 @@ class BaseConfig:
     lora_r: int = opt(16, "LoRA rank", min=1, max=256)
     lora_alpha: int = opt(32, "LoRA scale numerator (the update is scaled by alpha / r)", min=1, max=512)
     lora_dropout: float = opt(0.0, "dropout on the LoRA branch", min=0.0, max=0.9)
-    lr: float | None = opt(None, "AdamW learning rate; default: 1e-3 on the built-in models, "
-                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=1e-3)
+    lr: float | None = opt(
+        None,
+        "AdamW learning rate; default: 1e-3 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
+        min=1e-7,
+        max=1.0,
+        builtin=1e-3,
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0, max=1.0)
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 disables)", min=0.0, max=100.0)
     steps: int = opt(50, "optimizer steps (for RL: one rollout + update per step)", min=1, max=1_000_000)
@@ -79,17 +84,25 @@ class BaseConfig:
     log_every: int = opt(1, "write metrics every N steps", min=1, max=100_000)
     sample_every: int = opt(10, "write samples every N steps (0: only at the end)", min=0, max=100_000)
     # 50: a kill (SIGKILL, out of memory) loses at most 50 steps, and the checkpoint is overwritten, not accumulated
-    save_every: int = opt(50, "save the adapter/weights to checkpoints/latest every N steps, replacing the previous "
-                              "one (0: only at the end)", min=0, max=1_000_000)
+    save_every: int = opt(
+        50,
+        "save the adapter/weights to checkpoints/latest every N steps, replacing the previous one (0: only at the end)",
+        min=0,
+        max=1_000_000,
+    )
     eval_size: int = opt(64, "held-out prompts used for before/after evaluation", min=1, max=100_000)
     # loading
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = opt(False, "allow model code from the hub (off unless you trust the repository)")
     # memory and speed on real models
-    gradient_checkpointing: bool | None = opt(None, "recompute activations in the backward pass (less memory, about "
-                                                    "a third more compute); default: on for your own model on a GPU")
-    optim: str = opt("adamw", "optimizer: adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes, GPU)",
-                     choices=OPTIMIZERS)
+    gradient_checkpointing: bool | None = opt(
+        None,
+        "recompute activations in the backward pass (less memory, about "
+        "a third more compute); default: on for your own model on a GPU",
+    )
+    optim: str = opt(
+        "adamw", "optimizer: adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes, GPU)", choices=OPTIMIZERS
+    )
     skip_bad_rows: bool = opt(False, "skip and count malformed data rows instead of stopping at the first one")
 
     def __post_init__(self) -> None:
@@ -98,17 +111,23 @@ class BaseConfig:
         from lab.data import is_data_source
         from lab.tasks import TASKS
 
-        check(self.task in TASKS or is_data_source(self.task), "task",
-              f"unknown task {self.task!r}; built-in tasks: {', '.join(sorted(TASKS))} (for your own data use "
-              "jsonl:PATH, a .jsonl/.json/.parquet/.csv file, a saved dataset folder or hf:ID)")
+        check(
+            self.task in TASKS or is_data_source(self.task),
+            "task",
+            f"unknown task {self.task!r}; built-in tasks: {', '.join(sorted(TASKS))} (for your own data use "
+            "jsonl:PATH, a .jsonl/.json/.parquet/.csv file, a saved dataset folder or hf:ID)",
+        )
         check(self.optim in OPTIMIZERS, "optim", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         if getattr(self, "lr", 0) is None:
             # tiny built-in models learn at 1e-3; a real model's LoRA at that rate diverges in a few steps
             builtin = next(f.metadata.get("builtin") for f in dataclasses.fields(self) if f.name == "lr")
             self.lr = builtin if self.uses_builtin_model() else OWN_MODEL_LR[self.mode]
         self._check_ranges()
-        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
-              f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
         from lab.modeling import pick_device
 
         pick_device(self.device)  # cuda on a machine without a GPU: one line now, not a traceback at load time
@@ -142,7 +161,7 @@ class BaseConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes) -> "BaseConfig":
+    def replace(self, **changes) -> BaseConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
@@ -217,8 +236,6 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} ({hint})\n")
 
 
-
-
 def _base_type(tp: Any) -> Any:
     """``int | None`` → ``int``; ``str`` → ``str``."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
@@ -252,11 +269,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         help_ = f.metadata.get("help", "") + f" (default: {default})"
         if tp is bool:
-            parser.add_argument(*names, dest=f.name, type=_parse_bool, nargs="?", const=True,
-                                default=argparse.SUPPRESS, help=help_)
+            parser.add_argument(
+                *names, dest=f.name, type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS, help=help_
+            )
         else:
-            parser.add_argument(*names, dest=f.name, type=tp if tp in (int, float) else str,
-                                default=argparse.SUPPRESS, help=help_, metavar=f.name.upper())
+            parser.add_argument(
+                *names,
+                dest=f.name,
+                type=tp if tp in (int, float) else str,
+                default=argparse.SUPPRESS,
+                help=help_,
+                metavar=f.name.upper(),
+            )
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **extra) -> Any:
@@ -272,14 +296,16 @@ def describe_fields(cls: type) -> list[dict]:
     types_ = field_types(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        rows.append({
-            "name": f.name,
-            "type": types_[f.name],
-            # fields resolved in __post_init__ show the built-in models' value (the app runs on them)
-            "default": f.metadata.get("builtin", f.default if f.default is not dataclasses.MISSING else None),
-            "help": f.metadata.get("help", ""),
-            "min": f.metadata.get("min"),
-            "max": f.metadata.get("max"),
-            "choices": f.metadata.get("choices"),
-        })
+        rows.append(
+            {
+                "name": f.name,
+                "type": types_[f.name],
+                # fields resolved in __post_init__ show the built-in models' value (the app runs on them)
+                "default": f.metadata.get("builtin", f.default if f.default is not dataclasses.MISSING else None),
+                "help": f.metadata.get("help", ""),
+                "min": f.metadata.get("min"),
+                "max": f.metadata.get("max"),
+                "choices": f.metadata.get("choices"),
+            }
+        )
     return rows

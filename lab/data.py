@@ -698,8 +698,9 @@ def _check_messages(value: Any, key: str, loc: str) -> list[dict]:
         if not isinstance(message["role"], str) or not message["role"].strip():
             raise DataError(f"{loc}key '{key}[{i}].role' must be a non-empty string, got {_kind(message['role'])}")
         if message["role"] not in ROLES:
-            raise DataError(f"{loc}key '{key}[{i}].role' must be one of {', '.join(ROLES)}, "
-                            f"got {message['role'][:40]!r}")
+            raise DataError(
+                f"{loc}key '{key}[{i}].role' must be one of {', '.join(ROLES)}, got {message['role'][:40]!r}"
+            )
         if not isinstance(message["content"], str):
             raise DataError(f"{loc}key '{key}[{i}].content' must be a string, got {_kind(message['content'])}")
     return value

@@ -50,8 +50,8 @@ r̂(y_w) = β log-ratio        metric ``rewards/chosen``
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,17 @@ from lab.batching import PairBatch, sequence_logprob
 from lab.config import BaseConfig, check, opt
 from lab.data import unique_prompts
 from lab.rollout import kl_due, sample_heldout, sampled_kl, step_kl
-from lab.runner import (MetricAccumulator, Run, auto_microbatch, shuffled_batches, clip_and_step, load_for, make_optimizer, seed_everything,
-                        use_one_thread_for_tiny_models)
+from lab.runner import (
+    MetricAccumulator,
+    Run,
+    auto_microbatch,
+    clip_and_step,
+    load_for,
+    make_optimizer,
+    seed_everything,
+    shuffled_batches,
+    use_one_thread_for_tiny_models,
+)
 
 LOSS_TYPES = ("sigmoid", "length_normalized", "simpo", "ipo")
 # β means different things per loss (a KL weight on summed or per-token log-ratios, a reward scale for SimPO),
@@ -74,44 +83,74 @@ DEFAULT_BETA = {"sigmoid": 0.1, "length_normalized": 5.0, "simpo": 2.0, "ipo": 0
 class DPOConfig(BaseConfig):
     """Direct preference optimization (DPO, length-normalized DPO, SimPO, IPO) on preference pairs."""
 
-    task: str = opt("reviews", "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
-                               "{prompt, chosen, rejected} rows")
-    loss_type: str = opt("sigmoid", "sigmoid (DPO), length_normalized (Tulu 3), simpo (no reference), ipo",
-                         choices=LOSS_TYPES)
-    beta: float | None = opt(None, "β: KL strength (sigmoid, length_normalized, ipo) or reward scale (simpo); "
-                                   "default 0.1, 5, 2, 0.5 by loss_type", min=1e-3, max=100.0)
+    task: str = opt(
+        "reviews",
+        "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
+        "{prompt, chosen, rejected} rows",
+    )
+    loss_type: str = opt(
+        "sigmoid", "sigmoid (DPO), length_normalized (Tulu 3), simpo (no reference), ipo", choices=LOSS_TYPES
+    )
+    beta: float | None = opt(
+        None,
+        "β: KL strength (sigmoid, length_normalized, ipo) or reward scale (simpo); default 0.1, 5, 2, 0.5 by loss_type",
+        min=1e-3,
+        max=100.0,
+    )
     simpo_gamma: float = opt(0.5, "γ: SimPO's target reward margin (simpo only)", min=0.0, max=20.0)
-    label_smoothing: float = opt(0.0, "ε: assumed probability that a label is flipped (conservative DPO); "
-                                      "sigmoid, length_normalized and simpo", min=0.0, max=0.49)
+    label_smoothing: float = opt(
+        0.0,
+        "ε: assumed probability that a label is flipped (conservative DPO); sigmoid, length_normalized and simpo",
+        min=0.0,
+        max=0.49,
+    )
     # 60 steps × 32 pairs is just under one pass over reviews' 2,000 pairs: a second pass overfits and the
     # policy collapses into word salad (kl/ref jumps from ~1 to >10 nats).
-    lr: float | None = opt(None, "AdamW learning rate; default: 3e-4 on the built-in models, "
-                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=3e-4)
+    lr: float | None = opt(
+        None,
+        "AdamW learning rate; default: 3e-4 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
+        min=1e-7,
+        max=1.0,
+        builtin=3e-4,
+    )
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "preference pairs per step", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
-    eval_every: int = opt(0, "held-out kl/ref and eval/gold_reward every N steps (0: at the end only)",
-                          min=0, max=1_000_000)
+    eval_every: int = opt(
+        0, "held-out kl/ref and eval/gold_reward every N steps (0: at the end only)", min=0, max=1_000_000
+    )
     kl_samples: int = opt(8, "completions sampled per held-out prompt for the kl/ref estimate", min=1, max=1024)
     # the pairs are not samples of π_θ, so between evaluations kl/ref needs fresh ones: kl_prompts generations and
     # two no-grad passes over them every kl_every steps (a few % of a step on the built-in models; more on long
     # completions of a large model, where kl_every 10 or 0 keeps the cost down)
-    kl_every: int = opt(1, "log kl/ref every N steps, from one fresh sample of π_θ on each of kl_prompts held-out "
-                           "prompts, before the step's update (0: at evaluations only)", min=0, max=1_000_000)
-    kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for the per-step kl/ref",
-                          min=1, max=4096)
-    microbatch_size: int | None = opt(None, "pairs per forward/backward (gradients accumulate over the batch); "
-                                            "default: the most that fit in memory (LAB_MICROBATCH_GB)",
-                                      min=1, max=4096)
+    kl_every: int = opt(
+        1,
+        "log kl/ref every N steps, from one fresh sample of π_θ on each of kl_prompts held-out "
+        "prompts, before the step's update (0: at evaluations only)",
+        min=0,
+        max=1_000_000,
+    )
+    kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for the per-step kl/ref", min=1, max=4096)
+    microbatch_size: int | None = opt(
+        None,
+        "pairs per forward/backward (gradients accumulate over the batch); "
+        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
+        min=1,
+        max=4096,
+    )
 
     def __post_init__(self) -> None:
-        check(self.loss_type in LOSS_TYPES, "loss_type",
-              f"must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        check(
+            self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}"
+        )
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.loss_type]
         super().__post_init__()  # ranges, including beta's
-        check(self.label_smoothing == 0.0 or self.loss_type != "ipo", "label_smoothing",
-              "is not defined for ipo (a squared loss has no label to smooth); set it to 0 or use sigmoid")
+        check(
+            self.label_smoothing == 0.0 or self.loss_type != "ipo",
+            "label_smoothing",
+            "is not defined for ipo (a squared loss has no label to smooth); set it to 0 or use sigmoid",
+        )
         check(self.task != "arith", "task", "arith has no preference pairs; use reviews, bandit or jsonl:PATH")
 
 
@@ -129,13 +168,23 @@ def _pair_metrics(loss: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rew
     """The metrics every preference loss reports, from its implicit rewards (B,)."""
     with torch.no_grad():
         margin = chosen_rewards - rejected_rewards  # (B,)
-        return {"loss/dpo": loss.detach(), "rewards/chosen": chosen_rewards.mean(),
-                "rewards/rejected": rejected_rewards.mean(), "rewards/margin": margin.mean(),
-                "rewards/accuracy": (margin > 0).float().mean()}
+        return {
+            "loss/dpo": loss.detach(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margin": margin.mean(),
+            "rewards/accuracy": (margin > 0).float().mean(),
+        }
 
 
-def dpo_loss(logprobs_chosen: torch.Tensor, logprobs_rejected: torch.Tensor, ref_logprobs_chosen: torch.Tensor,
-             ref_logprobs_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0):
+def dpo_loss(
+    logprobs_chosen: torch.Tensor,
+    logprobs_rejected: torch.Tensor,
+    ref_logprobs_chosen: torch.Tensor,
+    ref_logprobs_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+):
     """DPO (Rafailov et al. 2023, eq. 7), with conservative label smoothing ε (Mitchell 2023):
 
         r̂_w = β (log π_θ(y_w|x) − log π_ref(y_w|x)),   r̂_l = β (log π_θ(y_l|x) − log π_ref(y_l|x))
@@ -149,10 +198,16 @@ def dpo_loss(logprobs_chosen: torch.Tensor, logprobs_rejected: torch.Tensor, ref
     return loss, _pair_metrics(loss, chosen_rewards, rejected_rewards)
 
 
-def length_normalized_dpo_loss(logprobs_chosen: torch.Tensor, logprobs_rejected: torch.Tensor,
-                               ref_logprobs_chosen: torch.Tensor, ref_logprobs_rejected: torch.Tensor,
-                               chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, beta: float,
-                               label_smoothing: float = 0.0):
+def length_normalized_dpo_loss(
+    logprobs_chosen: torch.Tensor,
+    logprobs_rejected: torch.Tensor,
+    ref_logprobs_chosen: torch.Tensor,
+    ref_logprobs_rejected: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+):
     """Length-normalized DPO (Tulu 3, Lambert et al. 2024): each log-ratio is divided by its completion length,
     so a long answer cannot win on the sum of many small per-token gains::
 
@@ -167,8 +222,13 @@ def length_normalized_dpo_loss(logprobs_chosen: torch.Tensor, logprobs_rejected:
     return loss, _pair_metrics(loss, chosen_rewards, rejected_rewards)
 
 
-def simpo_loss(avg_logprobs_chosen: torch.Tensor, avg_logprobs_rejected: torch.Tensor, beta: float, gamma: float,
-               label_smoothing: float = 0.0):
+def simpo_loss(
+    avg_logprobs_chosen: torch.Tensor,
+    avg_logprobs_rejected: torch.Tensor,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+):
     """SimPO (Meng et al. 2024, eq. 6): the implicit reward is the policy's own per-token log-likelihood, with no
     reference model, and the Bradley–Terry comparison must clear a margin γ::
 
@@ -183,9 +243,15 @@ def simpo_loss(avg_logprobs_chosen: torch.Tensor, avg_logprobs_rejected: torch.T
     return loss, _pair_metrics(loss, chosen_rewards, rejected_rewards)
 
 
-def ipo_loss(logprobs_chosen: torch.Tensor, logprobs_rejected: torch.Tensor, ref_logprobs_chosen: torch.Tensor,
-             ref_logprobs_rejected: torch.Tensor, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
-             beta: float):
+def ipo_loss(
+    logprobs_chosen: torch.Tensor,
+    logprobs_rejected: torch.Tensor,
+    ref_logprobs_chosen: torch.Tensor,
+    ref_logprobs_rejected: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+):
     """IPO (Azar et al. 2023, eq. 17; β is the paper's τ): regress the log-ratio margin onto 1/(2β) instead of
     pushing it to infinity, so deterministic preferences cannot drive the policy arbitrarily far from π_ref::
 
@@ -216,16 +282,29 @@ class PairLogprobs:
 
 # loss_type -> how to call its loss. One entry per variant: a new variant is a new function and a new line here.
 LOSSES: dict[str, Callable[[PairLogprobs, DPOConfig], tuple]] = {
-    "sigmoid": lambda p, cfg: dpo_loss(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, cfg.beta,
-                                       cfg.label_smoothing),
+    "sigmoid": lambda p, cfg: dpo_loss(
+        p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, cfg.beta, cfg.label_smoothing
+    ),
     "length_normalized": lambda p, cfg: length_normalized_dpo_loss(
-        p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, p.chosen_lengths, p.rejected_lengths, cfg.beta,
-        cfg.label_smoothing),
-    "simpo": lambda p, cfg: simpo_loss(p.chosen / p.chosen_lengths.clamp(min=1),
-                                       p.rejected / p.rejected_lengths.clamp(min=1), cfg.beta, cfg.simpo_gamma,
-                                       cfg.label_smoothing),
-    "ipo": lambda p, cfg: ipo_loss(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, p.chosen_lengths,
-                                   p.rejected_lengths, cfg.beta),
+        p.chosen,
+        p.rejected,
+        p.ref_chosen,
+        p.ref_rejected,
+        p.chosen_lengths,
+        p.rejected_lengths,
+        cfg.beta,
+        cfg.label_smoothing,
+    ),
+    "simpo": lambda p, cfg: simpo_loss(
+        p.chosen / p.chosen_lengths.clamp(min=1),
+        p.rejected / p.rejected_lengths.clamp(min=1),
+        cfg.beta,
+        cfg.simpo_gamma,
+        cfg.label_smoothing,
+    ),
+    "ipo": lambda p, cfg: ipo_loss(
+        p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, p.chosen_lengths, p.rejected_lengths, cfg.beta
+    ),
 }
 USES_REFERENCE = {"sigmoid": True, "length_normalized": True, "simpo": False, "ipo": True}
 
@@ -309,8 +388,15 @@ def _load_policy(cfg: DPOConfig, task, prompts: list | None = None):
 
 
 @torch.no_grad()
-def heldout_metrics(policy, task, cfg, *, use_reference: bool = True, prompts: list[str] | None = None,
-                    support: dict[str, set[str]] | None = None) -> dict:
+def heldout_metrics(
+    policy,
+    task,
+    cfg,
+    *,
+    use_reference: bool = True,
+    prompts: list[str] | None = None,
+    support: dict[str, set[str]] | None = None,
+) -> dict:
     """Held-out ``eval/gold_reward`` (greedy answers, where the task has a gold reward), ``eval/sample_reward``
     (gold reward of temperature-1 samples) and ``kl/ref`` (only when ``use_reference``).
 
@@ -363,8 +449,9 @@ def heldout_metrics(policy, task, cfg, *, use_reference: bool = True, prompts: l
         if task is not None:
             from lab.evaluate import evaluate
 
-            out["eval/gold_reward"] = evaluate(policy, task, n=cfg.eval_size,
-                                               max_new_tokens=cfg.max_new_tokens)["gold_reward"]
+            out["eval/gold_reward"] = evaluate(policy, task, n=cfg.eval_size, max_new_tokens=cfg.max_new_tokens)[
+                "gold_reward"
+            ]
         return out
     finally:
         policy.model.train(was_training)
@@ -374,8 +461,11 @@ def sampled_off_support(prompts: list, completions: list[str], support: dict[str
     """Share of sampled completions equal to no chosen/rejected response of their prompt (compared without
     surrounding whitespace), among the samples whose prompt appears in ``support``; None when none does."""
     seen = {prompt: {text.strip() for text in texts} for prompt, texts in support.items()}
-    off = [completion.strip() not in seen[str(prompt)] for prompt, completion in zip(prompts, completions)
-           if str(prompt) in seen]
+    off = [
+        completion.strip() not in seen[str(prompt)]
+        for prompt, completion in zip(prompts, completions)
+        if str(prompt) in seen
+    ]
     return sum(off) / len(off) if off else None
 
 
@@ -383,8 +473,9 @@ def greedy_samples(policy, task, cfg, n: int = 4) -> list[dict]:
     from lab.evaluate import answer
 
     ans = answer(policy.model, policy.tokenizer, task, task.eval_prompts()[:n], max_new_tokens=cfg.max_new_tokens)
-    return [{"prompt": p, "completion": c, "gold_reward": r}
-            for p, c, r in zip(ans.prompts, ans.completions, ans.rewards)]
+    return [
+        {"prompt": p, "completion": c, "gold_reward": r} for p, c, r in zip(ans.prompts, ans.completions, ans.rewards)
+    ]
 
 
 def _is_eval_step(cfg, step: int) -> bool:
@@ -416,8 +507,9 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
     with Run(cfg, "dpo", policy=policy, stop=stop, record=record) as run:
         run.summary["rows"] = len(rows)
         # π_θ = π_ref before the first step, so kl/ref is 0 there and not estimated
-        run.summary["before"] = heldout_metrics(policy, task, cfg, use_reference=False, prompts=heldout_prompts,
-                                                support=support)
+        run.summary["before"] = heldout_metrics(
+            policy, task, cfg, use_reference=False, prompts=heldout_prompts, support=support
+        )
         for step in run.steps():
             # 1. batch: B preference pairs from shuffled epochs of the data
             batch_rows = next(batches)
@@ -456,8 +548,9 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
 
             # 6. held-out evaluation
             if _is_eval_step(cfg, step):
-                heldout = heldout_metrics(policy, task, cfg, use_reference=uses_reference, prompts=heldout_prompts,
-                                          support=support)
+                heldout = heldout_metrics(
+                    policy, task, cfg, use_reference=uses_reference, prompts=heldout_prompts, support=support
+                )
                 metrics.update(heldout)
                 run.summary["after"] = heldout
             if run.want_samples(step) and task is not None:

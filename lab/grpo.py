@@ -78,20 +78,40 @@ gradients accumulated). In the loss functions below B counts the completions the
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 from lab.config import BaseConfig, ConfigError, check, opt
-from lab.ops import kl_k3, masked_mean, masked_sum
 from lab.data import prompt_columns
+from lab.ops import kl_k3, masked_mean, masked_sum
 from lab.rewards import make_reward
-from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics,
-                         kl_due, load_prompt_rows, logprobs_in_chunks, resolve_max_new_tokens, rollout,
-                         rollout_metrics, rollout_tokens, sample_rows, score)
-from lab.runner import (MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer,
-                        seed_everything, shuffled_batches)
+from lab.rollout import (
+    bandit_reference,
+    completion_logprobs,
+    correct_mask,
+    eval_metrics,
+    kl_due,
+    load_prompt_rows,
+    logprobs_in_chunks,
+    resolve_max_new_tokens,
+    rollout,
+    rollout_metrics,
+    rollout_tokens,
+    sample_rows,
+    score,
+)
+from lab.runner import (
+    MetricAccumulator,
+    Run,
+    auto_microbatch,
+    clip_and_step,
+    load_for,
+    make_optimizer,
+    seed_everything,
+    shuffled_batches,
+)
 
 
 @dataclass
@@ -100,47 +120,83 @@ class GRPOConfig(BaseConfig):
 
     # bandit's optimum π* needs one free logit per answer: LoRA on its 2-layer model was still at 53–66% of the start
     # KL(π*‖π_θ) after 60 steps at β = 0.1 (lr 1e-3 or 5e-3; 1e-2 diverged), full fine-tuning reaches < 1%
-    mode: str | None = opt(None, "full (all weights), lora (peft adapters) or qlora (4-bit nf4 base + adapters); "
-                                 "default: full on bandit, lora elsewhere", builtin="lora")
+    mode: str | None = opt(
+        None,
+        "full (all weights), lora (peft adapters) or qlora (4-bit nf4 base + adapters); "
+        "default: full on bandit, lora elsewhere",
+        builtin="lora",
+    )
 
-    lr: float | None = opt(None, "AdamW learning rate; default: 1e-3 on the built-in models, "
-                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=1e-3)
-    steps: int = opt(60, "rollouts; each is followed by num_iterations × (minibatches) optimizer steps",
-                     min=1, max=1_000_000)
-    batch_size: int | None = opt(None, "prompts per rollout (each gets group_size completions); default: 12 on "
-                                       "bandit (its 6 prompts twice), 8 elsewhere", min=1, max=4096, builtin=8)
+    lr: float | None = opt(
+        None,
+        "AdamW learning rate; default: 1e-3 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
+        min=1e-7,
+        max=1.0,
+        builtin=1e-3,
+    )
+    steps: int = opt(
+        60, "rollouts; each is followed by num_iterations × (minibatches) optimizer steps", min=1, max=1_000_000
+    )
+    batch_size: int | None = opt(
+        None,
+        "prompts per rollout (each gets group_size completions); default: 12 on "
+        "bandit (its 6 prompts twice), 8 elsewhere",
+        min=1,
+        max=4096,
+        builtin=8,
+    )
     group_size: int = opt(8, "G: completions per prompt; ≥ 2 so the group has a baseline", min=2, max=1024)
-    epsilon_std: float = opt(1e-4, "ε added to the group std before dividing (a group of equal rewards gets Â = 0)",
-                             min=0.0, max=1.0)
+    epsilon_std: float = opt(
+        1e-4, "ε added to the group std before dividing (a group of equal rewards gets Â = 0)", min=0.0, max=1.0
+    )
     epsilon_low: float = opt(0.2, "ε_low: the ratio is clipped below at 1 − ε_low", min=0.0, max=0.999)
     epsilon_high: float = opt(0.2, "ε_high: the ratio is clipped above at 1 + ε_high (DAPO: 0.28)", min=0.0, max=10.0)
-    beta: float = opt(0.0, "β of the KL to π_ref (DeepSeekMath: 0.04; 0: no KL term, π_ref only for kl/ref)",
-                      min=0.0, max=100.0)
-    kl_mode: str = opt("k1_reward", "how β·KL enters: k1_reward = r − β·log(π/π_ref) before the group advantage "
-                                    "(fixed point π* ∝ π_ref·e^{r/β}); k3 = β·k3 in the loss (DeepSeekMath; "
-                                    "gradient of KL(π_ref‖π), fixed point ≠ π*); k3_ratio = β·(π/π_old)·k3 (TRL; "
-                                    "gradient of KL(π‖π_ref), fixed point ≠ π* with group advantages)",
-                       choices=("k1_reward", "k3", "k3_ratio"))
-    num_iterations: int = opt(1, "μ: optimizer passes over each rollout (> 1 reuses it: ratio ≠ 1, clipping acts)",
-                              min=1, max=100)
-    loss_norm: str = opt("sequence", "how per-token losses are averaged: sequence (DeepSeekMath), token (DAPO), "
-                                     "constant (Dr. GRPO)", choices=("sequence", "token", "constant"))
-    scale_rewards: bool | None = opt(None, "divide advantages by the group std; default: on, off for "
-                                           "loss_norm=constant (Dr. GRPO)")
+    beta: float = opt(
+        0.0, "β of the KL to π_ref (DeepSeekMath: 0.04; 0: no KL term, π_ref only for kl/ref)", min=0.0, max=100.0
+    )
+    kl_mode: str = opt(
+        "k1_reward",
+        "how β·KL enters: k1_reward = r − β·log(π/π_ref) before the group advantage "
+        "(fixed point π* ∝ π_ref·e^{r/β}); k3 = β·k3 in the loss (DeepSeekMath; "
+        "gradient of KL(π_ref‖π), fixed point ≠ π*); k3_ratio = β·(π/π_old)·k3 (TRL; "
+        "gradient of KL(π‖π_ref), fixed point ≠ π* with group advantages)",
+        choices=("k1_reward", "k3", "k3_ratio"),
+    )
+    num_iterations: int = opt(
+        1, "μ: optimizer passes over each rollout (> 1 reuses it: ratio ≠ 1, clipping acts)", min=1, max=100
+    )
+    loss_norm: str = opt(
+        "sequence",
+        "how per-token losses are averaged: sequence (DeepSeekMath), token (DAPO), constant (Dr. GRPO)",
+        choices=("sequence", "token", "constant"),
+    )
+    scale_rewards: bool | None = opt(
+        None, "divide advantages by the group std; default: on, off for loss_norm=constant (Dr. GRPO)"
+    )
     reward: str = opt("gold", "reward: gold (the task's), a reward-model path, or python:module:function")
-    minibatch_size: int | None = opt(None, "completions per optimizer step; default: the whole rollout batch",
-                                     min=1, max=1_000_000)
-    microbatch_size: int | None = opt(None, "completions per forward/backward (gradient accumulation); "
-                                            "default: the most that fit in memory (LAB_MICROBATCH_GB)",
-                                      min=1, max=1_000_000)
-    eval_every: int = opt(10, "greedy held-out evaluation every N steps (0: only before and after)",
-                          min=0, max=1_000_000)
+    minibatch_size: int | None = opt(
+        None, "completions per optimizer step; default: the whole rollout batch", min=1, max=1_000_000
+    )
+    microbatch_size: int | None = opt(
+        None,
+        "completions per forward/backward (gradient accumulation); "
+        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
+        min=1,
+        max=1_000_000,
+    )
+    eval_every: int = opt(
+        10, "greedy held-out evaluation every N steps (0: only before and after)", min=0, max=1_000_000
+    )
     eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
     # at β > 0 π_ref's log-probs are needed anyway and kl/ref is logged every step; at β = 0 the diagnostic costs
     # one no-grad forward pass of π_ref over the rollout (a fifth to a third of a step without sampling)
-    kl_every: int = opt(1, "at β = 0, log kl/ref every N steps from one extra no-grad π_ref pass over the rollout "
-                           "(0: never, and π_ref is never computed); at β > 0 it is logged every step for free",
-                        min=0, max=1_000_000)
+    kl_every: int = opt(
+        1,
+        "at β = 0, log kl/ref every N steps from one extra no-grad π_ref pass over the rollout "
+        "(0: never, and π_ref is never computed); at β > 0 it is logged every step for free",
+        min=0,
+        max=1_000_000,
+    )
 
     def __post_init__(self) -> None:
         bandit = self.task == "bandit"
@@ -152,22 +208,31 @@ class GRPOConfig(BaseConfig):
         if isinstance(self.group_size, int) and self.group_size < 2:
             raise ConfigError(f"group_size: must be ≥ 2 so the group has a baseline, got {self.group_size}")
         if isinstance(self.epsilon_low, (int, float)) and not 0.0 <= self.epsilon_low < 1.0:
-            raise ConfigError(f"epsilon_low: must be in [0, 1) so the lower clip bound 1 − ε_low stays positive, "
-                              f"got {self.epsilon_low}")
+            raise ConfigError(
+                f"epsilon_low: must be in [0, 1) so the lower clip bound 1 − ε_low stays positive, "
+                f"got {self.epsilon_low}"
+            )
         super().__post_init__()
-        check(self.loss_norm in LOSS_NORMS, "loss_norm",
-              f"must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}")
+        check(
+            self.loss_norm in LOSS_NORMS, "loss_norm", f"must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}"
+        )
         check(self.kl_mode in KL_MODES, "kl_mode", f"must be one of {', '.join(KL_MODES)}, got {self.kl_mode!r}")
         if self.scale_rewards is None:
             self.scale_rewards = self.loss_norm != "constant"
         rollout_size = self.batch_size * self.group_size
         if self.minibatch_size is not None:
-            check(rollout_size % self.minibatch_size == 0, "minibatch_size",
-                  f"must divide batch_size × group_size = {rollout_size}, got {self.minibatch_size}")
+            check(
+                rollout_size % self.minibatch_size == 0,
+                "minibatch_size",
+                f"must divide batch_size × group_size = {rollout_size}, got {self.minibatch_size}",
+            )
         minibatch = self.minibatch_size or rollout_size
         if self.microbatch_size is not None:
-            check(minibatch % self.microbatch_size == 0, "microbatch_size",
-                  f"must divide the minibatch ({minibatch} completions), got {self.microbatch_size}")
+            check(
+                minibatch % self.microbatch_size == 0,
+                "microbatch_size",
+                f"must divide the minibatch ({minibatch} completions), got {self.microbatch_size}",
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -194,8 +259,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
 # The clipped surrogate
 
 
-def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      epsilon_low: float, epsilon_high: float):
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+):
     """ℓ_t = − min( ρ_t Â,  clip(ρ_t, 1 − ε_low, 1 + ε_high) Â ),   ρ_t = exp(log π_θ − log π_old)
 
     The min makes the objective pessimistic: once ρ has moved past the clip bound in the direction Â rewards,
@@ -252,8 +322,13 @@ LOSS_NORMS = {"sequence": sequence_mean, "token": token_mean, "constant": consta
 
 
 @torch.no_grad()
-def kl_reward(rewards: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-              completion_mask: torch.Tensor, beta: float) -> torch.Tensor:
+def kl_reward(
+    rewards: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    completion_mask: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """r'_i = r_i − β · Σ_t m_it (log π_old(y_it) − log π_ref(y_it))     (k1, summed over the completion, as PPO)
 
     The sequence log-ratio is an unbiased sample of KL(π_old‖π_ref) and, held fixed (no gradient) like the reward,
@@ -281,11 +356,22 @@ KL_PENALTIES = {"k3": k3_penalty, "k3_ratio": k3_ratio_penalty}  # the KL as a l
 KL_MODES = ("k1_reward", *KL_PENALTIES)  # k1_reward: the KL in the reward, via kl_reward
 
 
-def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-              completion_mask: torch.Tensor, *, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
-              kl_penalty: str = "k3", epsilon_low: float = 0.2, epsilon_high: float = 0.2,
-              loss_norm: str = "sequence", max_new_tokens: int | None = None, num_sequences: int | None = None,
-              num_tokens: int | None = None):
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    kl_penalty: str = "k3",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    loss_norm: str = "sequence",
+    max_new_tokens: int | None = None,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+):
     """L = norm( ℓ ),  ℓ_it = clipped_surrogate_it + β · penalty_it   (see the module docstring)
 
     penalty: ``k3_penalty`` (DeepSeekMath) or ``k3_ratio_penalty`` (TRL), by ``kl_penalty``. For kl_mode k1_reward
@@ -307,10 +393,14 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
         loss = loss + beta * norm(penalty, mask, **sizes)  # the same as adding β·penalty to ℓ: every norm is linear
         metrics["kl/ref"] = masked_mean(kl_k3(logprobs.detach(), ref_logprobs), mask)
     with torch.no_grad():
-        metrics.update({"loss/policy": policy_loss.detach(),
-                        "clip/low_frac": masked_mean(low.float(), mask),
-                        "clip/high_frac": masked_mean(high.float(), mask),
-                        "clip/frac": masked_mean((low | high).float(), mask)})
+        metrics.update(
+            {
+                "loss/policy": policy_loss.detach(),
+                "clip/low_frac": masked_mean(low.float(), mask),
+                "clip/high_frac": masked_mean(high.float(), mask),
+                "clip/frac": masked_mean((low | high).float(), mask),
+            }
+        )
     return loss, metrics
 
 
@@ -356,12 +446,14 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
             rewards = score(reward_fn, roll, prompt_columns(group_rows))  # (B·G,)
             metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))
             # default microbatch: the largest whose forward/backward (logits and activations) fits in memory
-            microbatch = cfg.microbatch_size or auto_microbatch(policy.model, minibatch, roll.completion_ids.shape[1],
-                                                                context_tokens=roll.prompt_ids.shape[1])
+            microbatch = cfg.microbatch_size or auto_microbatch(
+                policy.model, minibatch, roll.completion_ids.shape[1], context_tokens=roll.prompt_ids.shape[1]
+            )
             # 3. log-probs that stay fixed during the update: π_old (if the rollout is reused, or for the KL in the
             #    reward; else the ratio is 1 and logprobs.detach() serves) and π_ref (if β > 0, or for kl/ref)
-            old_logprobs = (logprobs_in_chunks(policy.model, roll, cfg.temperature, microbatch)
-                            if reuse or in_reward else None)  # (B·G, T)
+            old_logprobs = (
+                logprobs_in_chunks(policy.model, roll, cfg.temperature, microbatch) if reuse or in_reward else None
+            )  # (B·G, T)
             ref_logprobs = None
             kl_only = cfg.beta == 0 and kl_due(step, cfg.kl_every)  # π_ref for the kl/ref diagnostic alone
             if cfg.beta > 0 or kl_only:
@@ -382,23 +474,33 @@ def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, 
             for _ in range(cfg.num_iterations):
                 order = torch.randperm(rollout_size, generator=shuffler) if reuse else torch.arange(rollout_size)
                 for start in range(0, rollout_size, minibatch):
-                    rows = order[start:start + minibatch]
+                    rows = order[start : start + minibatch]
                     num_tokens = int(lengths[rows].sum())
                     total = 0.0
                     for micro_start in range(0, len(rows), microbatch):
-                        micro = rows[micro_start:micro_start + microbatch]
+                        micro = rows[micro_start : micro_start + microbatch]
                         part = roll.select(micro)
                         mask = part.completion_mask.float()  # (b, T)
-                        logprobs, entropy = completion_logprobs(policy.model, part, cfg.temperature,
-                                                                with_entropy=True)  # (b, T)
+                        logprobs, entropy = completion_logprobs(
+                            policy.model, part, cfg.temperature, with_entropy=True
+                        )  # (b, T)
                         idx = micro.to(logprobs.device)
                         old = old_logprobs[idx] if reuse else logprobs.detach()  # ratio exactly 1 when fresh
                         loss, loss_metrics = grpo_loss(
-                            logprobs, old, advantages[idx], mask,
+                            logprobs,
+                            old,
+                            advantages[idx],
+                            mask,
                             ref_logprobs=ref_logprobs[idx] if ref_logprobs is not None else None,
-                            beta=0.0 if in_reward else cfg.beta, kl_penalty=cfg.kl_mode,  # k1_reward: β = 0
-                            epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_norm=cfg.loss_norm,
-                            max_new_tokens=max_new_tokens, num_sequences=len(rows), num_tokens=num_tokens)
+                            beta=0.0 if in_reward else cfg.beta,
+                            kl_penalty=cfg.kl_mode,  # k1_reward: β = 0
+                            epsilon_low=cfg.epsilon_low,
+                            epsilon_high=cfg.epsilon_high,
+                            loss_norm=cfg.loss_norm,
+                            max_new_tokens=max_new_tokens,
+                            num_sequences=len(rows),
+                            num_tokens=num_tokens,
+                        )
                         loss.backward()
                         total = total + loss_metrics.pop("loss/policy")  # a tensor: no sync per microbatch
                         loss_metrics["entropy"] = masked_mean(entropy.detach(), mask)
@@ -429,8 +531,9 @@ def bandit_fixed_point(cfg: GRPOConfig, policy, task, ref_logprobs: torch.Tensor
     from lab.fixed_points import grpo_fixed_point
 
     rewards = task.reward_tables(task.eval_prompts(), policy.tokenizer)  # (B, V)
-    return grpo_fixed_point(ref_logprobs.cpu(), rewards, cfg.beta, cfg.kl_mode, cfg.group_size,
-                            cfg.scale_rewards, cfg.epsilon_std)
+    return grpo_fixed_point(
+        ref_logprobs.cpu(), rewards, cfg.beta, cfg.kl_mode, cfg.group_size, cfg.scale_rewards, cfg.epsilon_std
+    )
 
 
 Config = GRPOConfig

@@ -54,8 +54,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def user_message(err: BaseException) -> str:
     """One line that says what went wrong and what to change. Never a traceback."""
     if isinstance(err, torch.OutOfMemoryError):
-        return ("out of memory: lower batch_size, group_size or max_new_tokens, or train with LoRA / 4-bit "
-                "instead of full fine-tuning")
+        return (
+            "out of memory: lower batch_size, group_size or max_new_tokens, or train with LoRA / 4-bit "
+            "instead of full fine-tuning"
+        )
     text = str(err).strip()
     first = text.splitlines()[0] if text else ""
     if isinstance(err, user_errors()):
@@ -151,8 +153,9 @@ def is_shared(host: str, share: bool) -> bool:
     return share or host not in LOCAL_HOSTS
 
 
-def check_shared_inputs(values: dict[str, Any], allow_local: bool = False, max_steps: int | None = None,
-                        served: tuple[str, ...] = ()) -> None:
+def check_shared_inputs(
+    values: dict[str, Any], allow_local: bool = False, max_steps: int | None = None, served: tuple[str, ...] = ()
+) -> None:
     """Raise ``NotServed`` for what a shared app must not take from a stranger, else return None.
 
     Refused unless ``allow_local``: any data source but a built-in task, ``hf:ID`` or one of ``served`` (the
@@ -175,8 +178,10 @@ def _check_no_local(values: dict[str, Any], served: tuple[str, ...]) -> None:
     for name in PATH_FIELDS:
         value = str(values.get(name) or "").strip()
         if value and value not in TASKS and value not in served and not _hub_source(value):
-            raise NotServed(f"{name}: local paths are not served on a shared app; use a built-in task "
-                            f"({', '.join(sorted(TASKS))}), an upload or hf:ID")
+            raise NotServed(
+                f"{name}: local paths are not served on a shared app; use a built-in task "
+                f"({', '.join(sorted(TASKS))}), an upload or hf:ID"
+            )
     for name in MODEL_FIELDS:
         value = str(values.get(name) or "").strip()
         if value and value not in builtin_models() and not (HUB_ID.fullmatch(value) and not Path(value).exists()):
@@ -186,8 +191,10 @@ def _check_no_local(values: dict[str, Any], served: tuple[str, ...]) -> None:
     if any(part.startswith("python:") for part in parts):
         raise NotServed("reward: python: rewards are not served on a shared app")
     if any(part != "gold" and part not in BUILTIN_REWARDS for part in parts):
-        raise NotServed("reward: local paths are not served on a shared app; use gold, "
-                        f"{', '.join(sorted(BUILTIN_REWARDS))} or a reward model this app trained")
+        raise NotServed(
+            "reward: local paths are not served on a shared app; use gold, "
+            f"{', '.join(sorted(BUILTIN_REWARDS))} or a reward model this app trained"
+        )
     if values.get("trust_remote_code") is True:
         raise NotServed("trust_remote_code: remote code is not run on a shared app")
 
@@ -220,8 +227,10 @@ class Serving:
 def check_queue(waiting_or_running: int, max_queue: int) -> None:
     """Raise ``NotServed`` when one user already has ``max_queue`` launches waiting or running."""
     if waiting_or_running >= max_queue:
-        raise NotServed(f"queue: you already have {waiting_or_running} run(s) waiting or running, the most a shared "
-                        "app takes from one user; wait for one to end")
+        raise NotServed(
+            f"queue: you already have {waiting_or_running} run(s) waiting or running, the most a shared "
+            "app takes from one user; wait for one to end"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -250,7 +259,7 @@ class Job:
 
     # --- running ------------------------------------------------------------------------------------------------------
 
-    def start(self) -> "Job":
+    def start(self) -> Job:
         self._thread = threading.Thread(target=self._main, name=f"lab-{self.method}", daemon=True)
         self._thread.start()
         return self
@@ -278,8 +287,11 @@ class Job:
                     self.history.append(dict(metrics))
                     self._cond.notify_all()
             status = (record.status.get("status") if record is not None else None) or "completed"
-            self._set_phase("stopped" if status == "stopped" or
-                            (self.stop.is_set() and len(self.history) < self.cfg.steps) else "completed")
+            self._set_phase(
+                "stopped"
+                if status == "stopped" or (self.stop.is_set() and len(self.history) < self.cfg.steps)
+                else "completed"
+            )
         except BaseException as err:  # noqa: BLE001 - the thread must always report back
             if not isinstance(err, user_errors()):
                 log.error("run %s failed:\n%s", self.method, traceback.format_exc())
@@ -335,9 +347,15 @@ class Job:
         elif done == 1 and self.first_step_at is not None:
             per_step = self.first_step_at - self.started
         eta = None if per_step is None or self.done else per_step * max(total - done, 0)
-        return {"step": done, "steps": total, "elapsed": elapsed, "per_step": per_step, "eta": eta,
-                "phase": self.phase, "first_step_after": (self.first_step_at - self.started)
-                if self.first_step_at else None}
+        return {
+            "step": done,
+            "steps": total,
+            "elapsed": elapsed,
+            "per_step": per_step,
+            "eta": eta,
+            "phase": self.phase,
+            "first_step_after": (self.first_step_at - self.started) if self.first_step_at else None,
+        }
 
     def samples(self) -> list[dict]:
         """The rows of the latest step that logged samples (prompt, completion, rewards...)."""
@@ -493,8 +511,8 @@ def compare(session: Session, n: int | None = 8, prompts: list[str] | None = Non
 def _before_after_untasked(policy, session: Session, n: int, prompts: list | None) -> list[dict]:
     """Before/after on the user's own prompts (text or chat messages). They are scored when the run's reward can
     score without a task (math, a reward model, python:module:function), with the rows' extra columns."""
-    from lab.evaluate import evaluate_prompts
     from lab.data import prompt_columns
+    from lab.evaluate import evaluate_prompts
     from lab.rollout import resolve_max_new_tokens
 
     cfg = session.job.cfg if session.job is not None else None
@@ -519,8 +537,16 @@ def _before_after_untasked(policy, session: Session, n: int, prompts: list | Non
     with policy.reference() as ref:
         before = evaluate_prompts(_as_policy(ref, policy), texts, reward_fn, columns, max_new_tokens=max_new)["rows"]
     after = evaluate_prompts(policy, texts, reward_fn, columns, max_new_tokens=max_new)["rows"]
-    return [{"prompt": _display(p), "before": b["completion"], "before_reward": b.get("reward"),
-             "after": a["completion"], "after_reward": a.get("reward")} for p, b, a in zip(texts, before, after)]
+    return [
+        {
+            "prompt": _display(p),
+            "before": b["completion"],
+            "before_reward": b.get("reward"),
+            "after": a["completion"],
+            "after_reward": a.get("reward"),
+        }
+        for p, b, a in zip(texts, before, after)
+    ]
 
 
 def _as_policy(model, policy):
@@ -611,8 +637,15 @@ def reward_model_task(path: str) -> str | None:
         return None
 
 
-def best_of_n(session: Session, task_name: str, reward: str = "gold", n: int = 8, prompts: int = 16,
-              temperature: float = 1.0, seed: int = 0) -> tuple[list[dict], dict]:
+def best_of_n(
+    session: Session,
+    task_name: str,
+    reward: str = "gold",
+    n: int = 8,
+    prompts: int = 16,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> tuple[list[dict], dict]:
     """Best-of-N from π_ref on held-out prompts of a built-in task, scored by ``reward`` ("gold" or a reward-model
     run folder). π_ref is the tab's policy with its adapters off when it has one on this task, else the task's
     base model. Returns (rows, summary) with the gold reward of the pick, of a single sample, and the KL bound."""
@@ -628,8 +661,10 @@ def best_of_n(session: Session, task_name: str, reward: str = "gold", n: int = 8
     if trained_on is not None and trained_on != task_name:
         from lab.config import ConfigError
 
-        raise ConfigError(f"reward: the reward model {Path(reward).name} was trained on {trained_on}, not "
-                          f"{task_name}; pick one trained on {task_name} or gold")
+        raise ConfigError(
+            f"reward: the reward model {Path(reward).name} was trained on {trained_on}, not "
+            f"{task_name}; pick one trained on {task_name} or gold"
+        )
     n = check_count("N", n, 1, 4096)
     prompts = check_count("held-out prompts", prompts, 1, len(task.eval_prompts()), f" ({task_name} has that many)")
     scorer = make_reward(reward, task)
@@ -645,8 +680,13 @@ def best_of_n(session: Session, task_name: str, reward: str = "gold", n: int = 8
         base = load_policy(task.model, task=task_name, mode="lora")  # adapters start at zero: this is π_ref
         rows = bon(base, scorer, held_out, n, **kwargs)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    summary = {"n": n, "prompts": len(rows), "best_gold": mean("gold_reward"), "sample_gold": mean("mean_gold_reward"),
-               "kl_bound": kl_bound(n)}
+    summary = {
+        "n": n,
+        "prompts": len(rows),
+        "best_gold": mean("gold_reward"),
+        "sample_gold": mean("mean_gold_reward"),
+        "kl_bound": kl_bound(n),
+    }
     return rows, summary
 
 
@@ -654,8 +694,17 @@ def best_of_n(session: Session, task_name: str, reward: str = "gold", n: int = 8
 # Past runs
 
 
-HIGHLIGHT_FIELDS = ("beta", "lr", "group_size", "epsilon_low", "epsilon_high", "cliprange", "temperature",
-                    "lora_r", "mode")
+HIGHLIGHT_FIELDS = (
+    "beta",
+    "lr",
+    "group_size",
+    "epsilon_low",
+    "epsilon_high",
+    "cliprange",
+    "temperature",
+    "lora_r",
+    "mode",
+)
 
 
 def run_label(run) -> str:
@@ -664,8 +713,11 @@ def run_label(run) -> str:
     parts = [str(run.method or "?"), str(cfg.get("task", "?"))]
     for key in ("beta", "lr", "group_size"):
         if key in cfg and cfg[key] is not None:
-            parts.append(f"{'β' if key == 'beta' else key}={cfg[key]:g}" if isinstance(cfg[key], (int, float))
-                         else f"{key}={cfg[key]}")
+            parts.append(
+                f"{'β' if key == 'beta' else key}={cfg[key]:g}"
+                if isinstance(cfg[key], (int, float))
+                else f"{key}={cfg[key]}"
+            )
     return f"{' '.join(parts)} · {run.run_id}"
 
 
@@ -677,10 +729,18 @@ def past_runs(out: str) -> list[dict]:
     for run in list_runs(out):
         row = run.summary_row()
         cfg = run.config or {}
-        rows.append({"id": run.run_id, "label": run_label(run), "method": row.get("method"),
-                     "task": row.get("task"), "status": row.get("status"), "steps": row.get("steps"),
-                     "started": row.get("started"),
-                     **{k: cfg.get(k) for k in HIGHLIGHT_FIELDS if k in cfg}})
+        rows.append(
+            {
+                "id": run.run_id,
+                "label": run_label(run),
+                "method": row.get("method"),
+                "task": row.get("task"),
+                "status": row.get("status"),
+                "steps": row.get("steps"),
+                "started": row.get("started"),
+                **{k: cfg.get(k) for k in HIGHLIGHT_FIELDS if k in cfg},
+            }
+        )
     return rows[::-1]
 
 

@@ -32,7 +32,8 @@ MODELS_DIR = Path(__file__).parent / "models"
 # for its inference-only packed 4-bit layout from the hub, and logs a warning when it cannot. The lab never uses
 # that layout (see _keep_4bit_differentiable) and its fallback is a bundled kernel, so the warning is noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+)
 # peft (≤ 0.18) reads transformers' renamed `is_gradient_checkpointing` when it wraps a model: a FutureWarning on
 # every adapter load that is about peft's code, not the user's.
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
@@ -58,8 +59,9 @@ def pick_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         from lab.config import ConfigError
 
-        raise ConfigError(f"device: {device} was asked for, but torch sees no CUDA GPU on this machine; "
-                          "use auto or cpu")
+        raise ConfigError(
+            f"device: {device} was asked for, but torch sees no CUDA GPU on this machine; use auto or cpu"
+        )
     return torch.device(device)
 
 
@@ -86,8 +88,10 @@ def resolve_model_path(name: str) -> str:
 
 def _offline_message(name: str, err: Exception) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f"could not load model {name!r}: it is not a built-in model or a local folder, and the hub did not "
-            f"provide it ({first[:160]}). Built-in models: {', '.join(builtin_models())}")
+    return (
+        f"could not load model {name!r}: it is not a built-in model or a local folder, and the hub did not "
+        f"provide it ({first[:160]}). Built-in models: {', '.join(builtin_models())}"
+    )
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -112,8 +116,10 @@ def _check_source(name: str, path: str) -> None:
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
         raise ModelNotFound(f"no model folder at {name!r}. Built-in models: {', '.join(builtin_models())}")
     if not _in_hub_cache(name) and not hub_reachable():
-        raise ModelNotFound(f"cannot load {name!r}: it is not a built-in model or a local folder, and the hub "
-                            f"cannot be reached from here (offline). Built-in models: {', '.join(builtin_models())}")
+        raise ModelNotFound(
+            f"cannot load {name!r}: it is not a built-in model or a local folder, and the hub "
+            f"cannot be reached from here (offline). Built-in models: {', '.join(builtin_models())}"
+        )
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -140,8 +146,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise ModelNotFound(_offline_message(name, err)) from None
     if tok.pad_token is None and tok.eos_token is None:
         # sampling stops at eos and batches pad with pad: without either, no completion could end or be batched
-        raise BadModelFiles(f"the tokenizer of {name!r} has neither a pad token nor an eos token; set eos_token "
-                            "(and pad_token) in its tokenizer_config.json")
+        raise BadModelFiles(
+            f"the tokenizer of {name!r} has neither a pad token nor an eos token; set eos_token "
+            "(and pad_token) in its tokenizer_config.json"
+        )
     if tok.pad_token is None:
         # Many hub LMs ship without a pad token. Masks, not the pad id, decide what counts, so eos is a safe pad.
         tok.pad_token = tok.eos_token
@@ -163,12 +171,20 @@ def check_safetensors(path: str) -> None:
                 pass
         except (SafetensorError, OSError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BadModelFiles(f"{file} is not a readable safetensors file ({reason}); it is truncated or corrupt: "
-                                "download or save the model again") from None
+            raise BadModelFiles(
+                f"{file} is not a readable safetensors file ({reason}); it is truncated or corrupt: "
+                "download or save the model again"
+            ) from None
 
 
-def load_causal_lm(name: str, *, quantize_4bit: bool = False, device: str = "auto", trust_remote_code: bool = False,
-                   frozen_base: bool = False):
+def load_causal_lm(
+    name: str,
+    *,
+    quantize_4bit: bool = False,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    frozen_base: bool = False,
+):
     """``AutoModelForCausalLM.from_pretrained`` with the lab's defaults (safetensors only, dtype by hardware;
     ``frozen_base``: only adapters will train, see :func:`pick_dtype`)."""
     from transformers import AutoModelForCausalLM
@@ -184,8 +200,8 @@ def load_causal_lm(name: str, *, quantize_4bit: bool = False, device: str = "aut
 
         # QLoRA (Dettmers et al. 2023): nf4 storage, double quantization, compute in the training dtype.
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
     path = resolve_model_path(name)
     _check_source(name, path)
@@ -194,8 +210,10 @@ def load_causal_lm(name: str, *, quantize_4bit: bool = False, device: str = "aut
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         if "safetensors" in str(err).lower() and os.path.isdir(path):
-            raise ModelNotFound(f"model {name!r} has no safetensors weights; the lab loads safetensors only "
-                                f"(convert the checkpoint with save_pretrained(safe_serialization=True))") from None
+            raise ModelNotFound(
+                f"model {name!r} has no safetensors weights; the lab loads safetensors only "
+                f"(convert the checkpoint with save_pretrained(safe_serialization=True))"
+            ) from None
         raise ModelNotFound(_offline_message(name, err)) from None
     if quantize_4bit:
         _keep_4bit_differentiable(model)
@@ -304,14 +322,30 @@ def _lora_config(r: int, alpha: int, dropout: float, model=None):
     # GPT-2's Conv1D stores its weight transposed (in × out); peft must know, or it warns and guesses
     conv1d = model is not None and any(type(m).__name__ == "Conv1D" for m in model.modules())
     # "all-linear" puts adapters on every projection but the output head, as QLoRA does.
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
-                      bias="none", task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=conv1d,
+    )
 
 
-def load_policy(name: str | None = None, *, task: str | None = None, mode: str = "lora", lora_r: int = 16,
-                lora_alpha: int = 32, lora_dropout: float = 0.0, device: str = "auto",
-                trust_remote_code: bool = False, gradient_checkpointing: bool = False,
-                prompts: list | None = None) -> Policy:
+def load_policy(
+    name: str | None = None,
+    *,
+    task: str | None = None,
+    mode: str = "lora",
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    prompts: list | None = None,
+) -> Policy:
     """Load a policy by built-in name, local path or hub id (``name=None`` → the built-in model of ``task``).
 
     A folder holding a saved adapter (``adapter_config.json``) is loaded on top of its base model, and the adapter
@@ -332,8 +366,13 @@ def load_policy(name: str | None = None, *, task: str | None = None, mode: str =
         return policy
     tokenizer = load_tokenizer(name, trust_remote_code)
     _check_prompts(prompts, tokenizer, name)
-    model = load_causal_lm(name, quantize_4bit=mode == "qlora", device=device, trust_remote_code=trust_remote_code,
-                           frozen_base=mode != "full")
+    model = load_causal_lm(
+        name,
+        quantize_4bit=mode == "qlora",
+        device=device,
+        trust_remote_code=trust_remote_code,
+        frozen_base=mode != "full",
+    )
     if mode == "full":
         ref = copy.deepcopy(model).eval().requires_grad_(False)
         if gradient_checkpointing:
@@ -371,19 +410,22 @@ def enable_gradient_checkpointing(model) -> None:
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _load_adapter_policy(path: str, mode: str, device: str, trust_remote_code: bool,
-                         prompts: list | None = None) -> Policy:
+def _load_adapter_policy(
+    path: str, mode: str, device: str, trust_remote_code: bool, prompts: list | None = None
+) -> Policy:
     from peft import PeftModel
 
     with open(os.path.join(path, "adapter_config.json")) as f:
         base_name = json.load(f)["base_model_name_or_path"]
     mode = "qlora" if mode == "qlora" else "lora"
     check_safetensors(path)  # the adapter's own weights, before the base model loads
-    tokenizer = load_tokenizer(path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_name,
-                               trust_remote_code)
+    tokenizer = load_tokenizer(
+        path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_name, trust_remote_code
+    )
     _check_prompts(prompts, tokenizer, path)
-    model = load_causal_lm(base_name, quantize_4bit=mode == "qlora", device=device,
-                           trust_remote_code=trust_remote_code, frozen_base=True)
+    model = load_causal_lm(
+        base_name, quantize_4bit=mode == "qlora", device=device, trust_remote_code=trust_remote_code, frozen_base=True
+    )
     model = PeftModel.from_pretrained(model, path, is_trainable=True)
     return Policy(model, tokenizer, mode, base_name)
 
@@ -442,8 +484,9 @@ class ScalarModel(nn.Module):
         """Per-position scalars, (B, L) float32."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
         with self._active():
-            hidden = backbone_of(self.lm)(input_ids=input_ids, attention_mask=attention_mask,
-                                          position_ids=position_ids).last_hidden_state  # (B, L, H)
+            hidden = backbone_of(self.lm)(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).last_hidden_state  # (B, L, H)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, L)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -455,8 +498,11 @@ class ScalarModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         with self._active():  # peft marks only the active adapter trainable
-            params = [p for n, p in self.lm.named_parameters()
-                      if p.requires_grad and (self.adapter_name is None or f".{self.adapter_name}." in n)]
+            params = [
+                p
+                for n, p in self.lm.named_parameters()
+                if p.requires_grad and (self.adapter_name is None or f".{self.adapter_name}." in n)
+            ]
         return params + list(self.head.parameters())
 
     def save(self, path: str | os.PathLike) -> None:
@@ -487,16 +533,24 @@ def add_value_head(policy: Policy, lora_r: int | None = None, lora_alpha: int | 
     hidden = policy.model.config.hidden_size
     if policy.has_adapters:
         cfg = policy.model.peft_config["default"]
-        policy.model.add_adapter("value", _lora_config(lora_r or cfg.r, lora_alpha or cfg.lora_alpha, 0.0,
-                                                            policy.model))
+        policy.model.add_adapter(
+            "value", _lora_config(lora_r or cfg.r, lora_alpha or cfg.lora_alpha, 0.0, policy.model)
+        )
         policy.model.set_adapter("default")  # add_adapter leaves the policy adapter active
         return ScalarModel(policy.model, "value", hidden, zero_init=True)
     trunk = copy.deepcopy(policy._ref_model).requires_grad_(True).train()
     return ScalarModel(trunk, None, hidden, zero_init=True)
 
 
-def load_scalar_model(name: str, *, mode: str = "lora", lora_r: int = 16, lora_alpha: int = 32,
-                      device: str = "auto", trust_remote_code: bool = False):
+def load_scalar_model(
+    name: str,
+    *,
+    mode: str = "lora",
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
     """A fresh reward model: base ``name`` + its own adapter (``reward``) + a head. Returns (ScalarModel, tokenizer).
 
     A folder saved by :meth:`ScalarModel.save` is loaded back with its adapter and head (frozen-ready).
@@ -508,8 +562,13 @@ def load_scalar_model(name: str, *, mode: str = "lora", lora_r: int = 16, lora_a
 
         with open(os.path.join(path, "adapter_config.json")) as f:
             base_name = json.load(f)["base_model_name_or_path"]
-        lm = load_causal_lm(base_name, quantize_4bit=mode == "qlora", device=device,
-                            trust_remote_code=trust_remote_code, frozen_base=True)
+        lm = load_causal_lm(
+            base_name,
+            quantize_4bit=mode == "qlora",
+            device=device,
+            trust_remote_code=trust_remote_code,
+            frozen_base=True,
+        )
         lm = PeftModel.from_pretrained(lm, path, adapter_name="reward", is_trainable=True)
         model = ScalarModel(lm, "reward", lm.config.hidden_size)
         model.head.load_state_dict(torch.load(head_file, map_location=model.head.weight.device, weights_only=True))
@@ -517,8 +576,13 @@ def load_scalar_model(name: str, *, mode: str = "lora", lora_r: int = 16, lora_a
         model.tokenizer = load_tokenizer(tok_src, trust_remote_code)
         return model, model.tokenizer
     tokenizer = load_tokenizer(name, trust_remote_code)
-    lm = load_causal_lm(name, quantize_4bit=mode == "qlora", device=device, trust_remote_code=trust_remote_code,
-                        frozen_base=mode != "full")
+    lm = load_causal_lm(
+        name,
+        quantize_4bit=mode == "qlora",
+        device=device,
+        trust_remote_code=trust_remote_code,
+        frozen_base=mode != "full",
+    )
     if mode == "full":
         model = ScalarModel(lm, None, lm.config.hidden_size)
         model.tokenizer = tokenizer

@@ -27,9 +27,7 @@ DEFAULT_CHUNK_SIZE = 1024
 # --------------------------------------------------------------------------------------------
 
 
-def selective_logprobs(
-    logits: torch.Tensor, ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> torch.Tensor:
+def selective_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Log-probability of the selected tokens, in float32.
 
         log π(y_t) = z_t[y_t] − logsumexp_v z_t[v]
@@ -174,8 +172,7 @@ def _completion_logits(
     return logits
 
 
-def prefill_shared(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                   share: bool = True):
+def prefill_shared(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, share: bool = True):
     """One forward pass over left-padded prompts, each distinct prompt run once: the logits of the last prompt
     position (B, 1, V) and a KV cache with B rows. Gradients flow when they are on.
 
@@ -191,18 +188,25 @@ def prefill_shared(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask
         (last_logits (B, 1, V), cache).
     """
     keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    unique, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0,
-                                   return_inverse=True)  # (U, 2P), (B,) a prompt is its ids and its padding
+    unique, inverse = torch.unique(
+        torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True
+    )  # (U, 2P), (B,) a prompt is its ids and its padding
     if share and unique.shape[0] < prompt_ids.shape[0]:
         ids, mask = unique.chunk(2, dim=1)  # (U, P) each
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
-                    **keep_last)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True, **keep_last
+        )
         cache = returned_cache(out)
         if hasattr(cache, "reorder_cache"):
             cache.reorder_cache(inverse)  # (U, ...) -> (B, ...) each row gets its prompt's keys and values
             return out.logits[:, -1:][inverse], cache  # (B, 1, V)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                use_cache=True, **keep_last)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
+        use_cache=True,
+        **keep_last,
+    )
     return out.logits[:, -1:], returned_cache(out)  # (B, 1, V)
 
 
@@ -230,9 +234,13 @@ def _shared_prompt_logits(
     if T == 1:
         return first_logits
     position_ids = position_ids_from_mask(attention_mask)  # (B, P+T)
-    rest = model(input_ids=input_ids[:, P : L - 1], attention_mask=attention_mask[:, : L - 1],
-                 position_ids=position_ids[:, P : L - 1], use_cache=True,
-                 **cache_kwargs(model, cache)).logits  # (B, T-1, V)
+    rest = model(
+        input_ids=input_ids[:, P : L - 1],
+        attention_mask=attention_mask[:, : L - 1],
+        position_ids=position_ids[:, P : L - 1],
+        use_cache=True,
+        **cache_kwargs(model, cache),
+    ).logits  # (B, T-1, V)
     return torch.cat([first_logits, rest], dim=1)  # (B, T, V)
 
 
@@ -278,8 +286,9 @@ def sequence_logprobs(
     Returns:
         (B, T) float32.
     """
-    logits = _completion_logits(model, input_ids, attention_mask, completion_len, temperature,
-                                share_prompts)  # (B, T, V)
+    logits = _completion_logits(
+        model, input_ids, attention_mask, completion_len, temperature, share_prompts
+    )  # (B, T, V)
     completion_ids = input_ids[:, -completion_len:]  # (B, T)
     return selective_logprobs(logits, completion_ids, chunk_size or DEFAULT_CHUNK_SIZE)  # (B, T)
 
@@ -301,8 +310,9 @@ def sequence_logprobs_and_entropy(
     Returns:
         logprobs (B, T) float32, entropy (B, T) float32 in nats.
     """
-    logits = _completion_logits(model, input_ids, attention_mask, completion_len, temperature,
-                                share_prompts)  # (B, T, V)
+    logits = _completion_logits(
+        model, input_ids, attention_mask, completion_len, temperature, share_prompts
+    )  # (B, T, V)
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     completion_ids = input_ids[:, -completion_len:]  # (B, T)
     logprobs = selective_logprobs(logits, completion_ids, chunk_size)  # (B, T)
@@ -358,9 +368,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return sum_sq / (n - 1) if unbiased else sum_sq / n
 
 
-def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
-) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Normalize the masked entries of `x` to zero mean and unit variance.
 
         whiten(x) = (x − mean) / sqrt(var + eps)            (shift_mean=True)

@@ -47,15 +47,23 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 from lab.config import BaseConfig, check, opt
 from lab.ops import kl_estimate, masked_mean, masked_var, masked_whiten
-from lab.runner import (MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer,
-                        seed_everything, shuffled_batches)
+from lab.runner import (
+    MetricAccumulator,
+    Run,
+    auto_microbatch,
+    clip_and_step,
+    load_for,
+    make_optimizer,
+    seed_everything,
+    shuffled_batches,
+)
 from lab.sft import sft_loss
 
 KL_ESTIMATORS = ("k1",)  # k3 is refused in PPOConfig.__post_init__, with the reason
@@ -66,11 +74,19 @@ class PPOConfig(BaseConfig):
     """PPO-RLHF: reward − β·KL(π_θ‖π_ref) + λ·LM loss, with a value function, GAE and clipped updates."""
 
     task: str = opt("reviews", "built-in task (reviews, arith, bandit) or a prompt source: jsonl:PATH, hf:ID")
-    reward: str = opt("gold", "r(x, y): 'gold' (the task's own reward), a reward-model run folder or checkpoint "
-                              "(lab train rm), or python:module:function")
-    lr: float | None = opt(None, "AdamW learning rate (policy adapter, value adapter and value head); default: 3e-4 "
-                                  "on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
-                        min=1e-7, max=1.0, builtin=3e-4)
+    reward: str = opt(
+        "gold",
+        "r(x, y): 'gold' (the task's own reward), a reward-model run folder or checkpoint "
+        "(lab train rm), or python:module:function",
+    )
+    lr: float | None = opt(
+        None,
+        "AdamW learning rate (policy adapter, value adapter and value head); default: 3e-4 "
+        "on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
+        min=1e-7,
+        max=1.0,
+        builtin=3e-4,
+    )
     steps: int = opt(30, "PPO iterations: one rollout batch and its PPO epochs each", min=1, max=1_000_000)
     batch_size: int = opt(32, "prompts per rollout batch (one completion each)", min=1, max=4096)
     # the KL-regularized reward
@@ -78,71 +94,113 @@ class PPOConfig(BaseConfig):
     # As a reward, only k1 keeps the optimum: the policy gradient of a fixed per-token reward −β·k is
     # −β·E[k ∇log π], and E_π[k3 ∇log π] = ∇KL(π‖π_ref) − E_π[∇k3] misses the second part; adding it back,
     # k3 + (1 − π_ref/π) = −log(π_ref/π), is k1. tests/test_ppo.py shows the k3 reward's fixed point on bandit.
-    kl_estimator: str = opt("k1", "per-token KL in the reward: k1 = log π/π_ref, whose fixed point is π* ∝ "
-                                  "π_ref·e^{r/β} (InstructGPT); k3 = (ρ − 1) − log ρ is refused: as a reward its "
-                                  "gradient is biased and its fixed point is not π*", choices=KL_ESTIMATORS)
+    kl_estimator: str = opt(
+        "k1",
+        "per-token KL in the reward: k1 = log π/π_ref, whose fixed point is π* ∝ "
+        "π_ref·e^{r/β} (InstructGPT); k3 = (ρ − 1) − log ρ is refused: as a reward its "
+        "gradient is biased and its fixed point is not π*",
+        choices=KL_ESTIMATORS,
+    )
     adaptive_kl: bool = opt(False, "adapt β toward target_kl (Ziegler et al. 2019) instead of keeping it fixed")
-    target_kl: float = opt(1.0, "adaptive β: the KL(π_θ‖π_ref) per completion to aim for, in nats",
-                           min=1e-3, max=100.0)
-    horizon: int = opt(1000, "adaptive β: samples over which β moves; each step changes β by a factor "
-                             "within 1 ± 0.2 · batch_size / horizon", min=1, max=10_000_000)
-    missing_eos_penalty: float = opt(0.0, "subtracted from the score of completions that never emit EOS "
-                                          "(0 disables)", min=0.0, max=100.0)
+    target_kl: float = opt(1.0, "adaptive β: the KL(π_θ‖π_ref) per completion to aim for, in nats", min=1e-3, max=100.0)
+    horizon: int = opt(
+        1000,
+        "adaptive β: samples over which β moves; each step changes β by a factor within 1 ± 0.2 · batch_size / horizon",
+        min=1,
+        max=10_000_000,
+    )
+    missing_eos_penalty: float = opt(
+        0.0, "subtracted from the score of completions that never emit EOS (0 disables)", min=0.0, max=100.0
+    )
     # advantages
     gamma: float = opt(1.0, "γ: discount per token", min=0.0, max=1.0)
-    lam: float = opt(0.95, "λ of GAE: 0 = one-step TD (low variance), 1 = Monte Carlo return (no bias)",
-                     min=0.0, max=1.0)
+    lam: float = opt(
+        0.95, "λ of GAE: 0 = one-step TD (low variance), 1 = Monte Carlo return (no bias)", min=0.0, max=1.0
+    )
     # Whitening keeps the step size steady; when the returns barely vary (near an optimum) it also magnifies the
     # value function's errors to unit size, which tests/test_ppo.py's bandit test avoids by turning it off.
     whiten_advantages: bool = opt(True, "normalize advantages to mean 0, std 1 over the rollout batch")
     # the PPO update
     cliprange: float = opt(0.2, "ε: the probability ratio is clipped to [1 − ε, 1 + ε]", min=1e-3, max=1.0)
-    cliprange_value: float = opt(0.2, "ε_v: new values stay within ±ε_v of the rollout's values", min=1e-3,
-                                 max=100.0)
+    cliprange_value: float = opt(0.2, "ε_v: new values stay within ±ε_v of the rollout's values", min=1e-3, max=100.0)
     # The value function has its own adapter and head, and Adam rescales each parameter's gradient, so vf_coef acts
     # mainly through the joint gradient-norm clip (it matters fully only when policy and value share weights).
     vf_coef: float = opt(0.1, "weight of the value loss in the total loss", min=0.0, max=100.0)
     ppo_epochs: int = opt(4, "passes over each rollout batch", min=1, max=100)
-    num_minibatches: int = opt(2, "minibatches per pass (one optimizer step each); must divide batch_size",
-                               min=1, max=4096)
-    gradient_accumulation: int = opt(1, "microbatches per minibatch (forward/backward each, one optimizer step); "
-                                        "must divide the minibatch size", min=1, max=4096)
+    num_minibatches: int = opt(
+        2, "minibatches per pass (one optimizer step each); must divide batch_size", min=1, max=4096
+    )
+    gradient_accumulation: int = opt(
+        1,
+        "microbatches per minibatch (forward/backward each, one optimizer step); must divide the minibatch size",
+        min=1,
+        max=4096,
+    )
     # the ptx term
-    ptx_coef: float = opt(0.0, "λ: weight of the LM loss on SFT/pretraining rows (0 disables PPO-ptx)",
-                          min=0.0, max=100.0)
-    ptx_data: str | None = opt(None, "rows for the ptx term: jsonl:PATH, PATH.jsonl or hf:ID with prompt and "
-                                     "completion; default: the built-in task's SFT rows")
+    ptx_coef: float = opt(
+        0.0, "λ: weight of the LM loss on SFT/pretraining rows (0 disables PPO-ptx)", min=0.0, max=100.0
+    )
+    ptx_data: str | None = opt(
+        None,
+        "rows for the ptx term: jsonl:PATH, PATH.jsonl or hf:ID with prompt and "
+        "completion; default: the built-in task's SFT rows",
+    )
     ptx_batch_size: int = opt(8, "ptx rows per optimizer step", min=1, max=4096)
     max_length: int = opt(256, "ptx rows: truncate prompt+completion to this many tokens", min=2, max=65536)
-    eval_every: int = opt(0, "evaluate on held-out prompts every N steps (0: only before and after)",
-                          min=0, max=1_000_000)
+    eval_every: int = opt(
+        0, "evaluate on held-out prompts every N steps (0: only before and after)", min=0, max=1_000_000
+    )
 
     def __post_init__(self) -> None:
-        check(self.kl_estimator != "k3", "kl_estimator",
-              "k3 as a per-token reward biases the policy gradient away from π* (its score-function gradient "
-              "lacks E[∇k3]; with it added k3 becomes k1): use k1")
+        check(
+            self.kl_estimator != "k3",
+            "kl_estimator",
+            "k3 as a per-token reward biases the policy gradient away from π* (its score-function gradient "
+            "lacks E[∇k3]; with it added k3 becomes k1): use k1",
+        )
         super().__post_init__()
-        check(self.kl_estimator in KL_ESTIMATORS, "kl_estimator",
-              f"must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
-        check(self.num_minibatches <= self.batch_size and self.batch_size % self.num_minibatches == 0,
-              "num_minibatches", f"must divide batch_size ({self.batch_size}) so every minibatch has the same "
-                                 f"size, got {self.num_minibatches}")
+        check(
+            self.kl_estimator in KL_ESTIMATORS,
+            "kl_estimator",
+            f"must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}",
+        )
+        check(
+            self.num_minibatches <= self.batch_size and self.batch_size % self.num_minibatches == 0,
+            "num_minibatches",
+            f"must divide batch_size ({self.batch_size}) so every minibatch has the same "
+            f"size, got {self.num_minibatches}",
+        )
         minibatch = self.batch_size // self.num_minibatches
-        check(minibatch % self.gradient_accumulation == 0, "gradient_accumulation",
-              f"must divide the minibatch size batch_size/num_minibatches = {minibatch}, "
-              f"got {self.gradient_accumulation}")
-        check(not (self.adaptive_kl and self.beta == 0), "adaptive_kl",
-              "needs beta > 0: the controller multiplies β, and 0 stays 0")
+        check(
+            minibatch % self.gradient_accumulation == 0,
+            "gradient_accumulation",
+            f"must divide the minibatch size batch_size/num_minibatches = {minibatch}, "
+            f"got {self.gradient_accumulation}",
+        )
+        check(
+            not (self.adaptive_kl and self.beta == 0),
+            "adaptive_kl",
+            "needs beta > 0: the controller multiplies β, and 0 stays 0",
+        )
         from lab.tasks import TASKS
 
         builtin = self.task in TASKS
-        check(builtin or self.reward != "gold", "reward",
-              f"'gold' needs a built-in task ({', '.join(TASKS)}); for {self.task!r} give a reward-model path "
-              "or python:module:function")
-        check(builtin or self.ptx_coef == 0 or self.ptx_data is not None, "ptx_data",
-              f"ptx_coef > 0 needs SFT rows: give --ptx-data jsonl:PATH for task {self.task!r}")
-        check(not (self.task == "bandit" and self.missing_eos_penalty > 0), "missing_eos_penalty",
-              "must be 0 on bandit: its answers are one token and never end with EOS")
+        check(
+            builtin or self.reward != "gold",
+            "reward",
+            f"'gold' needs a built-in task ({', '.join(TASKS)}); for {self.task!r} give a reward-model path "
+            "or python:module:function",
+        )
+        check(
+            builtin or self.ptx_coef == 0 or self.ptx_data is not None,
+            "ptx_data",
+            f"ptx_coef > 0 needs SFT rows: give --ptx-data jsonl:PATH for task {self.task!r}",
+        )
+        check(
+            not (self.task == "bandit" and self.missing_eos_penalty > 0),
+            "missing_eos_penalty",
+            "must be 0 on bandit: its answers are one token and never end with EOS",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -150,8 +208,14 @@ class PPOConfig(BaseConfig):
 
 
 @torch.no_grad()
-def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                   completion_mask: torch.Tensor, beta: float, estimator: str = "k1") -> torch.Tensor:
+def shaped_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    completion_mask: torch.Tensor,
+    beta: float,
+    estimator: str = "k1",
+) -> torch.Tensor:
     """Per-token reward of the token-level MDP (Ziegler et al. 2019; Stiennon et al. 2020)::
 
         r_t = −β · KL_t + [t = last real token] · score         t = 0 .. T−1
@@ -170,8 +234,9 @@ def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
 
 
 @torch.no_grad()
-def gae(rewards: torch.Tensor, values: torch.Tensor, completion_mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, completion_mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016), one reverse pass over the tokens::
 
         δ_t = r_t + γ · V_{t+1} − V_t             V_{t+1} = 0 after the last real token (the episode ends)
@@ -198,8 +263,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, completion_mask: torch.Tens
     return advantages, advantages + values
 
 
-def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    completion_mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict]:
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate (Schulman et al. 2017, eq. 7), averaged over the real tokens::
 
         ratio_t = exp(log π_θ(y_t) − log π_old(y_t))
@@ -228,8 +298,13 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     return loss, metrics
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   completion_mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, dict]:
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    completion_mask: torch.Tensor,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, dict]:
     """Clipped value loss (as in OpenAI's baselines ppo2 and Ziegler et al. 2019's lm-human-preferences)::
 
         V_clip = V_old + clip(V_θ − V_old, −ε_v, ε_v)
@@ -242,8 +317,10 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     clipped = (values_clipped - returns) ** 2  # (B, T)
     loss = 0.5 * masked_mean(torch.max(unclipped, clipped), completion_mask)
     with torch.no_grad():
-        metrics = {"loss/value": loss.detach(),
-                   "clip/value_frac": masked_mean((clipped > unclipped).float(), completion_mask)}
+        metrics = {
+            "loss/value": loss.detach(),
+            "clip/value_frac": masked_mean((clipped > unclipped).float(), completion_mask),
+        }
     return loss, metrics
 
 
@@ -305,18 +382,28 @@ class PPOCheckpoint:
         torch.save(self.value_model.head.state_dict(), path / "value_head.pt")
 
 
-def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, record=None,
-          value_model=None) -> Iterator[dict]:
+def train(
+    cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, record=None, value_model=None
+) -> Iterator[dict]:
     """One PPO iteration (rollout + PPO epochs) per ``next()``; see :mod:`lab.runner` for the record and stop rules.
 
     ``value_model``: the value function to train, ``lab.modeling.add_value_head(policy)`` when None."""
     from lab.batching import encode_pairs, token_logprobs
-    from lab.modeling import add_value_head
     from lab.data import prompt_columns
+    from lab.modeling import add_value_head
     from lab.rewards import make_reward
-    from lab.rollout import (bandit_reference, completion_logprobs, eval_metrics, load_prompt_rows,
-                             logprobs_in_chunks, resolve_max_new_tokens, rollout, rollout_tokens,
-                             sample_rows, score)
+    from lab.rollout import (
+        bandit_reference,
+        completion_logprobs,
+        eval_metrics,
+        load_prompt_rows,
+        logprobs_in_chunks,
+        resolve_max_new_tokens,
+        rollout,
+        rollout_tokens,
+        sample_rows,
+        score,
+    )
     from lab.tasks import TASKS, get_task
 
     seed_everything(cfg.seed)
@@ -331,8 +418,9 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
     # peft's set_adapter gives requires_grad to the active adapter only, and autograd silently drops the gradient of
     # a parameter whose requires_grad is off at backward time. So the value forward AND its backward run inside
     # `value_active()`, and the policy's outside it (tests/test_ppo.py checks that both adapters move).
-    value_active = ((lambda: policy.adapter(value_model.adapter_name)) if value_model.adapter_name
-                    else contextlib.nullcontext)
+    value_active = (
+        (lambda: policy.adapter(value_model.adapter_name)) if value_model.adapter_name else contextlib.nullcontext
+    )
     policy_params = policy.trainable_parameters()
     with value_active():
         value_params = value_model.trainable_parameters()
@@ -351,8 +439,9 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
 
     def evaluate() -> dict:
         """eval/gold_reward (greedy, held-out prompts); on bandit also eval/exact_reward and eval/kl_to_optimum."""
-        return eval_metrics(policy, task, cfg.eval_size, beta=cfg.beta if cfg.beta > 0 else None,
-                            ref_logprobs=bandit_ref)
+        return eval_metrics(
+            policy, task, cfg.eval_size, beta=cfg.beta if cfg.beta > 0 else None, ref_logprobs=bandit_ref
+        )
 
     def unprefixed(metrics: dict) -> dict:
         return {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
@@ -368,8 +457,10 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
             # passes that fit in memory: the no-grad ones over the whole batch (π_old, π_ref, V_old) in chunks, and
             # the update's microbatches no larger than gradient_accumulation asks nor than memory allows
             chunk = auto_microbatch(policy.model, cfg.batch_size, T, context_tokens=P)
-            micro_size = min(minibatch_size // cfg.gradient_accumulation,
-                             auto_microbatch(policy.model, minibatch_size, T, context_tokens=P))
+            micro_size = min(
+                minibatch_size // cfg.gradient_accumulation,
+                auto_microbatch(policy.model, minibatch_size, T, context_tokens=P),
+            )
 
             # 2. score: r_φ(x, y), minus the missing-EOS penalty
             raw_scores = score(reward_fn, roll, prompt_columns(batch_rows))  # (B,)
@@ -377,8 +468,12 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
 
             # 3. reference log-probs & shaped rewards
             with torch.no_grad():
-                pieces = [completion_logprobs(policy.model, roll.select(slice(i, i + chunk)), cfg.temperature,
-                                              with_entropy=True) for i in range(0, len(roll), chunk)]
+                pieces = [
+                    completion_logprobs(
+                        policy.model, roll.select(slice(i, i + chunk)), cfg.temperature, with_entropy=True
+                    )
+                    for i in range(0, len(roll), chunk)
+                ]
                 old_logprobs = torch.cat([lp for lp, _ in pieces])  # (B, T)
                 entropy = torch.cat([h for _, h in pieces])  # (B, T)
                 with policy.reference() as ref:
@@ -387,9 +482,12 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
 
             # 4. values & GAE. V(s_t) is read where token t is predicted: the state x, y_<t.
             with torch.no_grad(), value_active():
-                old_values = torch.cat([value_model(part.input_ids, part.attention_mask)[:, P - 1: P + T - 1]
-                                        for part in (roll.select(slice(i, i + chunk))
-                                                     for i in range(0, len(roll), chunk))])  # (B, T)
+                old_values = torch.cat(
+                    [
+                        value_model(part.input_ids, part.attention_mask)[:, P - 1 : P + T - 1]
+                        for part in (roll.select(slice(i, i + chunk)) for i in range(0, len(roll), chunk))
+                    ]
+                )  # (B, T)
             advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, T), (B, T)
             if cfg.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)  # (B, T)
@@ -399,22 +497,24 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
             for _epoch in range(cfg.ppo_epochs):
                 order = torch.randperm(cfg.batch_size)  # (B,) on the CPU: it indexes the rollout's tensors and lists
                 for start in range(0, cfg.batch_size, minibatch_size):
-                    minibatch = order[start: start + minibatch_size]  # (B / num_minibatches,)
+                    minibatch = order[start : start + minibatch_size]  # (B / num_minibatches,)
                     tokens = mask[minibatch].sum().clamp(min=1)
                     totals = MetricAccumulator()  # token means of the minibatch, summed on the device
                     for micro_start in range(0, minibatch_size, micro_size):
-                        idx = minibatch[micro_start: micro_start + micro_size]  # (b,)
+                        idx = minibatch[micro_start : micro_start + micro_size]  # (b,)
                         micro, m = roll.select(idx), mask[idx]  # b rows, (b, T)
                         # a microbatch's token mean × its share of the minibatch's tokens = the minibatch token mean
                         share = m.sum() / tokens
                         logprobs = completion_logprobs(policy.model, micro, cfg.temperature)  # (b, T)
-                        policy_loss, policy_metrics = ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx],
-                                                                      m, cfg.cliprange)
+                        policy_loss, policy_metrics = ppo_policy_loss(
+                            logprobs, old_logprobs[idx], advantages[idx], m, cfg.cliprange
+                        )
                         (policy_loss * share).backward()  # the policy adapter is active here
                         with value_active():
-                            values = value_model(micro.input_ids, micro.attention_mask)[:, P - 1: P + T - 1]  # (b, T)
-                            value_loss, value_metrics = ppo_value_loss(values, old_values[idx], returns[idx], m,
-                                                                       cfg.cliprange_value)
+                            values = value_model(micro.input_ids, micro.attention_mask)[:, P - 1 : P + T - 1]  # (b, T)
+                            value_loss, value_metrics = ppo_value_loss(
+                                values, old_values[idx], returns[idx], m, cfg.cliprange_value
+                            )
                             (cfg.vf_coef * value_loss * share).backward()  # the value adapter is active here
                         totals.add({**policy_metrics, **value_metrics}, share)
 
@@ -422,8 +522,12 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
                     # 6. ptx term: λ · LM loss on SFT/pretraining rows, in the same optimizer step
                     if ptx_batches is not None:
                         rows = next(ptx_batches)
-                        batch = encode_pairs(policy.tokenizer, [r["prompt"] for r in rows],
-                                             [r["completion"] for r in rows], max_length=cfg.max_length).to(device)
+                        batch = encode_pairs(
+                            policy.tokenizer,
+                            [r["prompt"] for r in rows],
+                            [r["completion"] for r in rows],
+                            max_length=cfg.max_length,
+                        ).to(device)
                         ptx_logprobs, ptx_mask = token_logprobs(policy.model, batch)  # (b, L-1), (b, L-1)
                         ptx, ptx_metrics = sft_loss(ptx_logprobs, ptx_mask)
                         (cfg.ptx_coef * ptx).backward()
@@ -435,16 +539,18 @@ def train(cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, r
             with torch.no_grad():
                 kl_seq = (kl_estimate(cfg.kl_estimator, old_logprobs, ref_logprobs) * mask).sum(-1)  # (B,)
                 out = {k: sum(m[k] for m in update_metrics) / len(update_metrics) for k in update_metrics[0]}
-                out.update({
-                    "reward/mean": raw_scores.mean(),
-                    "reward/shaped": rewards.sum(-1).mean(),
-                    "kl/ref": kl_seq.mean(),
-                    "entropy": masked_mean(entropy, mask),
-                    "value/explained_var": explained_variance(old_values, returns, mask),
-                    "completion/length": mask.sum(-1).mean(),
-                    "completion/truncated_frac": roll.truncated.float().mean(),
-                    "beta": beta,
-                })
+                out.update(
+                    {
+                        "reward/mean": raw_scores.mean(),
+                        "reward/shaped": rewards.sum(-1).mean(),
+                        "kl/ref": kl_seq.mean(),
+                        "entropy": masked_mean(entropy, mask),
+                        "value/explained_var": explained_variance(old_values, returns, mask),
+                        "completion/length": mask.sum(-1).mean(),
+                        "completion/truncated_frac": roll.truncated.float().mean(),
+                        "beta": beta,
+                    }
+                )
                 if task is not None:
                     gold = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
                     out["reward/gold"] = sum(gold) / len(gold)

@@ -252,8 +252,10 @@ def _pretrain(task: Task, recipe: Recipe, steps: int, seed: int, out_dir: Path, 
 
     metrics = evaluate(task, model, tokenizer)
     size_mb = (out_dir / "model.safetensors").stat().st_size / 1e6
-    print(f"pretrained {task_name} in {train_seconds:.0f}s wall, {cpu_seconds:.0f}s CPU ({steps} steps) "
-          f"-> {out_dir} ({size_mb:.1f} MB)")
+    print(
+        f"pretrained {task_name} in {train_seconds:.0f}s wall, {cpu_seconds:.0f}s CPU ({steps} steps) "
+        f"-> {out_dir} ({size_mb:.1f} MB)"
+    )
     print("eval prompts: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return out_dir
 

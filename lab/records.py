@@ -39,10 +39,11 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lab.errors import UserError
 
@@ -180,8 +181,11 @@ class RunRecord:
             "argv": list(sys.argv),
             "method": method,
             # versions of the libraries that shape results, if this process uses them
-            **{f"{name}_version": getattr(sys.modules[name], "__version__", None)
-               for name in ("torch", "transformers", "peft") if name in sys.modules},
+            **{
+                f"{name}_version": getattr(sys.modules[name], "__version__", None)
+                for name in ("torch", "transformers", "peft")
+                if name in sys.modules
+            },
         }
         if config is not None and not isinstance(config, dict):
             meta["config_class"] = type(config).__name__
@@ -421,8 +425,9 @@ def list_runs(out: str | os.PathLike = "runs") -> list[RunData]:
     children = sorted(root.iterdir())
     links = [child.name for child in children if child.is_symlink()]
     if links:
-        warnings.warn(f"skipped {len(links)} symbolic link(s) in {root}, not run folders: {', '.join(links[:5])}",
-                      stacklevel=2)
+        warnings.warn(
+            f"skipped {len(links)} symbolic link(s) in {root}, not run folders: {', '.join(links[:5])}", stacklevel=2
+        )
     runs = [
         load_run(child)
         for child in children
@@ -558,8 +563,10 @@ def _disk_full_is_user_error(path: Path):
         yield
     except OSError as err:
         if err.errno in _DISK_FULL and not isinstance(err, UserError):
-            raise DiskFull(f"no space left on the disk while writing {path}; free some space or choose another "
-                           "--out (the record keeps every line written before)") from err
+            raise DiskFull(
+                f"no space left on the disk while writing {path}; free some space or choose another "
+                "--out (the record keeps every line written before)"
+            ) from err
         raise
 
 

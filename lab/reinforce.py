@@ -35,20 +35,40 @@ R − b                           ``advantages`` (B,)
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 from lab.config import BaseConfig, check, opt
-from lab.ops import kl_k1, masked_mean
 from lab.data import prompt_columns
+from lab.ops import kl_k1, masked_mean
 from lab.rewards import make_reward
-from lab.rollout import (bandit_reference, completion_logprobs, correct_mask, eval_metrics,
-                         kl_due, load_prompt_rows, logprobs_in_chunks, resolve_max_new_tokens, rollout,
-                         rollout_metrics, rollout_tokens, sample_rows, score)
-from lab.runner import (MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer,
-                        seed_everything, shuffled_batches)
+from lab.rollout import (
+    bandit_reference,
+    completion_logprobs,
+    correct_mask,
+    eval_metrics,
+    kl_due,
+    load_prompt_rows,
+    logprobs_in_chunks,
+    resolve_max_new_tokens,
+    rollout,
+    rollout_metrics,
+    rollout_tokens,
+    sample_rows,
+    score,
+)
+from lab.runner import (
+    MetricAccumulator,
+    Run,
+    auto_microbatch,
+    clip_and_step,
+    load_for,
+    make_optimizer,
+    seed_everything,
+    shuffled_batches,
+)
 
 BASELINES = ("none", "batch", "ema")
 
@@ -57,34 +77,56 @@ BASELINES = ("none", "batch", "ema")
 class ReinforceConfig(BaseConfig):
     """REINFORCE: policy gradient on sampled completions, with an optional baseline and KL penalty."""
 
-    lr: float | None = opt(None, "AdamW learning rate; default: 1e-3 on the built-in models, "
-                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=1e-3)
+    lr: float | None = opt(
+        None,
+        "AdamW learning rate; default: 1e-3 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
+        min=1e-7,
+        max=1.0,
+        builtin=1e-3,
+    )
     steps: int = opt(60, "optimizer steps; each samples a fresh batch", min=1, max=1_000_000)
     batch_size: int = opt(64, "prompts per step (one completion each)", min=1, max=4096)
-    baseline: str = opt("batch", "b subtracted from the reward: none, batch (batch mean) or ema (running mean)",
-                        choices=BASELINES)
+    baseline: str = opt(
+        "batch", "b subtracted from the reward: none, batch (batch mean) or ema (running mean)", choices=BASELINES
+    )
     baseline_decay: float = opt(0.9, "d of the running-mean baseline b ← d·b + (1−d)·mean(R)", min=0.0, max=0.9999)
-    beta: float = opt(0.0, "β of the KL penalty −β·Σ_t log(π_θ/π_ref) added to the reward (0: no penalty, π_ref "
-                            "only for kl/ref)", min=0.0, max=100.0)
+    beta: float = opt(
+        0.0,
+        "β of the KL penalty −β·Σ_t log(π_θ/π_ref) added to the reward (0: no penalty, π_ref only for kl/ref)",
+        min=0.0,
+        max=100.0,
+    )
     reward: str = opt("gold", "reward: gold (the task's), a reward-model path, or python:module:function")
-    microbatch_size: int | None = opt(None, "completions per forward/backward (gradients accumulate over the batch); "
-                                            "default: the most that fit in memory (LAB_MICROBATCH_GB)",
-                                      min=1, max=1_000_000)
-    eval_every: int = opt(20, "greedy held-out evaluation every N steps (0: only before and after)",
-                          min=0, max=1_000_000)
+    microbatch_size: int | None = opt(
+        None,
+        "completions per forward/backward (gradients accumulate over the batch); "
+        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
+        min=1,
+        max=1_000_000,
+    )
+    eval_every: int = opt(
+        20, "greedy held-out evaluation every N steps (0: only before and after)", min=0, max=1_000_000
+    )
     eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
     # at β > 0 π_ref's log-probs are needed anyway and kl/ref is logged every step; at β = 0 the diagnostic costs
     # one no-grad forward pass of π_ref over the batch (a fifth to a third of a step without sampling)
-    kl_every: int = opt(1, "at β = 0, log kl/ref every N steps from one extra no-grad π_ref pass over the batch "
-                           "(0: never, and π_ref is never computed); at β > 0 it is logged every step for free",
-                        min=0, max=1_000_000)
+    kl_every: int = opt(
+        1,
+        "at β = 0, log kl/ref every N steps from one extra no-grad π_ref pass over the batch "
+        "(0: never, and π_ref is never computed); at β > 0 it is logged every step for free",
+        min=0,
+        max=1_000_000,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.baseline in BASELINES, "baseline", f"must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
         if self.microbatch_size is not None:
-            check(self.batch_size % self.microbatch_size == 0, "microbatch_size",
-                  f"must divide batch_size ({self.batch_size}), got {self.microbatch_size}")
+            check(
+                self.batch_size % self.microbatch_size == 0,
+                "microbatch_size",
+                f"must divide batch_size ({self.batch_size}), got {self.microbatch_size}",
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -106,8 +148,13 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, completion_
     return loss, metrics
 
 
-def kl_penalized_rewards(rewards: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                         completion_mask: torch.Tensor, beta: float) -> torch.Tensor:
+def kl_penalized_rewards(
+    rewards: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    completion_mask: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """R = r − β · Σ_t k1_t,   k1_t = log π_θ(y_t|…) − log π_ref(y_t|…)   (the sequence log-ratio; detached).
 
     rewards: (B,); the others (B, T). Returns (B,).
@@ -160,8 +207,9 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
             rewards = score(reward_fn, roll, prompt_columns(batch))  # (B,)
             mask = roll.completion_mask.float()  # (B, T)
             metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))
-            microbatch = cfg.microbatch_size or auto_microbatch(policy.model, len(roll), roll.completion_ids.shape[1],
-                                                                context_tokens=roll.prompt_ids.shape[1])
+            microbatch = cfg.microbatch_size or auto_microbatch(
+                policy.model, len(roll), roll.completion_ids.shape[1], context_tokens=roll.prompt_ids.shape[1]
+            )
             returns = rewards
             ref_logprobs = None
             kl_only = cfg.beta == 0 and kl_due(step, cfg.kl_every)  # π_ref for the kl/ref diagnostic alone
@@ -190,8 +238,9 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
             for start in range(0, len(roll), microbatch):
                 rows_ = slice(start, start + microbatch)
                 part = roll.select(rows_)
-                logprobs, entropy = completion_logprobs(policy.model, part, cfg.temperature,
-                                                        with_entropy=True)  # (b, T), entropy without grad
+                logprobs, entropy = completion_logprobs(
+                    policy.model, part, cfg.temperature, with_entropy=True
+                )  # (b, T), entropy without grad
                 share = len(part) / len(roll)
                 loss, loss_metrics = reinforce_loss(logprobs, advantages[rows_], mask[rows_])
                 (loss * share).backward()

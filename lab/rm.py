@@ -37,10 +37,10 @@ import json
 import os
 import random
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,27 +48,49 @@ from torch import nn
 
 from lab.batching import PairBatch, encode_pairs
 from lab.config import BaseConfig, check, opt
-from lab.runner import Run, shuffled_batches, clip_and_step, make_optimizer, seed_everything, use_one_thread_for_tiny_models
+from lab.runner import (
+    Run,
+    clip_and_step,
+    make_optimizer,
+    seed_everything,
+    shuffled_batches,
+    use_one_thread_for_tiny_models,
+)
 
 
 @dataclass
 class RewardConfig(BaseConfig):
     """Train a Bradley–Terry reward model on preference pairs."""
 
-    task: str = opt("reviews", "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
-                               "{prompt, chosen, rejected} rows")
-    reward_model: str | None = opt(None, "base of the reward model (builtin name, local path, hub id, or an "
-                                         "AutoModelForSequenceClassification); default: --model, else the task's model")
-    center_weight: float = opt(0.0, "η: weight of the centering term η·mean((r_w + r_l)²); 0 disables",
-                               min=0.0, max=10.0)
+    task: str = opt(
+        "reviews",
+        "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
+        "{prompt, chosen, rejected} rows",
+    )
+    reward_model: str | None = opt(
+        None,
+        "base of the reward model (builtin name, local path, hub id, or an "
+        "AutoModelForSequenceClassification); default: --model, else the task's model",
+    )
+    center_weight: float = opt(
+        0.0, "η: weight of the centering term η·mean((r_w + r_l)²); 0 disables", min=0.0, max=10.0
+    )
     mode: str = opt("full", "full (all weights), lora (peft adapters) or qlora (4-bit nf4 base + adapters)")
-    lr: float | None = opt(None, "AdamW learning rate; default: 3e-4 on the built-in models, "
-                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=3e-4)
+    lr: float | None = opt(
+        None,
+        "AdamW learning rate; default: 3e-4 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
+        min=1e-7,
+        max=1.0,
+        builtin=3e-4,
+    )
     steps: int = opt(300, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "preference pairs per step", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
-    lr_decay: bool = opt(True, "decay the learning rate linearly to 0 over the run (the HF Trainer default); "
-                               "the last steps then refine instead of chasing label noise")
+    lr_decay: bool = opt(
+        True,
+        "decay the learning rate linearly to 0 over the run (the HF Trainer default); "
+        "the last steps then refine instead of chasing label noise",
+    )
     eval_every: int = opt(100, "held-out accuracy / Spearman every N steps (0: at the end only)", min=0, max=1_000_000)
     eval_pairs: int = opt(500, "held-out pairs used for eval/* metrics", min=1, max=1_000_000)
 
@@ -93,8 +115,13 @@ def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, ce
     if center_weight > 0:
         loss = loss + center_weight * ((chosen_rewards + rejected_rewards) ** 2).mean()
     with torch.no_grad():
-        metrics = {"loss/rm": loss.detach(), "rm/accuracy": (margin > 0).float().mean(), "rm/margin": margin.mean(),
-                   "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean()}
+        metrics = {
+            "loss/rm": loss.detach(),
+            "rm/accuracy": (margin > 0).float().mean(),
+            "rm/margin": margin.mean(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+        }
     return loss, metrics
 
 
@@ -102,8 +129,9 @@ def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, ce
 # encoding text for scoring
 
 
-def encode_completions(tokenizer, prompts: list, completions: list, ended: list[bool] | None = None, *,
-                       max_length: int | None = None) -> PairBatch:
+def encode_completions(
+    tokenizer, prompts: list, completions: list, ended: list[bool] | None = None, *, max_length: int | None = None
+) -> PairBatch:
     """``encode_pairs`` with eos appended only to the completions that ended.
 
     A completion that hit the length cap (truncated) never emitted eos, and a graded task penalizes exactly
@@ -127,14 +155,16 @@ def encode_completions(tokenizer, prompts: list, completions: list, ended: list[
     )
 
 
-def _score_rows(model, tokenizer, rows: list[dict], max_length: int, device, *,
-                with_tokens: bool = False) -> tuple[torch.Tensor, ...]:
+def _score_rows(
+    model, tokenizer, rows: list[dict], max_length: int, device, *, with_tokens: bool = False
+) -> tuple[torch.Tensor, ...]:
     """r_φ of chosen and rejected for preference rows: one forward pass over 2B sequences -> (B,), (B,)
     (``with_tokens``: and the number of real tokens scored)."""
     prompts = [r["prompt"] for r in rows]
     completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-    ended = [not r.get("chosen_truncated", False) for r in rows] + [not r.get("rejected_truncated", False)
-                                                                     for r in rows]
+    ended = [not r.get("chosen_truncated", False) for r in rows] + [
+        not r.get("rejected_truncated", False) for r in rows
+    ]
     batch = encode_completions(tokenizer, prompts + prompts, completions, ended, max_length=max_length).to(device)
     scores = model.score(batch.input_ids, batch.attention_mask)  # (2B,)
     chosen, rejected = scores.chunk(2)  # (B,), (B,)
@@ -183,8 +213,9 @@ def _is_sequence_classifier(path: str, trust_remote_code: bool) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
 
 
-def _load_sequence_classifier(name: str, mode: str, lora_r: int, lora_alpha: int, device: str,
-                              trust_remote_code: bool) -> SequenceClassifierReward:
+def _load_sequence_classifier(
+    name: str, mode: str, lora_r: int, lora_alpha: int, device: str, trust_remote_code: bool
+) -> SequenceClassifierReward:
     from transformers import AutoModelForSequenceClassification
 
     from lab.modeling import load_tokenizer, pick_device, pick_dtype, resolve_model_path
@@ -193,13 +224,15 @@ def _load_sequence_classifier(name: str, mode: str, lora_r: int, lora_alpha: int
     dev = pick_device(device)
     path = resolve_model_path(name)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=pick_dtype(dev), use_safetensors=True, trust_remote_code=trust_remote_code).to(dev)
+        path, num_labels=1, dtype=pick_dtype(dev), use_safetensors=True, trust_remote_code=trust_remote_code
+    ).to(dev)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
         # SEQ_CLS keeps the classification head trainable next to the adapters
-        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules="all-linear",
-                                                 task_type="SEQ_CLS"))
+        model = get_peft_model(
+            model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules="all-linear", task_type="SEQ_CLS")
+        )
     return SequenceClassifierReward(model, load_tokenizer(name, trust_remote_code))
 
 
@@ -220,8 +253,14 @@ def load_reward_backbone(cfg: RewardConfig, task=None, prompts: list | None = No
         return _load_saved_scalar(path, device=cfg.device, trainable=True)
     if _is_sequence_classifier(path, cfg.trust_remote_code):
         return _load_sequence_classifier(name, cfg.mode, cfg.lora_r, cfg.lora_alpha, cfg.device, cfg.trust_remote_code)
-    model, _ = load_scalar_model(name, mode=cfg.mode, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    model, _ = load_scalar_model(
+        name,
+        mode=cfg.mode,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        device=cfg.device,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     return model
 
 
@@ -282,8 +321,13 @@ class RewardScorer:
         scores = []
         for i in range(0, len(prompts), self.batch_size):
             sl = slice(i, i + self.batch_size)
-            batch = encode_completions(self.tokenizer, list(prompts[sl]), list(completions[sl]),
-                                       [not t for t in truncated[sl]], max_length=self.max_length).to(self.device)
+            batch = encode_completions(
+                self.tokenizer,
+                list(prompts[sl]),
+                list(completions[sl]),
+                [not t for t in truncated[sl]],
+                max_length=self.max_length,
+            ).to(self.device)
             scores.append(self.model.score(batch.input_ids, batch.attention_mask).float().cpu())  # (b,)
         self.model.train(was_training)
         return torch.cat(scores) if scores else torch.zeros(0)  # (B,)
@@ -315,8 +359,10 @@ def load_reward_model(path: str, *, device: str = "auto", batch_size: int = 64) 
     elif _is_sequence_classifier(ckpt, False):
         model = _load_sequence_classifier(ckpt, "full", 8, 16, device, False)
     else:
-        raise ModelNotFound(f"{path!r} holds no reward model: expected a reward-model run folder, its checkpoint, "
-                            f"or an AutoModelForSequenceClassification")
+        raise ModelNotFound(
+            f"{path!r} holds no reward model: expected a reward-model run folder, its checkpoint, "
+            f"or an AutoModelForSequenceClassification"
+        )
     model.requires_grad_(False).eval()
     return RewardScorer(model, model.tokenizer, name=f"rm:{path}", batch_size=batch_size)
 
@@ -327,8 +373,10 @@ def load_reward_model(path: str, *, device: str = "auto", batch_size: int = 64) 
 
 def bayes_accuracy(rows: list[dict]) -> float:
     """How often the gold reward agrees with the (noisy) labels: [r_gold(y_w) > r_gold(y_l)], ties count ½."""
-    agree = [1.0 if r["chosen_gold"] > r["rejected_gold"] else 0.5 if r["chosen_gold"] == r["rejected_gold"]
-             else 0.0 for r in rows]
+    agree = [
+        1.0 if r["chosen_gold"] > r["rejected_gold"] else 0.5 if r["chosen_gold"] == r["rejected_gold"] else 0.0
+        for r in rows
+    ]
     return sum(agree) / len(agree)
 
 
@@ -359,8 +407,7 @@ def within_prompt_spearman(prompts: list, learned: list[float], gold: list[float
 
 
 @torch.no_grad()
-def evaluate_reward_model(model, tokenizer, rows: list[dict], *, max_length: int = 256,
-                          batch_size: int = 128) -> dict:
+def evaluate_reward_model(model, tokenizer, rows: list[dict], *, max_length: int = 256, batch_size: int = 128) -> dict:
     """Held-out pair accuracy, and, where rows carry gold rewards (``chosen_gold``, ``rejected_gold``), the Bayes
     accuracy and two rank correlations of r_φ with r_gold over the distinct completions: ``eval/spearman``
     within each prompt, averaged over prompts (the headline: Bradley–Terry fixes r only up to a per-prompt
@@ -373,13 +420,12 @@ def evaluate_reward_model(model, tokenizer, rows: list[dict], *, max_length: int
     device = next(model.parameters()).device
     chosen, rejected = [], []
     for i in range(0, len(rows), batch_size):
-        c, r = _score_rows(model, tokenizer, rows[i: i + batch_size], max_length, device)
+        c, r = _score_rows(model, tokenizer, rows[i : i + batch_size], max_length, device)
         chosen.append(c.float().cpu())
         rejected.append(r.float().cpu())
     model.train(was_training)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)  # (N,), (N,)
-    out = {"eval/accuracy": (chosen > rejected).float().mean().item(),
-           "eval/margin": (chosen - rejected).mean().item()}
+    out = {"eval/accuracy": (chosen > rejected).float().mean().item(), "eval/margin": (chosen - rejected).mean().item()}
     if rows and all("chosen_gold" in r and "rejected_gold" in r for r in rows):
         learned, gold = {}, {}
         for row, rc, rr in zip(rows, chosen.tolist(), rejected.tolist()):
@@ -423,15 +469,18 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
     if policy is not None and not hasattr(policy, "score"):
-        raise TypeError("rm.train(policy=...) takes a reward model (something with .score); to start from a causal "
-                        "LM, give its name as cfg.reward_model")
+        raise TypeError(
+            "rm.train(policy=...) takes a reward model (something with .score); to start from a causal "
+            "LM, give its name as cfg.reward_model"
+        )
     rows, eval_rows = _heldout_rows(cfg, load_preference_rows(cfg, "train"), task)
     model = policy or load_reward_backbone(cfg, task, [r["prompt"] for r in rows])
     tokenizer = model.tokenizer
     device = next(model.parameters()).device
     # the same rule as the policy trainers (lab.runner.load_for): a tiny model on the CPU runs faster on one thread
-    use_one_thread_for_tiny_models(SimpleNamespace(device=device, num_parameters=lambda: {
-        "total": sum(p.numel() for p in model.parameters())}))
+    use_one_thread_for_tiny_models(
+        SimpleNamespace(device=device, num_parameters=lambda: {"total": sum(p.numel() for p in model.parameters())})
+    )
     params = model.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / cfg.steps if cfg.lr_decay else 1.0)
@@ -444,8 +493,9 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
             batch_rows = next(batches)
             # 2. score chosen and rejected in one forward pass
             model.train()
-            chosen_rewards, rejected_rewards, tokens = _score_rows(model, tokenizer, batch_rows, cfg.max_length, device,
-                                                                   with_tokens=True)
+            chosen_rewards, rejected_rewards, tokens = _score_rows(
+                model, tokenizer, batch_rows, cfg.max_length, device, with_tokens=True
+            )
             # 3. loss
             loss, metrics = reward_loss(chosen_rewards, rejected_rewards, cfg.center_weight)
             # 4. update

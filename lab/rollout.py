@@ -19,7 +19,6 @@ import torch
 from lab.ops import masked_mean, sequence_logprobs, sequence_logprobs_and_entropy
 from lab.sampling import Rollout, format_prompt, generate
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts
 
@@ -55,13 +54,21 @@ def rollout_tokens(roll: Rollout) -> int:
 # 1. rollout and 2. score
 
 
-def rollout(policy, prompts: list, cfg, generator: torch.Generator | None = None,
-            max_new_tokens: int | None = None) -> Rollout:
+def rollout(
+    policy, prompts: list, cfg, generator: torch.Generator | None = None, max_new_tokens: int | None = None
+) -> Rollout:
     """Sample one completion per prompt from π_θ at ``cfg.temperature`` / ``cfg.top_p``. To sample G completions
     per prompt, repeat each prompt G times first (GRPO does)."""
     texts = [format_prompt(policy.tokenizer, p) for p in prompts]
-    return generate(policy.model, policy.tokenizer, texts, max_new_tokens or cfg.max_new_tokens,
-                    temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+    return generate(
+        policy.model,
+        policy.tokenizer,
+        texts,
+        max_new_tokens or cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        generator=generator,
+    )
 
 
 @torch.no_grad()
@@ -73,8 +80,9 @@ def score(reward_fn, roll: Rollout, columns: dict[str, list] | None = None) -> t
 
     # TRL also hands reward functions the completion token ids (a length penalty needs them)
     completion_ids = [ids[mask.bool()].tolist() for ids, mask in zip(roll.completion_ids, roll.completion_mask)]
-    rewards = reward_fn(roll.prompts, roll.completions, roll.truncated.tolist(), completion_ids=completion_ids,
-                        **(columns or {}))  # (B,)
+    rewards = reward_fn(
+        roll.prompts, roll.completions, roll.truncated.tolist(), completion_ids=completion_ids, **(columns or {})
+    )  # (B,)
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1).to(roll.completion_ids.device)
     name = getattr(reward_fn, "name", reward_fn)
     if rewards.numel() != len(roll):
@@ -82,8 +90,10 @@ def score(reward_fn, roll: Rollout, columns: dict[str, list] | None = None) -> t
     bad = (~torch.isfinite(rewards)).nonzero().flatten()
     if len(bad):  # a NaN would turn the advantages, the loss and every weight into NaN at the next step
         i = int(bad[0])
-        raise RewardValueError(f"reward {name!r} returned {rewards[i].item()} for completion {i} "
-                               f"({len(bad)} of {len(roll)} not finite); a reward must be a finite number")
+        raise RewardValueError(
+            f"reward {name!r} returned {rewards[i].item()} for completion {i} "
+            f"({len(bad)} of {len(roll)} not finite); a reward must be a finite number"
+        )
     return rewards
 
 
@@ -91,8 +101,9 @@ def score(reward_fn, roll: Rollout, columns: dict[str, list] | None = None) -> t
 # Log-probs of the sampled completions
 
 
-def completion_logprobs(model, roll: Rollout, temperature: float = 1.0,
-                        with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def completion_logprobs(
+    model, roll: Rollout, temperature: float = 1.0, with_entropy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log π(y_t | x, y_<t) of a rollout's completion tokens under ``model``: (B, T) float32, gradients flow.
 
     Scored at the sampling temperature, so the ratio π_θ / π_old compares the distribution the tokens were drawn
@@ -110,8 +121,9 @@ def logprobs_in_chunks(model, roll: Rollout, temperature: float, rows: int) -> t
     """log-probs of a whole rollout under a model that does not change meanwhile (π_old, π_ref), ``rows``
     completions per forward pass, so no pass holds more than ``rows`` × T × V logits: (B, T), no gradients.
     Naive equivalent: ``completion_logprobs(model, roll, temperature)`` in one pass."""
-    return torch.cat([completion_logprobs(model, roll.select(slice(i, i + rows)), temperature)
-                      for i in range(0, len(roll), rows)])
+    return torch.cat(
+        [completion_logprobs(model, roll.select(slice(i, i + rows)), temperature) for i in range(0, len(roll), rows)]
+    )
 
 
 def kl_due(step: int, every: int) -> bool:
@@ -137,8 +149,12 @@ def rollout_metrics(roll: Rollout, rewards: torch.Tensor, correct: torch.Tensor 
     """``reward/mean``, ``reward/std``, ``completion/length`` (tokens, EOS included) and, when ``correct`` (B,) bool is
     given (verifiable tasks), ``length/correct`` and ``length/incorrect`` (left out when that side is empty)."""
     lengths = roll.completion_mask.sum(-1).float()  # (B,)
-    out = {"reward/mean": rewards.mean(), "reward/std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
-           "completion/length": lengths.mean(), "completion/truncated_frac": roll.truncated.float().mean()}
+    out = {
+        "reward/mean": rewards.mean(),
+        "reward/std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
+        "completion/length": lengths.mean(),
+        "completion/truncated_frac": roll.truncated.float().mean(),
+    }
     if correct is not None:
         correct = correct.to(lengths.device)
         if correct.any():
@@ -156,8 +172,14 @@ def correct_mask(task, roll: Rollout) -> torch.Tensor | None:
     return torch.tensor([g >= 1.0 for g in gold])
 
 
-def eval_metrics(policy, task, n: int, beta: float | None = None, ref_logprobs: torch.Tensor | None = None,
-                 fixed_point: torch.Tensor | None = None) -> dict:
+def eval_metrics(
+    policy,
+    task,
+    n: int,
+    beta: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    fixed_point: torch.Tensor | None = None,
+) -> dict:
     """Greedy answers on ``n`` held-out prompts scored by the gold reward: ``eval/accuracy`` (verifiable tasks) or
     ``eval/gold_reward``; on ``bandit`` also the exact ``eval/exact_reward`` and, given β and π_ref's next-token
     log-probs, ``eval/kl_to_optimum`` = KL(π* ‖ π_θ); given the log-probs of the method's own fixed point (B, V),
@@ -194,8 +216,15 @@ def sample_heldout(policy, prompts: list[str], *, max_new_tokens: int, samples: 
     gen = torch.Generator().manual_seed(seed)
     repeated = [p for p in prompts for _ in range(samples)]
     # in batches that fit: 64 prompts × 8 samples at once would hold 512 KV caches and 512 × V logits per step
-    return generate(policy.model, policy.tokenizer, repeated, max_new_tokens, temperature=1.0, generator=gen,
-                    batch_size=generation_batch(policy, repeated, max_new_tokens) if repeated else None)
+    return generate(
+        policy.model,
+        policy.tokenizer,
+        repeated,
+        max_new_tokens,
+        temperature=1.0,
+        generator=gen,
+        batch_size=generation_batch(policy, repeated, max_new_tokens) if repeated else None,
+    )
 
 
 @torch.no_grad()
@@ -212,10 +241,11 @@ def sampled_kl(policy, roll, reference=None) -> float:
     from lab.ops import masked_sum
     from lab.runner import auto_microbatch
 
-    rows = auto_microbatch(policy.model, len(roll), roll.completion_ids.shape[1],
-                           context_tokens=roll.prompt_ids.shape[1])
+    rows = auto_microbatch(
+        policy.model, len(roll), roll.completion_ids.shape[1], context_tokens=roll.prompt_ids.shape[1]
+    )
     logprobs = logprobs_in_chunks(policy.model, roll, 1.0, rows)  # (B, T)
-    with (nullcontext(reference) if reference is not None else policy.reference()) as ref:
+    with nullcontext(reference) if reference is not None else policy.reference() as ref:
         ref_logprobs = logprobs_in_chunks(ref, roll, 1.0, rows)  # (B, T)
     kl = masked_sum(logprobs - ref_logprobs, roll.completion_mask, dim=-1)  # (B,) k1 per sequence
     return kl.mean().item()
@@ -242,8 +272,7 @@ def step_kl(policy, task, cfg, prompts: list | None, seed: int) -> float:
                 ref_logprobs = next_token_logprobs(ref, policy.tokenizer, eval_prompts)  # (B, V)
             return kl(logprobs, ref_logprobs).mean().item()
         prompts = (task.eval_prompts() if task is not None else prompts)[: cfg.kl_prompts]
-        roll = sample_heldout(policy, prompts, max_new_tokens=resolve_max_new_tokens(cfg, task), samples=1,
-                              seed=seed)
+        roll = sample_heldout(policy, prompts, max_new_tokens=resolve_max_new_tokens(cfg, task), samples=1, seed=seed)
         return sampled_kl(policy, roll)
     finally:
         policy.model.train(was_training)
@@ -263,8 +292,12 @@ def sample_rows(roll: Rollout, rewards: torch.Tensor, advantages: torch.Tensor |
     """The first ``n`` completions of a rollout as records for samples.jsonl."""
     rows = []
     for i in range(min(n, len(roll))):
-        row = {"prompt": roll.prompts[i], "completion": roll.completions[i], "reward": float(rewards[i]),
-               "truncated": bool(roll.truncated[i])}
+        row = {
+            "prompt": roll.prompts[i],
+            "completion": roll.completions[i],
+            "reward": float(rewards[i]),
+            "truncated": bool(roll.truncated[i]),
+        }
         if advantages is not None:
             row["advantage"] = float(advantages[i])
         rows.append(row)

@@ -115,8 +115,9 @@ def _largest_divisor_within(rows: int, fits: int) -> int:
     return max(d for d in range(1, rows + 1) if rows % d == 0 and d <= max(fits, 1))
 
 
-def auto_microbatch(model, rows: int, tokens_per_row: int, budget_bytes: int | None = None,
-                    context_tokens: int = 0) -> int:
+def auto_microbatch(
+    model, rows: int, tokens_per_row: int, budget_bytes: int | None = None, context_tokens: int = 0
+) -> int:
     """The largest divisor of ``rows`` whose forward/backward fits the memory budget.
 
     A row of ``tokens_per_row`` scored tokens after ``context_tokens`` of prompt costs about
@@ -166,8 +167,7 @@ class MetricAccumulator:
         return {key: float(value) for key, value in self._sums.items()}
 
     def means(self) -> dict:
-        return {key: float(self._sums[key] / self._weights[key]) for key in self._sums
-                if float(self._weights[key]) > 0}
+        return {key: float(self._sums[key] / self._weights[key]) for key in self._sums if float(self._weights[key]) > 0}
 
 
 def memory_metrics(device: torch.device) -> dict:
@@ -219,9 +219,18 @@ def load_for(cfg, task=None, prompts: list | None = None):
     checkpointing = cfg.gradient_checkpointing
     if checkpointing is None:  # on where memory is tight and the model is big enough for it to matter
         checkpointing = pick_device(cfg.device).type == "cuda" and not cfg.uses_builtin_model()
-    policy = load_policy(name, task=cfg.task, mode=cfg.mode, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                         lora_dropout=cfg.lora_dropout, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                         gradient_checkpointing=checkpointing, prompts=prompts)
+    policy = load_policy(
+        name,
+        task=cfg.task,
+        mode=cfg.mode,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        device=cfg.device,
+        trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=checkpointing,
+        prompts=prompts,
+    )
     use_one_thread_for_tiny_models(policy)
     return policy
 
@@ -231,8 +240,10 @@ def check_prompts_fit_tokenizer(prompts: list, tokenizer, name: str) -> None:
     from lab.config import ConfigError
 
     if not getattr(tokenizer, "chat_template", None) and any(isinstance(p, list) for p in prompts):
-        raise ConfigError(f"model: the data holds chat messages but the tokenizer of {name!r} has no chat template; "
-                          "use an instruct model with a template, or give plain-text prompts")
+        raise ConfigError(
+            f"model: the data holds chat messages but the tokenizer of {name!r} has no chat template; "
+            "use an instruct model with a template, or give plain-text prompts"
+        )
 
 
 def use_one_thread_for_tiny_models(policy, max_params: int = 20_000_000) -> None:
@@ -249,8 +260,16 @@ def use_one_thread_for_tiny_models(policy, max_params: int = 20_000_000) -> None
 class Run:
     """The record and stop logic shared by all trainers (see the module docstring)."""
 
-    def __init__(self, cfg, method: str, *, policy=None, stop: threading.Event | None = None,
-                 record: RunRecord | None = None, save=None):
+    def __init__(
+        self,
+        cfg,
+        method: str,
+        *,
+        policy=None,
+        stop: threading.Event | None = None,
+        record: RunRecord | None = None,
+        save=None,
+    ):
         self.cfg = cfg
         self.method = method
         self.stop = stop or threading.Event()
@@ -269,7 +288,7 @@ class Run:
     def path(self):
         return self.record.path
 
-    def __enter__(self) -> "Run":
+    def __enter__(self) -> Run:
         # only the main thread may install a handler (the app trains in a worker thread; its stop button sets `stop`)
         if threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -283,8 +302,11 @@ class Run:
             signal.raise_signal(signal.SIGTERM)
             return
         self.stop.set()
-        print(f"SIGTERM: stopping after step {self.step}, then saving (send it again to stop at once)",
-              file=sys.stderr, flush=True)
+        print(
+            f"SIGTERM: stopping after step {self.step}, then saving (send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _restore_sigterm(self) -> None:
         if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
@@ -305,8 +327,12 @@ class Run:
         processed (sampled plus trained on), ``time/tokens_per_s``."""
         now = time.time()
         step_s = now - self._step_started
-        metrics = {"step": step, **{k: float(v) if torch.is_tensor(v) else v for k, v in metrics.items()},
-                   "time/elapsed": now - self.started, "time/step_s": step_s}
+        metrics = {
+            "step": step,
+            **{k: float(v) if torch.is_tensor(v) else v for k, v in metrics.items()},
+            "time/elapsed": now - self.started,
+            "time/step_s": step_s,
+        }
         if tokens is not None and step_s > 0:
             metrics["time/tokens_per_s"] = tokens / step_s
         device = self._device()
@@ -317,8 +343,10 @@ class Run:
             self.record.log_metrics(step, metrics)
         if bad:
             what = ", ".join(f"{k} = {v}" for k, v in bad.items())
-            raise Diverged(f"step {step}: {what}; the run diverged: lower lr, or check that the rewards are finite and "
-                           "of a sane scale")
+            raise Diverged(
+                f"step {step}: {what}; the run diverged: lower lr, or check that the rewards are finite and "
+                "of a sane scale"
+            )
         # the final step is saved as "final" on exit; a periodic save replaces the last one (one extra copy on disk)
         every = self.cfg.save_every
         if every and step % every == 0 and step < self.cfg.steps and self.save is not None:

@@ -246,8 +246,17 @@ def generate(
     try:
         with torch.no_grad(), merged_adapters(model):
             pieces = [
-                _generate_batch(model, tokenizer, prompts[i : i + batch_size], max_new_tokens,
-                                temperature, top_p, greedy, generator, end_ids)
+                _generate_batch(
+                    model,
+                    tokenizer,
+                    prompts[i : i + batch_size],
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                    greedy,
+                    generator,
+                    end_ids,
+                )
                 for i in range(0, len(prompts), batch_size)
             ]
     finally:
@@ -303,8 +312,13 @@ def _generate_batch(
         done = done | torch.isin(token, stop)
         if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and done.all()):
             break  # no forward pass for a token nobody will read
-        out = model(input_ids=token[:, None], attention_mask=attention_mask[:, : P + step + 1],
-                    position_ids=next_position, use_cache=True, **{cache_name: past_key_values})
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask[:, : P + step + 1],
+            position_ids=next_position,
+            use_cache=True,
+            **{cache_name: past_key_values},
+        )
         next_logits = out.logits[:, -1, :].float()  # (B, V)
         past_key_values = returned_cache(out)
         next_position = next_position + 1  # (B, 1)
@@ -326,9 +340,7 @@ def _generate_batch(
     )
 
 
-def _decode(
-    tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor
-) -> list[str]:
+def _decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor) -> list[str]:
     """Text of each completion, up to but not including its EOS."""
     n_text = mask.sum(-1) - (~truncated).long()  # (B,) tokens before the EOS
     rows = [ids[:n] for ids, n in zip(completion_ids.tolist(), n_text.tolist())]
@@ -344,9 +356,7 @@ def _concat(pieces: list[Rollout], pad_token_id: int) -> Rollout:
         completions=[c for r in pieces for c in r.completions],
         prompt_ids=torch.cat([_pad_columns(r.prompt_ids, P, pad_token_id, left=True) for r in pieces]),
         prompt_mask=torch.cat([_pad_columns(r.prompt_mask, P, 0, left=True) for r in pieces]),
-        completion_ids=torch.cat(
-            [_pad_columns(r.completion_ids, T, pad_token_id, left=False) for r in pieces]
-        ),
+        completion_ids=torch.cat([_pad_columns(r.completion_ids, T, pad_token_id, left=False) for r in pieces]),
         completion_mask=torch.cat([_pad_columns(r.completion_mask, T, 0, left=False) for r in pieces]),
         truncated=torch.cat([r.truncated for r in pieces]),
     )
@@ -479,13 +489,18 @@ def merged_adapters(model: torch.nn.Module):
     Δ). Elsewhere the block changes nothing.
     """
     layers = _lora_layers(model)
-    mergeable = bool(layers) and hasattr(model, "disable_adapter") and all(
-        not layer.merged and not layer.disable_adapters
-        and isinstance(getattr(layer.get_base_layer(), "weight", None), torch.nn.Parameter)
-        # float32 only: in bf16, W + Δ rounds most of a small Δ away (W ~ 0.02, Δ ~ 1e-4 after a few steps: about
-        # half the entries would not move), and sampling would come from nearly the base policy
-        and layer.get_base_layer().weight.dtype == torch.float32
-        for layer in layers
+    mergeable = (
+        bool(layers)
+        and hasattr(model, "disable_adapter")
+        and all(
+            not layer.merged
+            and not layer.disable_adapters
+            and isinstance(getattr(layer.get_base_layer(), "weight", None), torch.nn.Parameter)
+            # float32 only: in bf16, W + Δ rounds most of a small Δ away (W ~ 0.02, Δ ~ 1e-4 after a few steps: about
+            # half the entries would not move), and sampling would come from nearly the base policy
+            and layer.get_base_layer().weight.dtype == torch.float32
+            for layer in layers
+        )
     )
     if not mergeable:
         yield model

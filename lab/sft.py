@@ -23,8 +23,8 @@ The same loss, weighted by λ, is the "pretraining mix" (ptx) term of PPO-RLHF.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -33,25 +33,49 @@ from lab.config import BaseConfig, check, opt
 from lab.data import unique_prompts
 from lab.ops import masked_mean
 from lab.rollout import kl_due, step_kl
-from lab.runner import MetricAccumulator, Run, auto_microbatch, clip_and_step, load_for, make_optimizer, seed_everything, shuffled_batches
+from lab.runner import (
+    MetricAccumulator,
+    Run,
+    auto_microbatch,
+    clip_and_step,
+    load_for,
+    make_optimizer,
+    seed_everything,
+    shuffled_batches,
+)
 
 
 @dataclass
 class SFTConfig(BaseConfig):
-    lr: float | None = opt(None, "AdamW learning rate; default: 1e-3 on the built-in models, "
-                                  "2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own", min=1e-7, max=1.0, builtin=1e-3)
+    lr: float | None = opt(
+        None,
+        "AdamW learning rate; default: 1e-3 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
+        min=1e-7,
+        max=1.0,
+        builtin=1e-3,
+    )
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "rows per step", min=1, max=4096)
     max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
-    per_sequence: bool = opt(False, "average the loss per sequence first (every row weighs the same) "
-                                    "instead of over all completion tokens")
-    microbatch_size: int | None = opt(None, "rows per forward/backward (gradients accumulate over the batch); "
-                                            "default: the most that fit in memory (LAB_MICROBATCH_GB)",
-                                      min=1, max=4096)
+    per_sequence: bool = opt(
+        False, "average the loss per sequence first (every row weighs the same) instead of over all completion tokens"
+    )
+    microbatch_size: int | None = opt(
+        None,
+        "rows per forward/backward (gradients accumulate over the batch); "
+        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
+        min=1,
+        max=4096,
+    )
     # the demonstrations are not samples of π_θ, so kl/ref needs fresh ones: kl_prompts generations and two no-grad
     # passes over them every kl_every steps (a few % of a step on the built-in models, more on large ones)
-    kl_every: int = opt(1, "log kl/ref = KL(π_θ‖π_ref) every N steps, from one fresh sample of π_θ on each of "
-                           "kl_prompts held-out prompts, before the step's update (0: never)", min=0, max=1_000_000)
+    kl_every: int = opt(
+        1,
+        "log kl/ref = KL(π_θ‖π_ref) every N steps, from one fresh sample of π_θ on each of "
+        "kl_prompts held-out prompts, before the step's update (0: never)",
+        min=0,
+        max=1_000_000,
+    )
     kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for kl/ref", min=1, max=4096)
 
     def __post_init__(self) -> None:
@@ -73,8 +97,12 @@ def sft_loss(logprobs: torch.Tensor, completion_mask: torch.Tensor, per_sequence
         loss = masked_mean(nll, completion_mask)
     with torch.no_grad():
         tokens = completion_mask.sum()
-        metrics = {"loss/sft": loss.detach(), "logprobs/mean": masked_mean(logprobs, completion_mask),
-                   "ppl": torch.exp(masked_mean(nll, completion_mask)), "tokens": tokens}
+        metrics = {
+            "loss/sft": loss.detach(),
+            "logprobs/mean": masked_mean(logprobs, completion_mask),
+            "ppl": torch.exp(masked_mean(nll, completion_mask)),
+            "tokens": tokens,
+        }
     return loss, metrics
 
 
@@ -130,8 +158,12 @@ def train(cfg: SFTConfig, *, policy=None, stop: threading.Event | None = None, r
         for step in run.steps():
             # 1. batch: the next B rows of shuffled epochs of the data
             batch_rows = next(batches)
-            batch = encode_pairs(policy.tokenizer, [r["prompt"] for r in batch_rows],
-                                 [r["completion"] for r in batch_rows], max_length=cfg.max_length)
+            batch = encode_pairs(
+                policy.tokenizer,
+                [r["prompt"] for r in batch_rows],
+                [r["completion"] for r in batch_rows],
+                max_length=cfg.max_length,
+            )
             # kl/ref before this step's update, from fresh samples of π_θ: the demonstrations are not π_θ's
             due = kl_due(step, cfg.kl_every)
             kl_ref = step_kl(policy, task, cfg, kl_prompts, seed=cfg.seed + step) if due else None
@@ -162,8 +194,9 @@ def _greedy_samples(policy, task, cfg, n: int = 4) -> list[dict]:
     from lab.evaluate import answer
 
     ans = answer(policy.model, policy.tokenizer, task, task.eval_prompts()[:n], max_new_tokens=cfg.max_new_tokens)
-    return [{"prompt": p, "completion": c, "gold_reward": r}
-            for p, c, r in zip(ans.prompts, ans.completions, ans.rewards)]
+    return [
+        {"prompt": p, "completion": c, "gold_reward": r} for p, c, r in zip(ans.prompts, ans.completions, ans.rewards)
+    ]
 
 
 Config = SFTConfig

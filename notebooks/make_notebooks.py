@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
@@ -40,6 +40,7 @@ def notebook(stem: str):
     def register(fn):
         NOTEBOOKS[stem] = fn
         return fn
+
     return register
 
 
@@ -81,7 +82,10 @@ def _join(*parts: str) -> str:
 
 def params_cell(body: str) -> tuple[str, str]:
     """The one parameter cell: LAB_FAST (set by CI) shrinks the run, the code path stays the same."""
-    return ("code", _join("""
+    return (
+        "code",
+        _join(
+            """
         # Parameters. LAB_FAST=1 (what CI sets) shrinks steps and batches so the notebook runs in seconds;
         # the code path is the same.
         import logging
@@ -97,22 +101,39 @@ def params_cell(body: str) -> tuple[str, str]:
         warnings.filterwarnings("ignore", message=".*IProgress.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    """, "", body))
+    """,
+            "",
+            body,
+        ),
+    )
 
 
 def hub_switch(body: str, note: str) -> list[tuple[str, str]]:
     """The clearly marked switch to a real hub model (off by default: the built-in path runs everywhere)."""
     return [
-        ("markdown", _join("""
+        (
+            "markdown",
+            _join(
+                """
         ### Switch: a real model from the hub (off by default)
 
         Everything below runs on the lab's built-in task and tiny model, on any CPU, offline. Set
         `USE_HUB = True` on a GPU runtime with network access (Colab: *Runtime → Change runtime type → GPU*)
         to run the same cells on a real model and dataset instead.
-        """, "", note)),
-        ("code", _join("""
+        """,
+                "",
+                note,
+            ),
+        ),
+        (
+            "code",
+            _join(
+                """
         USE_HUB = False  # ← the switch
-        """, body)),
+        """,
+                body,
+            ),
+        ),
     ]
 
 
@@ -154,7 +175,10 @@ LIVE = code("""
 def tour():
     title = "01 · A tour of the lab"
     cells = [
-        title_cell("01_tour", title, """
+        title_cell(
+            "01_tour",
+            title,
+            """
         The lab comes with its own small world, so every idea in the later notebooks can be run on a laptop CPU in
         seconds and checked exactly. This notebook walks through it:
 
@@ -164,7 +188,8 @@ def tour():
         4. three ways to **estimate the KL divergence** from samples (k1, k2, k3);
         5. the **KL-regularized objective** and its closed-form optimum π*, which the `bandit` task lets us
            compute exactly.
-        """),
+        """,
+        ),
         INSTALL,
         params_cell("""
             N_EVAL = 32 if LAB_FAST else 200        # held-out arith prompts to score
@@ -189,14 +214,17 @@ def tour():
             torch.manual_seed(0)
             pd.set_option("display.max_colwidth", 80)
         """),
-        *hub_switch("""
+        *hub_switch(
+            """
             HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
             HUB_MODE = "qlora"  # 4-bit base weights (bitsandbytes needs a CUDA GPU); use "lora" on a CPU
-        """, """
+        """,
+            """
         In this notebook the switch adds one cell at the end of §2 that samples from the hub model through its
         chat template. Estimate, not measured here: the 0.5B model in 4-bit takes well under 2 GB of GPU memory;
         the download is about 1 GB.
-        """),
+        """,
+        ),
         md("""
         ## 1. Three tasks, three tiny models
 
@@ -504,12 +532,16 @@ def tour():
 def reward_model():
     title = "02 · A reward model from pairwise preferences"
     cells = [
-        title_cell("02_reward_model", title, """
+        title_cell(
+            "02_reward_model",
+            title,
+            """
         Nobody can say how good a review is on an absolute scale, but anyone can say which of two reviews they
         prefer. A reward model turns such comparisons into a score r_φ(x, y) that an RL method can then
         maximize. This notebook fits one to the `reviews` task's preference pairs, checks it against the task's
         true (gold) reward, looks for where it is wrong, and uses it without any RL at all: best-of-N sampling.
-        """),
+        """,
+        ),
         INSTALL,
         params_cell("""
             STEPS = 5 if LAB_FAST else 150         # optimizer steps
@@ -517,7 +549,8 @@ def reward_model():
             EVAL_PAIRS = 64 if LAB_FAST else 500   # held-out pairs for eval/accuracy and eval/spearman
             N = 4 if LAB_FAST else 8               # best-of-N: samples per prompt
         """),
-        *hub_switch("""
+        *hub_switch(
+            """
             HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
             HUB_POLICY_MODE = "qlora"  # the policy that samples for best-of-N (§6), in 4-bit
             HUB_SETTINGS = dict(  # a starting point, not a tuned recipe
@@ -525,13 +558,15 @@ def reward_model():
                 reward_model=HUB_MODEL, mode="lora", lr=5e-5, max_length=1024,
                 batch_size=8, steps=500, eval_every=100, eval_pairs=500,
             )
-        """, """
+        """,
+            """
         With the switch on, the reward model is Qwen2.5-0.5B-Instruct with a LoRA adapter and a scalar head,
         trained on UltraFeedback pairs (about 62k; a seeded 10% is held out). Not run here (the machines this lab
         is tested on have no network and no GPU), so only estimates: the 0.5B model in bf16 is about 1 GB of
         weights; with 8 pairs of up to 1,024 tokens per step, plan for a GPU with 16 GB (e.g. a Colab T4).
         The UltraFeedback rows carry no gold reward, so the cells that compare with it are skipped.
-        """),
+        """,
+        ),
         code("""
             import pandas as pd
             import plotly.express as px
@@ -713,12 +748,16 @@ def reward_model():
 def ppo_rlhf():
     title = "03 · RLHF with PPO: reward − β·KL + λ·LM loss"
     cells = [
-        title_cell("03_ppo_rlhf", title, """
+        title_cell(
+            "03_ppo_rlhf",
+            title,
+            """
         The InstructGPT recipe: train a reward model on preferences, then make the policy maximize it with PPO
         while a KL penalty keeps it near the reference policy and a language-modelling term ("ptx") keeps it
         from forgetting how to write. On the `reviews` task we can also watch what the reward model cannot see:
         the task's gold reward, logged next to the learned one.
-        """),
+        """,
+        ),
         INSTALL,
         params_cell("""
             RM_STEPS = 4 if LAB_FAST else 150      # reward-model steps (see 02_reward_model)
@@ -728,7 +767,8 @@ def ppo_rlhf():
             BETA = 0.05                            # β: weight of the per-token KL penalty
             PTX_COEF = 0.5                         # λ: weight of the LM loss on the task's SFT rows
         """),
-        *hub_switch("""
+        *hub_switch(
+            """
             HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
             HUB_REWARD_MODEL = "runs/rm-..."  # ← the run folder of 02_reward_model trained with its switch on
             HUB_SETTINGS = dict(  # a starting point, not a tuned recipe
@@ -737,14 +777,16 @@ def ppo_rlhf():
                 ptx_data="hf:trl-lib/Capybara",  # conversations; the last assistant turn is the target
                 max_new_tokens=128, batch_size=8, num_minibatches=2, lr=1e-5, steps=100,
             )
-        """, """
+        """,
+            """
         With the switch on, the policy is Qwen2.5-0.5B-Instruct in 4-bit with LoRA adapters (a second adapter
         is the value function), the prompts are UltraFeedback's, the reward is the reward model you trained in
         `02_reward_model` with its switch on, and the ptx rows are Capybara conversations. Not run here (no
         network, no GPU on the machines this lab is tested on); estimates only: the policy, its value adapter
         and the reward model together hold about 1.5 GB of weights; plan for a 16 GB GPU. There is no gold
         reward for these prompts, so only r_φ is plotted.
-        """),
+        """,
+        ),
         code("""
             import pandas as pd
             import plotly.express as px
@@ -931,7 +973,10 @@ def ppo_rlhf():
 def dpo():
     title = "04 · DPO: preferences without a reward model or sampling"
     cells = [
-        title_cell("04_dpo", title, """
+        title_cell(
+            "04_dpo",
+            title,
+            """
         Direct Preference Optimization skips both the reward model and the RL loop. The KL-regularized objective
         has a closed-form optimum, and solving it for the reward shows that the policy itself defines a reward,
         β·log π_θ/π_ref. Fit that implicit reward to the preference pairs with the Bradley–Terry loss and you are
@@ -939,7 +984,8 @@ def dpo():
         notebook derives the loss, checks it and three variants by hand (length-normalized DPO, SimPO, IPO),
         trains on the `reviews` pairs, and measures exactly, on an enumerable task, the probability DPO leaves on
         answers that no pair holds.
-        """),
+        """,
+        ),
         INSTALL,
         params_cell("""
             STEPS = 3 if LAB_FAST else 60          # optimizer steps
@@ -948,21 +994,24 @@ def dpo():
             VARIANT_STEPS = 1 if LAB_FAST else 40  # steps for each variant in §6
             LEAK_STEPS = 3 if LAB_FAST else 60     # steps of the run in §7 (what DPO never sees)
         """),
-        *hub_switch("""
+        *hub_switch(
+            """
             HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
             HUB_SETTINGS = dict(  # a starting point, not a tuned recipe
                 task="hf:trl-lib/ultrafeedback_binarized",  # {chosen, rejected} conversations, prompt inside
                 model=HUB_MODEL, mode="qlora", lr=5e-5, max_length=1024, max_new_tokens=128,
                 batch_size=8, steps=300, eval_size=32, kl_samples=4,
             )
-        """, """
+        """,
+            """
         With the switch on, the policy is Qwen2.5-0.5B-Instruct in 4-bit with LoRA adapters, and the pairs are
         UltraFeedback's (about 62k). Not run here (no network, no GPU on the machines this lab is tested on);
         estimates only: about 0.5 GB of 4-bit weights plus activations for 16 sequences of up to 1,024 tokens
         per step; plan for a 16 GB GPU. The reference policy costs no memory: it is the same weights with the
         adapters switched off. There is no gold reward for these pairs, so the gold columns are skipped and
         §6 (variants on `reviews`) still runs on the built-in task.
-        """),
+        """,
+        ),
         code("""
             import pandas as pd
             import plotly.express as px
@@ -1211,13 +1260,17 @@ def dpo():
 def grpo():
     title = "05 · GRPO: a group of samples is its own baseline"
     cells = [
-        title_cell("05_grpo", title, """
+        title_cell(
+            "05_grpo",
+            title,
+            """
         GRPO keeps PPO's clipped update and drops its value network. For each prompt it samples a group of G
         answers, scores them, and uses each answer's z-score within its group as the advantage: better than its
         siblings → pushed up, worse → pushed down, all equal → nothing to learn. With a reward that can be
         checked (a verifier) it needs no reward model either. On `arith`, whose base model drops the carry when
         it answers greedily but sometimes samples the right sum, that is exactly enough.
-        """),
+        """,
+        ),
         INSTALL,
         params_cell("""
             STEPS = 4 if LAB_FAST else 40          # rollouts (one optimizer step each by default)
@@ -1228,7 +1281,8 @@ def grpo():
             LR = 1e-3                              # steadier on this task than the method's default 3e-3
             BANDIT_STEPS = 6 if LAB_FAST else 60   # §6: steps of each bandit run (the method's bandit default: 60)
         """),
-        *hub_switch("""
+        *hub_switch(
+            """
             HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
             HUB_SETTINGS = dict(  # a starting point, not a tuned recipe
                 task="jsonl:gsm8k_train.jsonl", reward="python:gsm8k_reward:correct",
@@ -1245,13 +1299,15 @@ def grpo():
                                  "final answer as a number after '####'."}],
                      "answer": row["answer"].split("####")[-1].strip().replace(",", "")}
                     for row in load_dataset("openai/gsm8k", "main", split="train")))
-        """, """
+        """,
+            """
         With the switch on, GRPO trains Qwen2.5-0.5B-Instruct (4-bit, LoRA) on the GSM8K training questions with
         a Python reward function: 1 if the last number of the answer equals the reference, else 0
         (`gsm8k_reward.py`, written by the next cell and named in `reward="python:gsm8k_reward:correct"`). Not
         run here (no network, no GPU on the machines this lab is tested on); estimates only: 32 completions of
         up to 256 tokens per step, scored in microbatches of 8, fit a 16 GB GPU; generation dominates the time.
-        """),
+        """,
+        ),
         code('''
             %%writefile gsm8k_reward.py
             """r(x, y) for GSM8K: 1.0 if the last number in the completion equals the reference answer, else 0.0."""
@@ -1513,14 +1569,18 @@ def grpo():
 def compare():
     title = "06 · Every method on one task: reward against KL"
     cells = [
-        title_cell("06_compare", title, """
+        title_cell(
+            "06_compare",
+            title,
+            """
         PPO, GRPO, REINFORCE and DPO all aim at the same KL-regularized objective, by very different routes:
         sampling and a value function, sampling and a group baseline, plain sampling, or no sampling at all.
         On the `bandit` task the objective's optimum π* is known in closed form (see `01_tour`), and both the
         expected reward and the KL to the reference are sums over the vocabulary, so every trained policy is an
         exact point in the reward–KL plane. This notebook trains each method briefly from the same base model
         with the same β and watches the points move towards the frontier.
-        """),
+        """,
+        ),
         INSTALL,
         params_cell("""
             BETA = 0.1                          # the same KL weight for every method

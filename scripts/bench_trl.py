@@ -33,17 +33,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `lab` from this checkout, when run as `python scripts/bench_trl.py`
 # Memory bandwidth of the card, bytes/s, by a substring of torch.cuda.get_device_name() (first match wins).
-HBM_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
-                 ("A100", 1.56e12), ("L40S", 0.864e12), ("L4", 0.3e12), ("A10", 0.6e12), ("4090", 1.01e12),
-                 ("T4", 0.32e12)]
+HBM_BANDWIDTH = [
+    ("H200", 4.8e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("A100-SXM4-80GB", 2.04e12),
+    ("A100", 1.56e12),
+    ("L40S", 0.864e12),
+    ("L4", 0.3e12),
+    ("A10", 0.6e12),
+    ("4090", 1.01e12),
+    ("T4", 0.32e12),
+]
 # Built-in model shapes (used when lab.zoo is not there), Qwen2-style: tied embeddings, GQA, 32k words.
 SHAPES = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2},
-    "20m": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6, "num_attention_heads": 4,
-            "num_key_value_heads": 2},
-    "100m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 10, "num_attention_heads": 12,
-             "num_key_value_heads": 4},
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "20m": {
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "100m": {
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 10,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 4,
+    },
 }
 VOCAB = 32_000
 
@@ -93,13 +117,23 @@ def _build_builtin(size: str, out: Path) -> str:
     # until it has a 32k vocabulary.
     bpe = ByteLevelBPETokenizer()
     words = [f"w{i}" for i in range(60_000)]
-    bpe.train_from_iterator([" ".join(words[i:i + 100]) for i in range(0, len(words), 100)], vocab_size=VOCAB,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        [" ".join(words[i : i + 100]) for i in range(0, len(words), 100)],
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddings=4096,
-                         eos_token_id=0, pad_token_id=0, bos_token_id=None, **SHAPES[size])
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=None,
+        **SHAPES[size],
+    )
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=0, pad_token_id=0)
     model.save_pretrained(out, safe_serialization=True)
@@ -131,8 +165,12 @@ def write_data(model_dir: Path, args, data_dir: Path) -> tuple[Path, Path]:
     grpo = data_dir / "prompts.jsonl"
     grpo.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     dpo = data_dir / "pairs.jsonl"
-    dpo.write_text("".join(json.dumps({"prompt": p, "chosen": answers[2 * i], "rejected": answers[2 * i + 1]}) + "\n"
-                           for i, p in enumerate(prompts)))
+    dpo.write_text(
+        "".join(
+            json.dumps({"prompt": p, "chosen": answers[2 * i], "rejected": answers[2 * i + 1]}) + "\n"
+            for i, p in enumerate(prompts)
+        )
+    )
     return grpo, dpo
 
 
@@ -155,21 +193,49 @@ def worker_lab(args) -> dict:
     torch.set_num_threads(1)
     from lab import dpo, grpo
 
-    common = {"model": args.model_dir, "mode": args.mode, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-              "lr": 1e-5, "steps": args.steps + 2, "seed": 0, "out": args.out, "device": args.device,
-              "sample_every": 0, "log_every": 1000, "gradient_checkpointing": False,
-              # TRL computes no KL diagnostic at β = 0: the lab's per-step kl/ref pass is left out for equal work
-              "kl_every": 0}
+    common = {
+        "model": args.model_dir,
+        "mode": args.mode,
+        "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha,
+        "lr": 1e-5,
+        "steps": args.steps + 2,
+        "seed": 0,
+        "out": args.out,
+        "device": args.device,
+        "sample_every": 0,
+        "log_every": 1000,
+        "gradient_checkpointing": False,
+        # TRL computes no KL diagnostic at β = 0: the lab's per-step kl/ref pass is left out for equal work
+        "kl_every": 0,
+    }
     if args.method == "grpo":
-        cfg = grpo.GRPOConfig(task=f"jsonl:{args.data}", reward="python:bench_trl:reward_len",
-                              batch_size=args.prompts, group_size=args.group_size,
-                              max_new_tokens=args.completion_len, loss_norm="token", beta=0.0, eval_every=0,
-                              eval_size=1, **common)
+        cfg = grpo.GRPOConfig(
+            task=f"jsonl:{args.data}",
+            reward="python:bench_trl:reward_len",
+            batch_size=args.prompts,
+            group_size=args.group_size,
+            max_new_tokens=args.completion_len,
+            loss_norm="token",
+            beta=0.0,
+            eval_every=0,
+            eval_size=1,
+            **common,
+        )
         steps = grpo.train(cfg)
     else:
-        cfg = dpo.DPOConfig(task=f"jsonl:{args.data}", batch_size=args.pairs_per_step, loss_type="sigmoid", beta=0.1,
-                            max_length=4 * (args.prompt_len + args.completion_len), eval_every=0, eval_size=1,
-                            kl_samples=1, max_new_tokens=1, **common)
+        cfg = dpo.DPOConfig(
+            task=f"jsonl:{args.data}",
+            batch_size=args.pairs_per_step,
+            loss_type="sigmoid",
+            beta=0.1,
+            max_length=4 * (args.prompt_len + args.completion_len),
+            eval_every=0,
+            eval_size=1,
+            kl_samples=1,
+            max_new_tokens=1,
+            **common,
+        )
         steps = dpo.train(cfg)
     times = []
     start = time.perf_counter()
@@ -203,40 +269,89 @@ def worker_trl(args) -> dict:
 
     data = load_dataset("json", data_files=str(args.data), split="train")
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-                             bias="none", task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     gpu = args.device == "cuda"
     bf16 = gpu and torch.cuda.is_bf16_supported()
-    common = {"output_dir": args.out, "learning_rate": 1e-5, "max_steps": args.steps + 1, "use_cpu": not gpu,
-              "bf16": bf16, "fp16": False, "report_to": "none", "logging_steps": 10_000, "save_strategy": "no",
-              "seed": 0, "disable_tqdm": True, "gradient_accumulation_steps": 1, "dataloader_num_workers": 0,
-              "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0,
-              "gradient_checkpointing": False}
+    common = {
+        "output_dir": args.out,
+        "learning_rate": 1e-5,
+        "max_steps": args.steps + 1,
+        "use_cpu": not gpu,
+        "bf16": bf16,
+        "fp16": False,
+        "report_to": "none",
+        "logging_steps": 10_000,
+        "save_strategy": "no",
+        "seed": 0,
+        "disable_tqdm": True,
+        "gradient_accumulation_steps": 1,
+        "dataloader_num_workers": 0,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 1.0,
+        "weight_decay": 0.0,
+        "gradient_checkpointing": False,
+    }
     if gpu:  # the lab's dtype: bf16 where native; 4-bit nf4 with double quantization for qlora, as lab.modeling
         init = {"dtype": torch.bfloat16 if bf16 else torch.float16}
         if args.mode == "qlora":
             from transformers import BitsAndBytesConfig
 
             init["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=init["dtype"])
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=init["dtype"],
+            )
         common["model_init_kwargs"] = init
     timer = StepTimes()
     if args.method == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        cfg = GRPOConfig(per_device_train_batch_size=args.prompts * args.group_size, num_generations=args.group_size,
-                         max_completion_length=args.completion_len, temperature=1.0, top_p=1.0, beta=0.0,
-                         loss_type="dapo", num_iterations=1, **common)
-        trainer = GRPOTrainer(model=args.model_dir, reward_funcs=reward_len, args=cfg, train_dataset=data,
-                              processing_class=tok, peft_config=peft_config, callbacks=[timer])
+        cfg = GRPOConfig(
+            per_device_train_batch_size=args.prompts * args.group_size,
+            num_generations=args.group_size,
+            max_completion_length=args.completion_len,
+            temperature=1.0,
+            top_p=1.0,
+            beta=0.0,
+            loss_type="dapo",
+            num_iterations=1,
+            **common,
+        )
+        trainer = GRPOTrainer(
+            model=args.model_dir,
+            reward_funcs=reward_len,
+            args=cfg,
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft_config,
+            callbacks=[timer],
+        )
     else:
         from trl import DPOConfig, DPOTrainer
 
-        cfg = DPOConfig(per_device_train_batch_size=args.pairs_per_step, beta=0.1, loss_type="sigmoid",
-                        max_length=4 * (args.prompt_len + args.completion_len), **common)
-        trainer = DPOTrainer(model=args.model_dir, args=cfg, train_dataset=data, processing_class=tok,
-                             peft_config=peft_config, callbacks=[timer])
+        cfg = DPOConfig(
+            per_device_train_batch_size=args.pairs_per_step,
+            beta=0.1,
+            loss_type="sigmoid",
+            max_length=4 * (args.prompt_len + args.completion_len),
+            **common,
+        )
+        trainer = DPOTrainer(
+            model=args.model_dir,
+            args=cfg,
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft_config,
+            callbacks=[timer],
+        )
     trainer.train()
     return {"times": timer.times[1:], "rss_mb": _peak_rss_mb()}
 
@@ -259,14 +374,17 @@ def decode_roofline(args) -> list[str]:
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     tied = model.config.tie_word_embeddings
     # Bytes read per step: all weights, except that an untied input embedding only reads B rows.
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                       if tied or "embed_tokens" not in n)
+    weight_bytes = sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if tied or "embed_tokens" not in n
+    )
     prompts = make_texts(tok, 64, args.prompt_len, seed=3)
     T = args.decode_tokens
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for label, run in [("lab generate", lambda: generate(model, tok, prompts, T, generator=gen)),
-                       ("HF generate", lambda: _hf_generate(model, tok, prompts, T))]:
+    for label, run in [
+        ("lab generate", lambda: generate(model, tok, prompts, T, generator=gen)),
+        ("HF generate", lambda: _hf_generate(model, tok, prompts, T)),
+    ]:
         run()  # warm-up
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -277,10 +395,11 @@ def decode_roofline(args) -> list[str]:
         tokens_per_s = 64 * steps / seconds
         frac = (weight_bytes * steps / seconds) / bandwidth if bandwidth else float("nan")
         rows.append(f"| {label} | 64 | {steps} | {tokens_per_s:,.0f} | {frac:.1%} |")
-    title = (f"Decode on {name} (bf16, weights {weight_bytes / 1e6:.0f} MB, bandwidth "
-             f"{bandwidth / 1e12 if bandwidth else float('nan'):.2f} TB/s; prefill included):")
-    header = [title, "",
-              "| sampler | batch | tokens/row | tokens/s | HBM roofline |", "|---|---|---|---|---|"]
+    title = (
+        f"Decode on {name} (bf16, weights {weight_bytes / 1e6:.0f} MB, bandwidth "
+        f"{bandwidth / 1e12 if bandwidth else float('nan'):.2f} TB/s; prefill included):"
+    )
+    header = [title, "", "| sampler | batch | tokens/row | tokens/s | HBM roofline |", "|---|---|---|---|---|"]
     return header + rows
 
 
@@ -290,8 +409,9 @@ def _hf_generate(model, tok, prompts, T) -> int:
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True).to("cuda")
     with torch.no_grad():
-        out = model.generate(**enc, do_sample=True, max_new_tokens=T, min_new_tokens=T, top_k=0,
-                             pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            **enc, do_sample=True, max_new_tokens=T, min_new_tokens=T, top_k=0, pad_token_id=tok.pad_token_id
+        )
     return out.shape[1] - enc["input_ids"].shape[1]
 
 
@@ -300,31 +420,75 @@ def _hf_generate(model, tok, prompts, T) -> int:
 
 
 def run_worker(side: str, method: str, args, data: Path, out: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--method", method, "--model-dir",
-           str(args.model_dir), "--data", str(data), "--out", str(out), "--steps", str(args.steps)]
-    cmd += ["--prompts", str(args.prompts), "--group-size", str(args.group_size), "--pairs-per-step",
-            str(args.pairs_per_step), "--prompt-len", str(args.prompt_len), "--completion-len", str(args.completion_len),
-            "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--device", args.device,
-            "--mode", args.mode]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'scripts'}"}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        side,
+        "--method",
+        method,
+        "--model-dir",
+        str(args.model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        str(args.steps),
+    ]
+    cmd += [
+        "--prompts",
+        str(args.prompts),
+        "--group-size",
+        str(args.group_size),
+        "--pairs-per-step",
+        str(args.pairs_per_step),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--completion-len",
+        str(args.completion_len),
+        "--lora-r",
+        str(args.lora_r),
+        "--lora-alpha",
+        str(args.lora_alpha),
+        "--device",
+        args.device,
+        "--mode",
+        args.mode,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": f"{ROOT}:{ROOT / 'scripts'}",
+    }
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{side} {method} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="100m", choices=sorted(SHAPES) + ["0.5b"],
-                   help="model size (0.5b: lab.zoo's Qwen2.5-0.5B shape)")
+    p.add_argument(
+        "--size",
+        default="100m",
+        choices=sorted(SHAPES) + ["0.5b"],
+        help="model size (0.5b: lab.zoo's Qwen2.5-0.5B shape)",
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides train")
     p.add_argument("--mode", default="lora", choices=("lora", "qlora"), help="qlora: a 4-bit base (CUDA)")
-    p.add_argument("--model-source", default="auto", choices=("auto", "zoo", "builtin"),
-                   help="auto: lab.zoo's qwen2 when it can build that size, else the built-in shapes")
+    p.add_argument(
+        "--model-source",
+        default="auto",
+        choices=("auto", "zoo", "builtin"),
+        help="auto: lab.zoo's qwen2 when it can build that size, else the built-in shapes",
+    )
     p.add_argument("--methods", default="grpo,dpo")
     p.add_argument("--pairs", type=int, default=3, help="lab/TRL process pairs, interleaved")
     p.add_argument("--steps", type=int, default=3, help="counted steps per process (after one warm-up step)")
@@ -383,8 +547,10 @@ def _prod(shape) -> int:
 
 
 def bench_cpu(args) -> list[str]:
-    rows = ["| method | work per step | lab s/step | TRL s/step | lab/TRL | lab peak RSS | TRL peak RSS |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| method | work per step | lab s/step | TRL s/step | lab/TRL | lab peak RSS | TRL peak RSS |",
+        "|---|---|---|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         grpo_data, dpo_data = write_data(Path(args.model_dir), args, tmp)
@@ -396,21 +562,27 @@ def bench_cpu(args) -> list[str]:
                 for side in order:
                     r = run_worker(side, method, args, data, tmp / f"{side}-{method}-{pair}")
                     results[side].append(r)
-                    print(f"  {method} pair {pair} {side}: steps {[round(t, 2) for t in r['times']]} s, "
-                          f"peak RSS {r['rss_mb']:.0f} MB", flush=True)
+                    print(
+                        f"  {method} pair {pair} {side}: steps {[round(t, 2) for t in r['times']]} s, "
+                        f"peak RSS {r['rss_mb']:.0f} MB",
+                        flush=True,
+                    )
             med = {s: statistics.median(t for r in results[s] for t in r["times"]) for s in results}
             rss = {s: max(r["rss_mb"] for r in results[s]) for s in results}
             if method == "grpo":
-                work = (f"{args.prompts} prompts × G={args.group_size}, P={args.prompt_len}, "
-                        f"T={args.completion_len}")
+                work = f"{args.prompts} prompts × G={args.group_size}, P={args.prompt_len}, T={args.completion_len}"
             else:
                 work = f"{args.pairs_per_step} pairs, P={args.prompt_len}, answers {args.completion_len}"
-            rows.append(f"| {method.upper()} | {work} | {med['lab']:.2f} | {med['trl']:.2f} | "
-                        f"{med['lab'] / med['trl']:.2f} | {rss['lab']:.0f} MB | {rss['trl']:.0f} MB |")
+            rows.append(
+                f"| {method.upper()} | {work} | {med['lab']:.2f} | {med['trl']:.2f} | "
+                f"{med['lab'] / med['trl']:.2f} | {rss['lab']:.0f} MB | {rss['trl']:.0f} MB |"
+            )
     where = "CPU, 1 thread each" if args.device == "cpu" else f"CUDA ({args.mode})"
     memory = "peak RSS" if args.device == "cpu" else "peak GPU memory allocated"
-    title = (f"{where}, LoRA r={args.lora_r} α={args.lora_alpha} on all linear layers, "
-             f"{args.pairs} interleaved process pairs × {args.steps} counted steps (medians; memory: {memory}):")
+    title = (
+        f"{where}, LoRA r={args.lora_r} α={args.lora_alpha} on all linear layers, "
+        f"{args.pairs} interleaved process pairs × {args.steps} counted steps (medians; memory: {memory}):"
+    )
     header = [title, ""]
     return header + rows
 

@@ -57,14 +57,21 @@ def main(argv=None) -> int:
     result = {
         "command": "python scripts/grpo_arith.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("out", "run_id")},
-        "before_accuracy": before, "after_accuracy": after, "eval_prompts": cfg.eval_size,
-        "target": TARGET, "reached_target": reached, "steps": cfg.steps,
-        "completions_per_step": cfg.batch_size * cfg.group_size, "wall_time_s": round(wall, 1),
+        "before_accuracy": before,
+        "after_accuracy": after,
+        "eval_prompts": cfg.eval_size,
+        "target": TARGET,
+        "reached_target": reached,
+        "steps": cfg.steps,
+        "completions_per_step": cfg.batch_size * cfg.group_size,
+        "wall_time_s": round(wall, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {_threads()}, "
-                   f"load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end",
+        f"load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end",
         "run": _relative(run.path),
-        "curve": [{"step": m["step"], "reward/mean": m["reward/mean"], "eval/accuracy": m.get("eval/accuracy")}
-                  for m in history],
+        "curve": [
+            {"step": m["step"], "reward/mean": m["reward/mean"], "eval/accuracy": m.get("eval/accuracy")}
+            for m in history
+        ],
     }
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +112,8 @@ def _markdown(r: dict) -> str:
         f"| before (shipped base model) | {r['before_accuracy']:.3f} |",
         f"| after {r['steps']} steps | {r['after_accuracy']:.3f} |",
         f"| first step with ≥ {r['target']:.0%} | "
-        + (f"{reached['step']} ({reached['seconds']} s)" if reached else "not reached") + " |",
+        + (f"{reached['step']} ({reached['seconds']} s)" if reached else "not reached")
+        + " |",
         f"| wall time, whole run | {r['wall_time_s']} s |",
         "",
         f"Held-out prompts: {r['eval_prompts']}. Run record: `{r['run']}`.",
@@ -119,11 +127,22 @@ def _figure(history: list[dict], path: Path) -> None:
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("reward/mean (sampled)", "eval/accuracy (greedy, held-out)"))
-    fig.add_trace(go.Scatter(x=[m["step"] for m in history], y=[m["reward/mean"] for m in history],
-                             name="reward/mean"), row=1, col=1)
+    fig.add_trace(
+        go.Scatter(x=[m["step"] for m in history], y=[m["reward/mean"] for m in history], name="reward/mean"),
+        row=1,
+        col=1,
+    )
     evals = [m for m in history if "eval/accuracy" in m]
-    fig.add_trace(go.Scatter(x=[m["step"] for m in evals], y=[m["eval/accuracy"] for m in evals],
-                             name="eval/accuracy", mode="lines+markers"), row=1, col=2)
+    fig.add_trace(
+        go.Scatter(
+            x=[m["step"] for m in evals],
+            y=[m["eval/accuracy"] for m in evals],
+            name="eval/accuracy",
+            mode="lines+markers",
+        ),
+        row=1,
+        col=2,
+    )
     fig.add_hline(y=TARGET, line_dash="dot", row=1, col=2)
     fig.update_layout(title="GRPO on arith", height=400, width=950)
     fig.write_html(path, include_plotlyjs="directory")  # plotly.min.js once, beside the figures, offline

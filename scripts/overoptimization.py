@@ -35,8 +35,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from lab.modeling import load_policy  # noqa: E402
-from lab.ppo import PPOConfig, train as train_ppo  # noqa: E402
-from lab.rm import RewardConfig, train as train_rm  # noqa: E402
+from lab.ppo import PPOConfig  # noqa: E402
+from lab.ppo import train as train_ppo
+from lab.rm import RewardConfig  # noqa: E402
+from lab.rm import train as train_rm
 from lab.tasks import get_task  # noqa: E402
 
 KEYS = ("step", "reward/mean", "reward/gold", "kl/ref", "completion/length", "completion/truncated_frac", "entropy")
@@ -47,15 +49,25 @@ TAIL = 40  # the "final" window: this many last steps
 def run_ppo(rm_path: str, beta: float, seed: int, steps: int, out: Path) -> tuple[list[dict], list]:
     """PPO against the reward model; returns the per-step curve and the last step's samples."""
     policy = load_policy("reviews", mode="lora")
-    cfg = PPOConfig(task="reviews", reward=rm_path, beta=beta, steps=steps, seed=seed, out=str(out),
-                    run_id=f"ppo-beta-{beta:g}-seed-{seed}", sample_every=steps)
+    cfg = PPOConfig(
+        task="reviews",
+        reward=rm_path,
+        beta=beta,
+        steps=steps,
+        seed=seed,
+        out=str(out),
+        run_id=f"ppo-beta-{beta:g}-seed-{seed}",
+        sample_every=steps,
+    )
     curve = []
     for m in train_ppo(cfg, policy=policy):
         curve.append({k: float(m[k]) for k in KEYS})
         if m["step"] % 20 == 0 or m["step"] == 1:
-            print(f"   β={beta:<4g} seed {seed}  step {m['step']:>4}  r_φ {m['reward/mean']:+6.2f}  "
-                  f"gold {m['reward/gold']:+6.2f}  kl {m['kl/ref']:6.2f}  tokens {m['completion/length']:.1f}",
-                  flush=True)
+            print(
+                f"   β={beta:<4g} seed {seed}  step {m['step']:>4}  r_φ {m['reward/mean']:+6.2f}  "
+                f"gold {m['reward/gold']:+6.2f}  kl {m['kl/ref']:6.2f}  tokens {m['completion/length']:.1f}",
+                flush=True,
+            )
     samples = [json.loads(line) for line in (out / cfg.run_id / "samples.jsonl").read_text().splitlines()]
     return curve, [s for s in samples if s.get("step") == steps]
 
@@ -67,15 +79,18 @@ def window(curve: list[dict], key: str, first: int, last: int) -> float:
 
 def smooth(xs: list[float], k: int = 5) -> list[float]:
     """Trailing mean over k steps (a rollout batch mean is noisy)."""
-    return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
+    return [sum(xs[max(0, i - k + 1) : i + 1]) / len(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]
 
 
 def figure(runs: dict, path: Path) -> None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        "reward vs PPO step (5-step trailing mean)", "reward vs KL(π_θ‖π_ref) per completion"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("reward vs PPO step (5-step trailing mean)", "reward vs KL(π_θ‖π_ref) per completion"),
+    )
     colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
     betas = sorted({beta for beta, _ in runs})
     for (beta, seed), curve in runs.items():
@@ -85,18 +100,43 @@ def figure(runs: dict, path: Path) -> None:
         steps, kl = [c["step"] for c in curve], [c["kl/ref"] for c in curve]
         for name, ys, dash in (("reward model r_φ", rm, "dash"), ("gold reward", gold, "solid")):
             group = f"β={beta:g}: {name}"
-            fig.add_trace(go.Scatter(x=steps, y=smooth(ys), mode="lines", name=group, legendgroup=group,
-                                     showlegend=seed == min(s for b, s in runs if b == beta),
-                                     line=dict(color=color, dash=dash), hovertext=f"seed {seed}"), row=1, col=1)
-            fig.add_trace(go.Scatter(x=kl, y=ys, mode="markers", name=group, legendgroup=group, showlegend=False,
-                                     marker=dict(color=color, size=4,
-                                                 symbol="circle-open" if dash == "dash" else "circle"),
-                                     hovertext=f"seed {seed}"), row=1, col=2)
+            fig.add_trace(
+                go.Scatter(
+                    x=steps,
+                    y=smooth(ys),
+                    mode="lines",
+                    name=group,
+                    legendgroup=group,
+                    showlegend=seed == min(s for b, s in runs if b == beta),
+                    line=dict(color=color, dash=dash),
+                    hovertext=f"seed {seed}",
+                ),
+                row=1,
+                col=1,
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=kl,
+                    y=ys,
+                    mode="markers",
+                    name=group,
+                    legendgroup=group,
+                    showlegend=False,
+                    marker=dict(color=color, size=4, symbol="circle-open" if dash == "dash" else "circle"),
+                    hovertext=f"seed {seed}",
+                ),
+                row=1,
+                col=2,
+            )
     fig.update_xaxes(title_text="PPO step", row=1, col=1)
     fig.update_xaxes(title_text="KL (nats)", row=1, col=2)
     fig.update_yaxes(title_text="rollout mean reward", row=1, col=1)
-    fig.update_layout(title="Reward over-optimization on reviews: PPO against a learned reward model, β = 0 vs β > 0",
-                      height=500, width=1150, template="plotly_white")
+    fig.update_layout(
+        title="Reward over-optimization on reviews: PPO against a learned reward model, β = 0 vs β > 0",
+        height=500,
+        width=1150,
+        template="plotly_white",
+    )
     fig.write_html(path, include_plotlyjs="directory")  # plotly.min.js once, beside the figures, offline
 
 
@@ -123,7 +163,7 @@ def main(argv=None) -> int:
     rm_path, rm_eval = args.rm, {}
     if rm_path is None:
         print(f"1. reward model: {args.rm_steps} steps on the reviews preference pairs", flush=True)
-        for m in train_rm(RewardConfig(task="reviews", steps=args.rm_steps, out=str(out), run_id="rm")):
+        for m in train_rm(RewardConfig(task="reviews", steps=args.rm_steps, out=str(out), run_id="rm")):  # noqa: B007 - the last step's metrics are read below
             pass
         rm_path = str(out / "rm")
         rm_eval = {k.removeprefix("eval/"): v for k, v in m.items() if k.startswith("eval/")}
@@ -151,36 +191,59 @@ def main(argv=None) -> int:
     table = []
     for beta in (0.0, args.beta):
         rows = [r for r in per_run if r["beta"] == beta]
-        table.append({"beta": beta, **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k not in
-                                       ("beta", "seed")}, "gaps_final": [round(r["gap_final"], 2) for r in rows]})
-    command = "python scripts/overoptimization.py" + (
-        " " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    lines = ["# Reward over-optimization on reviews\n",
-             f"Command: `{command}` ({elapsed:.0f} s on this machine). Figure: results/overoptimization.html\n",
-             f"PPO (PPOConfig defaults otherwise) against a learned reward model r_φ"
-             + (f" (held-out accuracy {rm_eval['accuracy']:.3f}, Spearman with gold {rm_eval['spearman']:.3f})"
-                if "accuracy" in rm_eval and "spearman" in rm_eval else "")
-             + f", {args.steps} steps, seeds {', '.join(map(str, args.seeds))}; rollout means, averaged over seeds. "
-             f"Early = steps {EARLY[0]}–{EARLY[1]}, final = the last {TAIL} steps. gap = r_φ − r_gold (its offset is "
-             "arbitrary but shared by all runs: compare how it moves).\n",
-             "| β | r_φ early → final | gold early → final | gap early → final (final per seed) | KL final (nats) "
-             "| tokens final |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['beta']:g} | {r['rm_early']:+.2f} → {r['rm_final']:+.2f} | {r['gold_early']:+.2f} → "
-              f"{r['gold_final']:+.2f} | {r['gap_early']:+.2f} → **{r['gap_final']:+.2f}** "
-              f"({', '.join(f'{g:+.2f}' for g in r['gaps_final'])}) | {r['kl_final']:.1f} | {r['tokens_final']:.1f} |"
-              for r in table]
+        table.append(
+            {
+                "beta": beta,
+                **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k not in ("beta", "seed")},
+                "gaps_final": [round(r["gap_final"], 2) for r in rows],
+            }
+        )
+    command = (
+        "python scripts/overoptimization.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    )
+    lines = [
+        "# Reward over-optimization on reviews\n",
+        f"Command: `{command}` ({elapsed:.0f} s on this machine). Figure: results/overoptimization.html\n",
+        "PPO (PPOConfig defaults otherwise) against a learned reward model r_φ"
+        + (
+            f" (held-out accuracy {rm_eval['accuracy']:.3f}, Spearman with gold {rm_eval['spearman']:.3f})"
+            if "accuracy" in rm_eval and "spearman" in rm_eval
+            else ""
+        )
+        + f", {args.steps} steps, seeds {', '.join(map(str, args.seeds))}; rollout means, averaged over seeds. "
+        f"Early = steps {EARLY[0]}–{EARLY[1]}, final = the last {TAIL} steps. gap = r_φ − r_gold (its offset is "
+        "arbitrary but shared by all runs: compare how it moves).\n",
+        "| β | r_φ early → final | gold early → final | gap early → final (final per seed) | KL final (nats) "
+        "| tokens final |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['beta']:g} | {r['rm_early']:+.2f} → {r['rm_final']:+.2f} | {r['gold_early']:+.2f} → "
+        f"{r['gold_final']:+.2f} | {r['gap_early']:+.2f} → **{r['gap_final']:+.2f}** "
+        f"({', '.join(f'{g:+.2f}' for g in r['gaps_final'])}) | {r['kl_final']:.1f} | {r['tokens_final']:.1f} |"
+        for r in table
+    ]
     lines += ["", "Samples at the last step (seed " + str(args.seeds[0]) + "):", ""]
     for beta in (0.0, args.beta):
         for s in samples[beta, args.seeds[0]][:2]:
             gold = get_task("reviews").gold_reward(s["prompt"], s["completion"], s.get("truncated", False))
             lines.append(f"- β={beta:g}: `{s['completion']}` (r_φ {s['reward']:+.1f}, gold {gold:+.1f})")
     (results / "overoptimization.md").write_text("\n".join(lines) + "\n")
-    (results / "overoptimization.json").write_text(json.dumps(
-        {"command": command, "seconds": round(elapsed, 1), "rm": rm_path, "rm_eval": rm_eval,
-         "table": table, "runs": per_run,
-         "curves": {f"beta={b:g},seed={s}": c for (b, s), c in runs.items()},
-         "samples": {f"beta={b:g},seed={s}": v for (b, s), v in samples.items()}}, indent=1))
+    (results / "overoptimization.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "seconds": round(elapsed, 1),
+                "rm": rm_path,
+                "rm_eval": rm_eval,
+                "table": table,
+                "runs": per_run,
+                "curves": {f"beta={b:g},seed={s}": c for (b, s), c in runs.items()},
+                "samples": {f"beta={b:g},seed={s}": v for (b, s), v in samples.items()},
+            },
+            indent=1,
+        )
+    )
     print("\n".join(lines))
     print(f"\nwrote {results / 'overoptimization.html'}, .md and .json")
     return 0

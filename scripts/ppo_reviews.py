@@ -27,9 +27,11 @@ import torch  # noqa: E402
 
 from lab.evaluate import answer  # noqa: E402
 from lab.modeling import load_policy  # noqa: E402
-from lab.ppo import PPOConfig, train as train_ppo  # noqa: E402
+from lab.ppo import PPOConfig  # noqa: E402
+from lab.ppo import train as train_ppo
 from lab.rewards import make_reward  # noqa: E402
-from lab.rm import RewardConfig, train as train_rm  # noqa: E402
+from lab.rm import RewardConfig  # noqa: E402
+from lab.rm import train as train_rm
 from lab.tasks import get_task  # noqa: E402
 
 
@@ -51,11 +53,17 @@ def held_out(policy, task, reward_fn, samples: int, seed: int = 0) -> dict:
         ans = answer(policy.model, policy.tokenizer, task, prompts, greedy=greedy, seed=seed)
         rm = reward_fn(ans.prompts, ans.completions, ans.truncated)
         n = len(ans.rewards)
-        out[name] = {"gold_reward": sum(ans.rewards) / n, "rm_score": float(rm.mean()),
-                     "no_eos_frac": sum(ans.truncated) / n,
-                     "words": sum(len(c.split()) for c in ans.completions) / n, "n": n,
-                     "examples": [{"prompt": p, "completion": c, "gold": g}
-                                  for p, c, g in zip(ans.prompts[:3], ans.completions[:3], ans.rewards[:3])]}
+        out[name] = {
+            "gold_reward": sum(ans.rewards) / n,
+            "rm_score": float(rm.mean()),
+            "no_eos_frac": sum(ans.truncated) / n,
+            "words": sum(len(c.split()) for c in ans.completions) / n,
+            "n": n,
+            "examples": [
+                {"prompt": p, "completion": c, "gold": g}
+                for p, c, g in zip(ans.prompts[:3], ans.completions[:3], ans.rewards[:3])
+            ],
+        }
     return out
 
 
@@ -79,8 +87,9 @@ def main(argv=None) -> int:
 
     print(f"1. reward model: {args.rm_steps} steps on the reviews preference pairs")
     rm_path, rm_summary = train_reward_model(out, args.rm_steps, args.seed)
-    rm_eval = {k.removeprefix("eval/"): v for k, v in (rm_summary.get("eval") or {}).items()
-               if isinstance(v, (int, float))}
+    rm_eval = {
+        k.removeprefix("eval/"): v for k, v in (rm_summary.get("eval") or {}).items() if isinstance(v, (int, float))
+    }
     print(f"   {rm_path}  held-out: " + "  ".join(f"{k}={v:.3f}" for k, v in rm_eval.items()))
     reward_fn = make_reward(str(rm_path), task)
 
@@ -89,41 +98,82 @@ def main(argv=None) -> int:
     before = held_out(policy, task, reward_fn, args.samples, args.seed)
 
     print(f"2. PPO against the reward model: {args.steps} iterations, β = {args.beta}")
-    cfg = PPOConfig(task="reviews", reward=str(rm_path), steps=args.steps, beta=args.beta, seed=args.seed,
-                    out=str(out), run_id="ppo", eval_every=0)
+    cfg = PPOConfig(
+        task="reviews",
+        reward=str(rm_path),
+        steps=args.steps,
+        beta=args.beta,
+        seed=args.seed,
+        out=str(out),
+        run_id="ppo",
+        eval_every=0,
+    )
     curve = []
     for m in train_ppo(cfg, policy=policy):
-        curve.append({k: m.get(k) for k in ("step", "reward/mean", "reward/gold", "kl/ref", "entropy",
-                                            "value/explained_var", "clip/frac", "kl/approx",
-                                            "completion/length", "completion/truncated_frac")})
+        curve.append(
+            {
+                k: m.get(k)
+                for k in (
+                    "step",
+                    "reward/mean",
+                    "reward/gold",
+                    "kl/ref",
+                    "entropy",
+                    "value/explained_var",
+                    "clip/frac",
+                    "kl/approx",
+                    "completion/length",
+                    "completion/truncated_frac",
+                )
+            }
+        )
         if m["step"] % 10 == 0 or m["step"] == 1:
-            print(f"   step {m['step']:>3}  rm {m['reward/mean']:+.2f}  gold {m['reward/gold']:+.2f}  "
-                  f"kl {m['kl/ref']:.2f}  clip {m['clip/frac']:.3f}  ev {m['value/explained_var']:+.2f}")
+            print(
+                f"   step {m['step']:>3}  rm {m['reward/mean']:+.2f}  gold {m['reward/gold']:+.2f}  "
+                f"kl {m['kl/ref']:.2f}  clip {m['clip/frac']:.3f}  ev {m['value/explained_var']:+.2f}"
+            )
     after = held_out(policy, task, reward_fn, args.samples, args.seed)
     elapsed = time.time() - started
 
-    rows = [("held-out gold reward, sampled", "sampled", "gold_reward", "{:+.2f}"),
-            ("held-out RM score, sampled", "sampled", "rm_score", "{:+.2f}"),
-            ("held-out gold reward, greedy", "greedy", "gold_reward", "{:+.2f}"),
-            ("no-EOS fraction, sampled", "sampled", "no_eos_frac", "{:.3f}"),
-            ("words per completion, sampled", "sampled", "words", "{:.1f}")]
+    rows = [
+        ("held-out gold reward, sampled", "sampled", "gold_reward", "{:+.2f}"),
+        ("held-out RM score, sampled", "sampled", "rm_score", "{:+.2f}"),
+        ("held-out gold reward, greedy", "greedy", "gold_reward", "{:+.2f}"),
+        ("no-EOS fraction, sampled", "sampled", "no_eos_frac", "{:.3f}"),
+        ("words per completion, sampled", "sampled", "words", "{:.1f}"),
+    ]
     command = "python scripts/ppo_reviews.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    lines = [f"# PPO on reviews with a learned reward model\n",
-             f"Command: `{command}` ({elapsed:.0f} s on this machine)\n",
-             f"Reward model: {args.rm_steps} steps; held-out " +
-             ", ".join(f"{k} {v:.3f}" for k, v in rm_eval.items()) + "\n",
-             f"PPO: {args.steps} iterations × {cfg.batch_size} prompts, β = {args.beta}, "
-             f"{cfg.ppo_epochs} epochs × {cfg.num_minibatches} minibatches, lr {cfg.lr}. "
-             f"Held-out: {len(task.eval_prompts())} prompts × {args.samples} samples (temperature 1) and greedy.\n",
-             "| metric | before | after |", "|---|---:|---:|"]
+    lines = [
+        "# PPO on reviews with a learned reward model\n",
+        f"Command: `{command}` ({elapsed:.0f} s on this machine)\n",
+        f"Reward model: {args.rm_steps} steps; held-out "
+        + ", ".join(f"{k} {v:.3f}" for k, v in rm_eval.items())
+        + "\n",
+        f"PPO: {args.steps} iterations × {cfg.batch_size} prompts, β = {args.beta}, "
+        f"{cfg.ppo_epochs} epochs × {cfg.num_minibatches} minibatches, lr {cfg.lr}. "
+        f"Held-out: {len(task.eval_prompts())} prompts × {args.samples} samples (temperature 1) and greedy.\n",
+        "| metric | before | after |",
+        "|---|---:|---:|",
+    ]
     for label, mode, key, fmt in rows:
         lines.append(f"| {label} | {fmt.format(before[mode][key])} | {fmt.format(after[mode][key])} |")
     lines += ["", "Sampled completions after PPO:", ""]
     lines += [f"- `{e['prompt']}` → `{e['completion']}` (gold {e['gold']:+.1f})" for e in after["sampled"]["examples"]]
     (results / "ppo_reviews.md").write_text("\n".join(lines) + "\n")
-    (results / "ppo_reviews.json").write_text(json.dumps(
-        {"command": command, "seconds": round(elapsed, 1), "reward_model": rm_eval, "config": cfg.to_dict(),
-         "before": before, "after": after, "curve": curve}, indent=1))
+    (results / "ppo_reviews.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "seconds": round(elapsed, 1),
+                "reward_model": rm_eval,
+                "config": cfg.to_dict(),
+                "before": before,
+                "after": after,
+                "curve": curve,
+            },
+            indent=1,
+        )
+    )
     print("\n".join(lines))
     print(f"\nwrote {results / 'ppo_reviews.md'} and {results / 'ppo_reviews.json'}")
     return 0

@@ -41,8 +41,9 @@ def measure(policy, task, samples: int, seed: int) -> dict:
 
     from lab.dpo import heldout_metrics
 
-    cfg = SimpleNamespace(eval_size=len(task.eval_prompts()), max_new_tokens=None, kl_samples=samples, seed=seed,
-                          beta=None)
+    cfg = SimpleNamespace(
+        eval_size=len(task.eval_prompts()), max_new_tokens=None, kl_samples=samples, seed=seed, beta=None
+    )
     return heldout_metrics(policy, task, cfg, use_reference=True)
 
 
@@ -77,10 +78,12 @@ def main(argv=None) -> int:
         t0 = time.time()
         last = list(train(cfg))[-1]
         rm_path = str(Path(args.runs) / cfg.run_id)
-        rm_line = (f"Reward model (`python -m lab train rm --task {args.task}`, {cfg.steps} steps, "
-                   f"{time.time() - t0:.0f} s): held-out pair accuracy {last['eval/accuracy']:.3f} "
-                   f"(Bayes limit {last['eval/bayes_accuracy']:.3f}), Spearman with the gold reward "
-                   f"{last['eval/spearman']:.3f} within prompts ({last['eval/spearman_pooled']:.3f} pooled).")
+        rm_line = (
+            f"Reward model (`python -m lab train rm --task {args.task}`, {cfg.steps} steps, "
+            f"{time.time() - t0:.0f} s): held-out pair accuracy {last['eval/accuracy']:.3f} "
+            f"(Bayes limit {last['eval/bayes_accuracy']:.3f}), Spearman with the gold reward "
+            f"{last['eval/spearman']:.3f} within prompts ({last['eval/spearman_pooled']:.3f} pooled)."
+        )
         print(rm_line, flush=True)
 
     # 1. the base policy, before any training
@@ -88,8 +91,16 @@ def main(argv=None) -> int:
     config_cls, _ = get_method("dpo")
     base = load_for(config_cls(task=args.task), task)
     before = measure(base, task, args.samples, args.seed)
-    lines.append(("base policy (π_ref)", before["eval/gold_reward"], before["eval/gold_reward"],
-                  before["eval/sample_reward"], 0.0, 0.0))
+    lines.append(
+        (
+            "base policy (π_ref)",
+            before["eval/gold_reward"],
+            before["eval/gold_reward"],
+            before["eval/sample_reward"],
+            0.0,
+            0.0,
+        )
+    )
     del base
 
     # 2. the trained methods, each with its config defaults
@@ -102,30 +113,53 @@ def main(argv=None) -> int:
             pass
         wall = time.time() - t0
         after = measure(policy, task, args.samples, args.seed)
-        lines.append((f"{label} ({cfg.steps} steps)", before["eval/gold_reward"], after["eval/gold_reward"],
-                      after["eval/sample_reward"], after["kl/ref"], wall))
+        lines.append(
+            (
+                f"{label} ({cfg.steps} steps)",
+                before["eval/gold_reward"],
+                after["eval/gold_reward"],
+                after["eval/sample_reward"],
+                after["kl/ref"],
+                wall,
+            )
+        )
         print(f"{label}: {after}  {wall:.0f} s", flush=True)
 
     # 3. best-of-N with the reward model: no training
     t0 = time.time()
-    bon = run_best_of_n(BestOfNConfig(reward_model=rm_path, n=args.n, task=args.task, rounds=args.samples,
-                                      seed=args.seed))
+    bon = run_best_of_n(
+        BestOfNConfig(reward_model=rm_path, n=args.n, task=args.task, rounds=args.samples, seed=args.seed)
+    )
     wall = time.time() - t0
-    lines.append((f"best-of-{args.n} (reward model)", before["eval/gold_reward"], None, bon["eval/gold_reward"],
-                  bon["kl/ref"], wall))
+    lines.append(
+        (
+            f"best-of-{args.n} (reward model)",
+            before["eval/gold_reward"],
+            None,
+            bon["eval/gold_reward"],
+            bon["kl/ref"],
+            wall,
+        )
+    )
 
     # 4. the table
     n_prompts = len(task.eval_prompts())
-    table = [f"# Learning from preferences on `{args.task}`", "",
-             f"Measured with `python scripts/preference_table.py` on {platform.machine()} CPU "
-             f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}), seed {args.seed}; total {time.time() - start_all:.0f} s.",
-             f"Held-out: {n_prompts} prompts; greedy = one answer each, sampled = {args.samples} temperature-1 "
-             f"samples each. kl/ref is KL(π_θ‖π_ref) in nats per completion (k1 over the samples); for best-of-N "
-             f"it is the bound log N − (N−1)/N.", ""]
+    table = [
+        f"# Learning from preferences on `{args.task}`",
+        "",
+        f"Measured with `python scripts/preference_table.py` on {platform.machine()} CPU "
+        f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}), seed {args.seed}; total {time.time() - start_all:.0f} s.",
+        f"Held-out: {n_prompts} prompts; greedy = one answer each, sampled = {args.samples} temperature-1 "
+        f"samples each. kl/ref is KL(π_θ‖π_ref) in nats per completion (k1 over the samples); for best-of-N "
+        f"it is the bound log N − (N−1)/N.",
+        "",
+    ]
     if rm_line:
         table += [rm_line, ""]
-    table += ["| method | greedy gold before | greedy gold after | sampled gold after | kl/ref | wall s |",
-              "|---|---:|---:|---:|---:|---:|"]
+    table += [
+        "| method | greedy gold before | greedy gold after | sampled gold after | kl/ref | wall s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for label, g0, g1, s1, kl, wall in lines:
         g1_text = "—" if g1 is None else f"{g1:.2f}"
         kl_text = f"≤ {kl:.3f}" if label.startswith("best-of") else f"{kl:.3f}"

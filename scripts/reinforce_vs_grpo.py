@@ -33,8 +33,11 @@ import torch  # noqa: E402
 from lab import grpo, reinforce  # noqa: E402
 from lab.rewards import make_reward  # noqa: E402
 from lab.rollout import completion_logprobs, rollout, score
-from lab.runner import shuffled_batches  # noqa: E402
-from lab.runner import load_for, seed_everything  # noqa: E402
+from lab.runner import (  # noqa: E402
+    load_for,
+    seed_everything,
+    shuffled_batches,  # noqa: E402
+)
 from lab.tasks import get_task  # noqa: E402
 
 METHODS = ("reinforce, no baseline", "reinforce, no baseline, reward + 1", "reinforce, batch-mean baseline", "grpo")
@@ -49,15 +52,18 @@ def gold_plus_one(prompts, completions, truncated=None):
 
 def configs(args, seed: int, out: str) -> dict:
     """The estimators at the same budget: args.completions sampled completions per step."""
-    common = dict(task="arith", lr=args.lr, steps=args.steps, seed=seed, out=out, eval_every=args.eval_every,
-                  sample_every=0)
+    common = dict(
+        task="arith", lr=args.lr, steps=args.steps, seed=seed, out=out, eval_every=args.eval_every, sample_every=0
+    )
     G = args.group_size
     return {
         "reinforce, no baseline": reinforce.ReinforceConfig(baseline="none", batch_size=args.completions, **common),
         "reinforce, no baseline, reward + 1": reinforce.ReinforceConfig(
-            baseline="none", batch_size=args.completions, reward="python:reinforce_vs_grpo:gold_plus_one", **common),
-        "reinforce, batch-mean baseline": reinforce.ReinforceConfig(baseline="batch", batch_size=args.completions,
-                                                                    **common),
+            baseline="none", batch_size=args.completions, reward="python:reinforce_vs_grpo:gold_plus_one", **common
+        ),
+        "reinforce, batch-mean baseline": reinforce.ReinforceConfig(
+            baseline="batch", batch_size=args.completions, **common
+        ),
         "grpo": grpo.GRPOConfig(batch_size=args.completions // G, group_size=G, **common),
     }
 
@@ -85,8 +91,14 @@ def gradient_draws(name: str, cfg, draws: int, seed: int) -> torch.Tensor:
         mask = roll.completion_mask.float()
         if name.startswith("grpo"):
             advantages = grpo.group_advantages(rewards, G, cfg.epsilon_std, cfg.scale_rewards)
-            loss, _ = grpo.grpo_loss(logprobs, logprobs.detach(), advantages, mask, loss_norm=cfg.loss_norm,
-                                     max_new_tokens=task.max_new_tokens)
+            loss, _ = grpo.grpo_loss(
+                logprobs,
+                logprobs.detach(),
+                advantages,
+                mask,
+                loss_norm=cfg.loss_norm,
+                max_new_tokens=task.max_new_tokens,
+            )
         else:
             advantages = rewards - (rewards.mean() if cfg.baseline == "batch" else 0.0)
             loss, _ = reinforce.reinforce_loss(logprobs, advantages, mask)
@@ -122,8 +134,12 @@ def run_training(name: str, cfg) -> dict:
         rewards.append(m["reward/mean"] - SHIFT.get(name, 0.0))
         if "eval/accuracy" in m:
             evals.append((m["step"], m["eval/accuracy"]))
-    return {"reward_curve": rewards, "eval_curve": evals, "final_accuracy": evals[-1][1] if evals else None,
-            "wall_time_s": round(time.time() - started, 1)}
+    return {
+        "reward_curve": rewards,
+        "eval_curve": evals,
+        "final_accuracy": evals[-1][1] if evals else None,
+        "wall_time_s": round(time.time() - started, 1),
+    }
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -148,23 +164,35 @@ def main(argv=None) -> int:
     estimators = dict(configs(args, 0, args.out))
     for G in (4, 2):  # gradient only: the same budget spread over more prompts, fewer completions each
         estimators[f"grpo, {args.completions // G} prompts × G = {G}"] = grpo.GRPOConfig(
-            task="arith", batch_size=args.completions // G, group_size=G)
+            task="arith", batch_size=args.completions // G, group_size=G
+        )
     for name, cfg in estimators.items():
         variance[name] = variance_stats(gradient_draws(name, cfg, args.draws, seed=1000))
-        print(f"gradient  {name:<36} relative variance {variance[name]['relative_variance']:8.2f}  "
-              f"mean cosine {variance[name]['mean_cosine']:.3f}", flush=True)
+        print(
+            f"gradient  {name:<36} relative variance {variance[name]['relative_variance']:8.2f}  "
+            f"mean cosine {variance[name]['mean_cosine']:.3f}",
+            flush=True,
+        )
 
     runs = {name: [] for name in METHODS}
     for seed in args.seeds:
         for name, cfg in configs(args, seed, args.out).items():
             result = run_training(name, cfg)
             runs[name].append({"seed": seed, **result})
-            print(f"train     {name:<36} seed {seed}  final accuracy {result['final_accuracy']:.3f}  "
-                  f"mean reward (last 10 steps) {statistics.fmean(result['reward_curve'][-10:]):.3f}  "
-                  f"{result['wall_time_s']} s", flush=True)
+            print(
+                f"train     {name:<36} seed {seed}  final accuracy {result['final_accuracy']:.3f}  "
+                f"mean reward (last 10 steps) {statistics.fmean(result['reward_curve'][-10:]):.3f}  "
+                f"{result['wall_time_s']} s",
+                flush=True,
+            )
 
-    result = {"command": command.strip(), "args": vars(args), "variance": variance, "runs": runs,
-              "summary": _summary(runs, variance)}
+    result = {
+        "command": command.strip(),
+        "args": vars(args),
+        "variance": variance,
+        "runs": runs,
+        "summary": _summary(runs, variance),
+    }
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reinforce_vs_grpo.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -185,9 +213,13 @@ def _summary(runs: dict, variance: dict) -> dict:
         late = [statistics.fmean(r["reward_curve"][-10:]) for r in seeds]
         steps = len(seeds[0]["reward_curve"])
         spread = statistics.fmean(statistics.pstdev([r["reward_curve"][t] for r in seeds]) for t in range(steps))
-        rows[name] = {"final_accuracy": _mean_std(final), "late_reward": _mean_std(late),
-                      "seed_spread_of_reward_curve": spread,
-                      "first_step_at_0.9": [_first_step(r["eval_curve"]) for r in seeds], **variance[name]}
+        rows[name] = {
+            "final_accuracy": _mean_std(final),
+            "late_reward": _mean_std(late),
+            "seed_spread_of_reward_curve": spread,
+            "first_step_at_0.9": [_first_step(r["eval_curve"]) for r in seeds],
+            **variance[name],
+        }
     for name, stats in variance.items():
         rows.setdefault(name, dict(stats))
     return rows
@@ -213,15 +245,21 @@ def _markdown(result: dict, args) -> str:
             continue
         fa, lr_ = row["final_accuracy"], row["late_reward"]
         first = ", ".join(str(s) if s is not None else "–" for s in row["first_step_at_0.9"])
-        lines.append(f"| {name} | {row['relative_variance']:.2f} | {row['mean_cosine']:.3f} | "
-                     f"{lr_[0]:.3f} ± {lr_[1]:.3f} | {row['seed_spread_of_reward_curve']:.3f} | {first} | "
-                     f"{fa[0]:.3f} ± {fa[1]:.3f} |")
-    lines += ["", f"Gradient statistics: {args.draws} independent batches per estimator at the shipped base model "
-                  "(LoRA parameters; relative variance ≈ how many batches must be averaged before the noise is as "
-                  "large as the signal). Accuracy: greedy, 200 held-out prompts, every "
-                  f"{args.eval_every} steps; ± is the standard deviation over seeds. The reward + 1 run is logged "
-                  "with the shift taken off again. Rows without training numbers are gradient-only: the same "
-                  "budget spread over more prompts.", ""]
+        lines.append(
+            f"| {name} | {row['relative_variance']:.2f} | {row['mean_cosine']:.3f} | "
+            f"{lr_[0]:.3f} ± {lr_[1]:.3f} | {row['seed_spread_of_reward_curve']:.3f} | {first} | "
+            f"{fa[0]:.3f} ± {fa[1]:.3f} |"
+        )
+    lines += [
+        "",
+        f"Gradient statistics: {args.draws} independent batches per estimator at the shipped base model "
+        "(LoRA parameters; relative variance ≈ how many batches must be averaged before the noise is as "
+        "large as the signal). Accuracy: greedy, 200 held-out prompts, every "
+        f"{args.eval_every} steps; ± is the standard deviation over seeds. The reward + 1 run is logged "
+        "with the shift taken off again. Rows without training numbers are gradient-only: the same "
+        "budget spread over more prompts.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -229,24 +267,64 @@ def _figure(runs: dict, variance: dict, path: Path) -> None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("reward/mean per step (each seed)",
-                                                        "eval/accuracy (greedy, held-out)",
-                                                        "gradient relative variance at the base policy"))
-    colors = {"reinforce, no baseline": "#d62728", "reinforce, no baseline, reward + 1": "#9467bd",
-              "reinforce, batch-mean baseline": "#ff7f0e", "grpo": "#1f77b4"}
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        subplot_titles=(
+            "reward/mean per step (each seed)",
+            "eval/accuracy (greedy, held-out)",
+            "gradient relative variance at the base policy",
+        ),
+    )
+    colors = {
+        "reinforce, no baseline": "#d62728",
+        "reinforce, no baseline, reward + 1": "#9467bd",
+        "reinforce, batch-mean baseline": "#ff7f0e",
+        "grpo": "#1f77b4",
+    }
     for name, seeds in runs.items():
         for i, r in enumerate(seeds):
             steps = list(range(1, len(r["reward_curve"]) + 1))
-            fig.add_trace(go.Scatter(x=steps, y=r["reward_curve"], name=name, legendgroup=name, showlegend=i == 0,
-                                     line=dict(color=colors[name], width=1), opacity=0.7), row=1, col=1)
-            fig.add_trace(go.Scatter(x=[s for s, _ in r["eval_curve"]], y=[a for _, a in r["eval_curve"]],
-                                     name=name, legendgroup=name, showlegend=False, mode="lines+markers",
-                                     line=dict(color=colors[name], width=1)), row=1, col=2)
-    fig.add_trace(go.Bar(x=list(variance), y=[v["relative_variance"] for v in variance.values()],
-                         marker_color=[colors.get(n, "#7f7f7f") for n in variance], showlegend=False), row=1, col=3)
+            fig.add_trace(
+                go.Scatter(
+                    x=steps,
+                    y=r["reward_curve"],
+                    name=name,
+                    legendgroup=name,
+                    showlegend=i == 0,
+                    line=dict(color=colors[name], width=1),
+                    opacity=0.7,
+                ),
+                row=1,
+                col=1,
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=[s for s, _ in r["eval_curve"]],
+                    y=[a for _, a in r["eval_curve"]],
+                    name=name,
+                    legendgroup=name,
+                    showlegend=False,
+                    mode="lines+markers",
+                    line=dict(color=colors[name], width=1),
+                ),
+                row=1,
+                col=2,
+            )
+    fig.add_trace(
+        go.Bar(
+            x=list(variance),
+            y=[v["relative_variance"] for v in variance.values()],
+            marker_color=[colors.get(n, "#7f7f7f") for n in variance],
+            showlegend=False,
+        ),
+        row=1,
+        col=3,
+    )
     fig.update_yaxes(type="log", row=1, col=3)
-    fig.update_layout(title="REINFORCE vs GRPO on arith at the same number of sampled completions",
-                      height=450, width=1400)
+    fig.update_layout(
+        title="REINFORCE vs GRPO on arith at the same number of sampled completions", height=450, width=1400
+    )
     fig.write_html(path, include_plotlyjs="directory")  # plotly.min.js once, beside the figures, offline
 
 

@@ -21,8 +21,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -49,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1600)
     args = parser.parse_args(argv)
 
-    import app
     from playwright.sync_api import sync_playwright
+
+    import app
 
     port = free_port()
     demo = app.serve(port=port, runs_dir=tempfile.mkdtemp(prefix="lab-runs-"), prevent_thread_lock=True)
@@ -73,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             page.click("#launch")
             page.wait_for_selector("#plot .js-plotly-plot .scatterlayer .trace", timeout=120_000)
             print(f"first chart {time.time() - clicked:.1f} s after Launch")
-            page.wait_for_function("document.querySelector('#before-after-summary')?.innerText.includes('after')",
-                                   timeout=600_000)
+            page.wait_for_function(
+                "document.querySelector('#before-after-summary')?.innerText.includes('after')", timeout=600_000
+            )
             print(f"run and before/after done {time.time() - clicked:.1f} s after Launch")
             page.click("#show-tokens")
             page.wait_for_function("document.querySelector('#tokens')?.innerText.trim().length > 0", timeout=60_000)

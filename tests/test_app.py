@@ -16,8 +16,9 @@ pytest.importorskip("gradio_client")
 
 STATUS, PROGRESS, PLOT, SAMPLES, METRICS, BA_TEXT, BA_TABLE, PICK = range(8)
 # A run small enough for a test: 2 GRPO steps of 2 prompts × 2 completions, 4 held-out prompts.
-SHORT_GRPO = dict(method="grpo", task="arith", grpo_steps=2, grpo_batch_size=2, grpo_group_size=2,
-                  grpo_eval_size=4, grpo_eval_every=0)
+SHORT_GRPO = dict(
+    method="grpo", task="arith", grpo_steps=2, grpo_batch_size=2, grpo_group_size=2, grpo_eval_size=4, grpo_eval_every=0
+)
 
 
 def app_held_out() -> int:
@@ -112,8 +113,9 @@ def test_bad_jsonl_upload_names_the_row(other_client, tmp_path):
     path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"\n')
     checked = other_client.predict(handle_file(str(path)), api_name="/check_data")
     assert "row 2 (line 2 of prefs.jsonl)" in checked and "invalid JSON" in checked
-    out = other_client.predict(method="sft", data_file=handle_file(str(path)), model="arith", sft_steps=1,
-                         api_name="/launch")
+    out = other_client.predict(
+        method="sft", data_file=handle_file(str(path)), model="arith", sft_steps=1, api_name="/launch"
+    )
     assert "row 2 (line 2 of prefs.jsonl)" in out[STATUS]
 
 
@@ -128,8 +130,9 @@ def test_out_of_memory_is_a_message_and_the_app_keeps_serving(other_client, serv
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)")
         yield  # a generator, like every trainer
 
-    monkeypatch.setattr(lab.methods, "get_method",
-                        lambda name: (real(name)[0], oom_train) if name == "grpo" else real(name))
+    monkeypatch.setattr(
+        lab.methods, "get_method", lambda name: (real(name)[0], oom_train) if name == "grpo" else real(name)
+    )
     out = other_client.predict(**{**SHORT_GRPO, "grpo_run_id": "oom-run"}, api_name="/launch")
     assert out[STATUS].count("out of memory") == 1 and "batch_size" in out[STATUS]
     assert json.loads((served[1] / "oom-run" / "status.json").read_text())["status"] == "failed"
@@ -230,7 +233,11 @@ def test_coerce_turns_widget_values_into_config_types():
     from lab.sft import SFTConfig
 
     assert coerce(SFTConfig, {"steps": 3.0, "lr": "0.01", "run_id": "", "per_sequence": "true"}) == {
-        "steps": 3, "lr": 0.01, "run_id": None, "per_sequence": True}
+        "steps": 3,
+        "lr": 0.01,
+        "run_id": None,
+        "per_sequence": True,
+    }
     with pytest.raises(ConfigError, match="steps: must be a whole number"):
         coerce(SFTConfig, {"steps": 2.5})
     with pytest.raises(ConfigError, match="nonsense: not a setting"):

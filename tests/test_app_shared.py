@@ -22,22 +22,25 @@ SERVED = "local paths are not served on a shared app"
 # The policy, without a browser
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"task": "jsonl:/etc/passwd"}, f"task: {SERVED}"),
-    ({"task": "jsonl:/no/such/file.jsonl"}, f"task: {SERVED}"),  # the same line: existence is not revealed
-    ({"task": "/etc/passwd"}, f"task: {SERVED}"),
-    ({"task": "hf:/etc"}, f"task: {SERVED}"),
-    ({"ptx_data": "data.jsonl"}, f"ptx_data: {SERVED}"),
-    ({"model": "/tmp"}, f"model: {SERVED}"),
-    ({"model": "./models/x"}, f"model: {SERVED}"),
-    ({"model": "tests"}, f"model: {SERVED}"),  # a bare word that is no built-in model
-    ({"reward_model": "/root"}, f"reward_model: {SERVED}"),
-    ({"reward": "python:os:getcwd"}, "reward: python: rewards are not served"),
-    ({"reward": "gold+python:this:s"}, "reward: python: rewards are not served"),
-    ({"reward": "/etc"}, f"reward: {SERVED}"),
-    ({"trust_remote_code": True}, "trust_remote_code: remote code is not run on a shared app"),
-    ({"steps": 501}, "steps: at most 500 per run on a shared app, got 501"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"task": "jsonl:/etc/passwd"}, f"task: {SERVED}"),
+        ({"task": "jsonl:/no/such/file.jsonl"}, f"task: {SERVED}"),  # the same line: existence is not revealed
+        ({"task": "/etc/passwd"}, f"task: {SERVED}"),
+        ({"task": "hf:/etc"}, f"task: {SERVED}"),
+        ({"ptx_data": "data.jsonl"}, f"ptx_data: {SERVED}"),
+        ({"model": "/tmp"}, f"model: {SERVED}"),
+        ({"model": "./models/x"}, f"model: {SERVED}"),
+        ({"model": "tests"}, f"model: {SERVED}"),  # a bare word that is no built-in model
+        ({"reward_model": "/root"}, f"reward_model: {SERVED}"),
+        ({"reward": "python:os:getcwd"}, "reward: python: rewards are not served"),
+        ({"reward": "gold+python:this:s"}, "reward: python: rewards are not served"),
+        ({"reward": "/etc"}, f"reward: {SERVED}"),
+        ({"trust_remote_code": True}, "trust_remote_code: remote code is not run on a shared app"),
+        ({"steps": 501}, "steps: at most 500 per run on a shared app, got 501"),
+    ],
+)
 def test_shared_policy_refuses_server_paths_code_and_long_runs(values, message):
     with pytest.raises(NotServed) as err:
         check_shared_inputs(values, allow_local=False, max_steps=500)
@@ -55,14 +58,17 @@ def test_shared_policy_message_does_not_depend_on_the_file_existing(tmp_path):
     assert messages[0] == messages[1]
 
 
-@pytest.mark.parametrize("values", [
-    {"task": "arith", "model": None, "reward": "gold", "steps": 500, "trust_remote_code": False},
-    {"task": "reviews", "reward": "math+format"},
-    {"task": "hf:trl-lib/ultrafeedback_binarized"},
-    {"task": "hf:gsm8k:main:train"},
-    {"model": "Qwen/Qwen2.5-0.5B-Instruct", "reward_model": "openai-community/gpt2"},
-    {"model": "arith"},  # a built-in model name
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"task": "arith", "model": None, "reward": "gold", "steps": 500, "trust_remote_code": False},
+        {"task": "reviews", "reward": "math+format"},
+        {"task": "hf:trl-lib/ultrafeedback_binarized"},
+        {"task": "hf:gsm8k:main:train"},
+        {"model": "Qwen/Qwen2.5-0.5B-Instruct", "reward_model": "openai-community/gpt2"},
+        {"model": "arith"},  # a built-in model name
+    ],
+)
 def test_shared_policy_serves_builtin_tasks_hub_ids_and_builtin_rewards(values):
     check_shared_inputs(values, allow_local=False, max_steps=500)
 
@@ -73,8 +79,10 @@ def test_uploads_and_the_apps_own_reward_models_are_served():
 
 
 def test_allow_local_lets_the_operator_opt_in_but_keeps_the_step_cap():
-    check_shared_inputs({"task": "jsonl:/etc/passwd", "reward": "python:os:getcwd", "model": "/tmp",
-                         "trust_remote_code": True}, allow_local=True)
+    check_shared_inputs(
+        {"task": "jsonl:/etc/passwd", "reward": "python:os:getcwd", "model": "/tmp", "trust_remote_code": True},
+        allow_local=True,
+    )
     with pytest.raises(NotServed, match="steps: at most 10"):
         check_shared_inputs({"steps": 11}, allow_local=True, max_steps=10)
 
@@ -188,8 +196,9 @@ def shared(tmp_path_factory, free_port):
 
     runs = tmp_path_factory.mktemp("runs")
     port = free_port()
-    demo = app.serve(port=port, runs_dir=str(runs), prevent_thread_lock=True, warm=False, shared=True,
-                     max_steps=3, max_queue=1)
+    demo = app.serve(
+        port=port, runs_dir=str(runs), prevent_thread_lock=True, warm=False, shared=True, max_steps=3, max_queue=1
+    )
     try:
         yield f"http://127.0.0.1:{port}/", runs
     finally:
@@ -203,13 +212,16 @@ def stranger(shared):
     return Client(shared[0], verbose=False)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"task": "jsonl:/etc/passwd"}, f"task: {SERVED}"),
-    ({"task": "jsonl:/etc/no-such-file"}, f"task: {SERVED}"),
-    ({"model": "/etc"}, f"model: {SERVED}"),
-    ({"method": "reinforce", "reinforce_reward": "python:this:s"}, "reward: python: rewards are not served"),
-    ({"grpo_steps": 4}, "steps: at most 3 per run on a shared app, got 4"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"task": "jsonl:/etc/passwd"}, f"task: {SERVED}"),
+        ({"task": "jsonl:/etc/no-such-file"}, f"task: {SERVED}"),
+        ({"model": "/etc"}, f"model: {SERVED}"),
+        ({"method": "reinforce", "reinforce_reward": "python:this:s"}, "reward: python: rewards are not served"),
+        ({"grpo_steps": 4}, "steps: at most 3 per run on a shared app, got 4"),
+    ],
+)
 def test_shared_app_refuses_in_one_line(stranger, shared, kwargs, message):
     out = stranger.predict(**{"method": "grpo", **kwargs}, api_name="/launch")
     assert message in out[STATUS] and "\n" not in out[STATUS] and "Traceback" not in out[STATUS]
@@ -217,8 +229,10 @@ def test_shared_app_refuses_in_one_line(stranger, shared, kwargs, message):
 
 
 def test_shared_app_has_no_remote_code_box(stranger):
-    params = {p["parameter_name"] for p in stranger.view_api(print_info=False, return_format="dict")[
-        "named_endpoints"]["/launch"]["parameters"]}
+    params = {
+        p["parameter_name"]
+        for p in stranger.view_api(print_info=False, return_format="dict")["named_endpoints"]["/launch"]["parameters"]
+    }
     assert "grpo_lr" in params and not any(p.endswith("trust_remote_code") for p in params)
 
 
@@ -234,8 +248,15 @@ def test_shared_app_caps_one_users_queue(stranger, shared):
 
     # a run of several seconds (64 completions a step, 200 held-out prompts before and after), so that it is still
     # running on a busy machine when the second launch arrives
-    first = stranger.submit(method="grpo", grpo_steps=3, grpo_batch_size=8, grpo_group_size=8, grpo_eval_size=200,
-                            grpo_eval_every=0, api_name="/launch")
+    first = stranger.submit(
+        method="grpo",
+        grpo_steps=3,
+        grpo_batch_size=8,
+        grpo_group_size=8,
+        grpo_eval_size=200,
+        grpo_eval_every=0,
+        api_name="/launch",
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not first.outputs():
         time.sleep(0.1)

@@ -41,21 +41,24 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 # 2. types are checked in the Python API as in the CLI
 
 
-@pytest.mark.parametrize("cls, changes, expected", [
-    (GRPOConfig, {"trust_remote_code": "false"}, "trust_remote_code: must be true or false (a bool), got 'false'"),
-    (GRPOConfig, {"steps": "5"}, "steps: must be a whole number (int), got '5' (str)"),
-    (GRPOConfig, {"steps": 1.5}, "steps: must be a whole number (int), got 1.5 (float)"),
-    (GRPOConfig, {"steps": True}, "steps: must be a whole number (int), got True (bool)"),
-    (GRPOConfig, {"lr": "1e-3"}, "lr: must be a number (float), got '1e-3' (str)"),
-    (GRPOConfig, {"scale_rewards": "no"}, "scale_rewards: must be true or false (a bool), got 'no'"),
-    (GRPOConfig, {"task": 5}, "task: must be text (str), got 5 (int)"),
-    (GRPOConfig, {"group_size": None}, "group_size: needs a value (int), got None"),
-    (GRPOConfig, {"seed": -5}, "seed: must be in [0, 4294967295], got -5"),
-    (GRPOConfig, {"seed": 99999999999}, "seed: must be in [0, 4294967295], got 99999999999"),
-    (DPOConfig, {"task": "reviews", "beta": "0.1"}, "beta: must be a number (float), got '0.1' (str)"),
-    (BestOfNConfig, {"reward_model": "x", "seed": "1"}, "seed: must be a whole number (int), got '1' (str)"),
-    (BestOfNConfig, {"reward_model": "x", "seed": -1}, "seed: must be in [0, 4294967295], got -1"),
-])
+@pytest.mark.parametrize(
+    "cls, changes, expected",
+    [
+        (GRPOConfig, {"trust_remote_code": "false"}, "trust_remote_code: must be true or false (a bool), got 'false'"),
+        (GRPOConfig, {"steps": "5"}, "steps: must be a whole number (int), got '5' (str)"),
+        (GRPOConfig, {"steps": 1.5}, "steps: must be a whole number (int), got 1.5 (float)"),
+        (GRPOConfig, {"steps": True}, "steps: must be a whole number (int), got True (bool)"),
+        (GRPOConfig, {"lr": "1e-3"}, "lr: must be a number (float), got '1e-3' (str)"),
+        (GRPOConfig, {"scale_rewards": "no"}, "scale_rewards: must be true or false (a bool), got 'no'"),
+        (GRPOConfig, {"task": 5}, "task: must be text (str), got 5 (int)"),
+        (GRPOConfig, {"group_size": None}, "group_size: needs a value (int), got None"),
+        (GRPOConfig, {"seed": -5}, "seed: must be in [0, 4294967295], got -5"),
+        (GRPOConfig, {"seed": 99999999999}, "seed: must be in [0, 4294967295], got 99999999999"),
+        (DPOConfig, {"task": "reviews", "beta": "0.1"}, "beta: must be a number (float), got '0.1' (str)"),
+        (BestOfNConfig, {"reward_model": "x", "seed": "1"}, "seed: must be a whole number (int), got '1' (str)"),
+        (BestOfNConfig, {"reward_model": "x", "seed": -1}, "seed: must be in [0, 4294967295], got -1"),
+    ],
+)
 def test_a_wrong_type_or_seed_is_one_line_naming_the_field(tmp_path, cls, changes, expected):
     with pytest.raises(ConfigError) as err:
         cls(**({"out": str(tmp_path / "runs")} if cls is not BestOfNConfig else {}), **changes)
@@ -96,8 +99,17 @@ def test_well_typed_values_still_pass(tmp_path):
 
     from lab.live import coerce
 
-    values = coerce(GRPOConfig, {"steps": 3.0, "lr": "0.001", "trust_remote_code": False, "scale_rewards": "",
-                                 "gradient_checkpointing": "true", "seed": 7})
+    values = coerce(
+        GRPOConfig,
+        {
+            "steps": 3.0,
+            "lr": "0.001",
+            "trust_remote_code": False,
+            "scale_rewards": "",
+            "gradient_checkpointing": "true",
+            "seed": 7,
+        },
+    )
     assert GRPOConfig(**values).gradient_checkpointing is True
 
     import argparse
@@ -123,8 +135,9 @@ class Saveable:
         Path(path, "weights.txt").write_text("w")
 
 
-@pytest.mark.parametrize("metric, value", [("loss/policy", float("nan")), ("grad/norm", float("inf")),
-                                           ("loss/dpo", -float("inf"))])
+@pytest.mark.parametrize(
+    "metric, value", [("loss/policy", float("nan")), ("grad/norm", float("inf")), ("loss/dpo", -float("inf"))]
+)
 def test_a_non_finite_loss_or_grad_norm_fails_the_run(tmp_path, metric, value):
     cfg = BaseConfig(out=str(tmp_path), run_id="nan", steps=10)
     with pytest.raises(Diverged) as err, warnings.catch_warnings():
@@ -142,14 +155,24 @@ def test_a_non_finite_loss_or_grad_norm_fails_the_run(tmp_path, metric, value):
 def test_a_huge_reward_fails_the_run_instead_of_completing(tmp_path):
     """A reward of 3e38 (finite in float64, overflowing in float32 sums): the run ends `failed`, in one line,
     not `completed` with null metrics."""
-    (tmp_path / "huge_reward.py").write_text("def reward(prompts, completions, **kw):\n"
-                                             "    return [3e38] * len(completions)\n")
+    (tmp_path / "huge_reward.py").write_text(
+        "def reward(prompts, completions, **kw):\n    return [3e38] * len(completions)\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         from lab.grpo import train
 
-        cfg = GRPOConfig(task="arith", reward="python:huge_reward:reward", steps=3, batch_size=2, group_size=2,
-                         eval_every=0, eval_size=2, out=str(tmp_path / "runs"), run_id="huge")
+        cfg = GRPOConfig(
+            task="arith",
+            reward="python:huge_reward:reward",
+            steps=3,
+            batch_size=2,
+            group_size=2,
+            eval_every=0,
+            eval_size=2,
+            out=str(tmp_path / "runs"),
+            run_id="huge",
+        )
         with pytest.raises(Exception) as err, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             list(train(cfg))
@@ -172,16 +195,23 @@ def write(path: Path, rows: list) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("row, expected", [
-    ({"prompt": "Q:", "chosen": " yes", "rejected": " yes"}, "keys 'chosen' and 'rejected' are identical"),
-    ({"chosen": "Q: yes", "rejected": "Q: yes"}, "keys 'chosen' and 'rejected' are identical"),
-    ({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
-      "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
-     "keys 'chosen' and 'rejected' are identical"),
-    ({"messages": [{"role": "bot", "content": "hi"}]}, "key 'messages[0].role' must be one of system, user"),
-    ({"prompt": [{"role": "human", "content": "hi"}], "completion": "x"}, "key 'prompt[0].role' must be one of"),
-    ({"prompt": "Q:", "chosen": [{"role": "gpt", "content": "a"}], "rejected": "b"}, "key 'chosen[0].role'"),
-])
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"prompt": "Q:", "chosen": " yes", "rejected": " yes"}, "keys 'chosen' and 'rejected' are identical"),
+        ({"chosen": "Q: yes", "rejected": "Q: yes"}, "keys 'chosen' and 'rejected' are identical"),
+        (
+            {
+                "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+                "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+            },
+            "keys 'chosen' and 'rejected' are identical",
+        ),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, "key 'messages[0].role' must be one of system, user"),
+        ({"prompt": [{"role": "human", "content": "hi"}], "completion": "x"}, "key 'prompt[0].role' must be one of"),
+        ({"prompt": "Q:", "chosen": [{"role": "gpt", "content": "a"}], "rejected": "b"}, "key 'chosen[0].role'"),
+    ],
+)
 def test_a_degenerate_row_is_refused_naming_row_and_key(tmp_path, row, expected):
     path = write(tmp_path / "bad.jsonl", [row])
     with pytest.raises(DataError) as err:
@@ -202,8 +232,12 @@ def test_identical_pairs_are_skipped_and_counted_with_skip_bad_rows(tmp_path):
 
 
 def test_tool_and_system_roles_are_accepted(tmp_path):
-    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                {"role": "tool", "content": "t"}, {"role": "assistant", "content": "a"}]
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "tool", "content": "t"},
+        {"role": "assistant", "content": "a"},
+    ]
     assert load_rows(write(tmp_path / "ok.jsonl", [{"messages": messages}]))[0]["messages"] == messages
 
 
@@ -225,8 +259,16 @@ def test_skipped_rows_are_counted_in_the_run_record(tmp_path):
 
     good = {"prompt": "2+3=", "completion": "5"}
     path = write(tmp_path / "sft.jsonl", [good, {"prompt": "2+3="}, good, good])  # row 2 has no completion
-    cfg = SFTConfig(task=path, model="arith", steps=1, batch_size=2, eval_size=2, skip_bad_rows=True,
-                    out=str(tmp_path / "runs"), run_id="skips")
+    cfg = SFTConfig(
+        task=path,
+        model="arith",
+        steps=1,
+        batch_size=2,
+        eval_size=2,
+        skip_bad_rows=True,
+        out=str(tmp_path / "runs"),
+        run_id="skips",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         list(train(cfg))
@@ -311,9 +353,32 @@ def test_save_every_replaces_one_latest_checkpoint(tmp_path):
 
 
 def test_sigterm_on_a_cli_run_leaves_it_stopped_with_a_checkpoint(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "lab", "train", "sft", "--task", "arith", "--steps", "500",
-                             "--batch-size", "4", "--eval-size", "4", "--out", str(tmp_path), "--run-id", "term"],
-                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lab",
+            "train",
+            "sft",
+            "--task",
+            "arith",
+            "--steps",
+            "500",
+            "--batch-size",
+            "4",
+            "--eval-size",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            "term",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "term" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

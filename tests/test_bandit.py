@@ -179,8 +179,10 @@ def test_bandit_preference_rows_follow_bradley_terry():
         assert row["chosen_gold"] == task.gold_reward(row["prompt"], row["chosen"])
         assert row["rejected_gold"] == task.gold_reward(row["prompt"], row["rejected"])
     p_agree = [1 / (1 + math.exp(-abs(r["chosen_gold"] - r["rejected_gold"]))) for r in rows]
-    agree = sum(1.0 if r["chosen_gold"] > r["rejected_gold"] else 0.5 if r["chosen_gold"] == r["rejected_gold"] else 0.0
-                for r in rows)
+    agree = sum(
+        1.0 if r["chosen_gold"] > r["rejected_gold"] else 0.5 if r["chosen_gold"] == r["rejected_gold"] else 0.0
+        for r in rows
+    )
     expected = sum(p_agree)
     std = math.sqrt(sum(p * (1 - p) for p in p_agree))
     assert abs(agree - expected) < 3 * std

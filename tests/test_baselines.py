@@ -44,8 +44,9 @@ def test_best_of_n_keeps_the_highest_scoring_sample(reviews_policy):
     rows = best_of_n(reviews_policy, GoldReward(task), prompts, 6, max_new_tokens=16, seed=3, task=task)
     assert [r["prompt"] for r in rows] == prompts
     gen = torch.Generator().manual_seed(3)
-    roll = generate(reviews_policy.model, reviews_policy.tokenizer, [p for p in prompts for _ in range(6)], 16,
-                    generator=gen)
+    roll = generate(
+        reviews_policy.model, reviews_policy.tokenizer, [p for p in prompts for _ in range(6)], 16, generator=gen
+    )
     gold = torch.tensor(task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())).view(4, 6)
     for i, row in enumerate(rows):
         assert row["gold_reward"] == pytest.approx(gold[i].max().item())
@@ -88,16 +89,23 @@ def test_preferred_sft_run_changes_the_adapter_and_reports_dpo_metrics(tmp_path)
 
     policy = load_policy(task="reviews", mode="lora", lora_r=4, lora_alpha=8)
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
-    cfg = PreferredSFTConfig(steps=2, batch_size=4, eval_size=2, kl_samples=2, lr=1e-2, out=str(tmp_path),
-                             run_id="p")
+    cfg = PreferredSFTConfig(steps=2, batch_size=4, eval_size=2, kl_samples=2, lr=1e-2, out=str(tmp_path), run_id="p")
     rows = list(train_preferred(cfg, policy=policy))
     assert [r["step"] for r in rows] == [1, 2]
     assert any(not torch.equal(p, before[n]) for n, p in policy.model.named_parameters() if p.requires_grad)
     metrics = [json.loads(line) for line in open(tmp_path / "p" / "metrics.jsonl")]
     status = json.loads((tmp_path / "p" / "status.json").read_text())
     assert status["status"] == "completed"
-    for key in ("loss/sft", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-                "logprobs/chosen", "logprobs/rejected"):
+    for key in (
+        "loss/sft",
+        "loss/dpo",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logprobs/chosen",
+        "logprobs/rejected",
+    ):
         assert key in metrics[0], key
     # implicit rewards come from each step's forward pass, before its update: 0 at step 1 (π_θ = π_ref), as in DPO
     assert metrics[0]["rewards/chosen"] == 0 and metrics[0]["loss/dpo"] == pytest.approx(math.log(2))
@@ -111,10 +119,16 @@ def test_bon_command_prints_best_of_n_against_a_single_sample(tmp_path, capsys):
     from lab.cli import main
     from lab.rm import RewardConfig, train
 
-    list(train(RewardConfig(steps=2, batch_size=8, eval_pairs=8, mode="lora", lora_r=4, lora_alpha=8,
-                            out=str(tmp_path), run_id="rm")))
-    code = main(["bon", "--reward-model", str(tmp_path / "rm"), "--n", "4", "--rounds", "1", "--eval-size", "3",
-                 "--json"])
+    list(
+        train(
+            RewardConfig(
+                steps=2, batch_size=8, eval_pairs=8, mode="lora", lora_r=4, lora_alpha=8, out=str(tmp_path), run_id="rm"
+            )
+        )
+    )
+    code = main(
+        ["bon", "--reward-model", str(tmp_path / "rm"), "--n", "4", "--rounds", "1", "--eval-size", "3", "--json"]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 4 and result["picks"] == 3
@@ -130,8 +144,17 @@ def test_sft_on_preferred_logs_kl_ref_every_step(tmp_path):
     from lab.modeling import load_policy
 
     policy = load_policy(task="reviews", mode="lora", lora_r=4, lora_alpha=8)
-    cfg = PreferredSFTConfig(steps=3, batch_size=4, eval_size=2, kl_samples=2, kl_prompts=4, lr=3e-2,
-                             sample_every=0, out=str(tmp_path), run_id="k")
+    cfg = PreferredSFTConfig(
+        steps=3,
+        batch_size=4,
+        eval_size=2,
+        kl_samples=2,
+        kl_prompts=4,
+        lr=3e-2,
+        sample_every=0,
+        out=str(tmp_path),
+        run_id="k",
+    )
     assert cfg.kl_every == 1
     rows = list(train_preferred(cfg, policy=policy))
     assert all("kl/ref" in r for r in rows)

@@ -7,13 +7,22 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason=f"no Chromium at {CHROMIUM} (Debian/Ubuntu: apt-get install chromium)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (Debian/Ubuntu: apt-get install chromium)"
+    ),
 ]
 
 
@@ -54,8 +63,10 @@ def test_launch_watch_stop_and_compare(tmp_path, free_port):
                 page.click("#launch")
                 page.wait_for_selector("#plot .js-plotly-plot .scatterlayer .trace")  # the chart got its first step
                 # the sample table got rows: arith prompts such as "47+38="
-                page.wait_for_function("document.querySelectorAll('#samples [role=row]').length > 1 && "
-                                       "document.querySelector('#samples').innerText.includes('=')")
+                page.wait_for_function(
+                    "document.querySelectorAll('#samples [role=row]').length > 1 && "
+                    "document.querySelector('#samples').innerText.includes('=')"
+                )
                 assert "step" in page.locator("#progress-text, #lab-progress-text").first.inner_text()
 
                 page.click("#stop")

@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from lab.records import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,8 +15,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 def run_cli(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "lab", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lab", *args], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=timeout
+    )
 
 
 def test_eval_arith_json_reports_base_accuracy_in_range():
@@ -29,8 +28,22 @@ def test_eval_arith_json_reports_base_accuracy_in_range():
 
 
 def test_train_sft_writes_run_into_out(tmp_path):
-    out = run_cli("train", "sft", "--task", "arith", "--steps", "2", "--batch-size", "4", "--eval-size", "4",
-                  "--out", str(tmp_path), "--run-id", "cli-sft")
+    out = run_cli(
+        "train",
+        "sft",
+        "--task",
+        "arith",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-size",
+        "4",
+        "--out",
+        str(tmp_path),
+        "--run-id",
+        "cli-sft",
+    )
     assert out.returncode == 0, out.stderr
     run = load_run(tmp_path / "cli-sft")
     assert run.status["status"] == "completed" and len(run.metrics) == 2
@@ -61,9 +74,29 @@ def test_run_id_cannot_escape_runs_folder(tmp_path):
 
 def test_sigkill_leaves_a_readable_record(tmp_path):
     """A training run killed with SIGKILL mid-way: the lab's reader still loads every flushed step."""
-    proc = subprocess.Popen([sys.executable, "-m", "lab", "train", "sft", "--task", "arith", "--steps", "500",
-                             "--batch-size", "4", "--out", str(tmp_path), "--run-id", "killed"],
-                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lab",
+            "train",
+            "sft",
+            "--task",
+            "arith",
+            "--steps",
+            "500",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            "killed",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -68,8 +68,11 @@ WRITERS = {
 }
 ROWS = {  # (rows on disk, format asked for, rows expected after normalization)
     "prompt_only": ([{"prompt": "2+3=", "id": "a"}], None, [{"prompt": "2+3=", "id": "a"}]),
-    "gsm8k": (GSM8K, "prompt_only", [{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
-                                     for r in GSM8K]),
+    "gsm8k": (
+        GSM8K,
+        "prompt_only",
+        [{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]} for r in GSM8K],
+    ),
     "sft": ([{"prompt": "2+3=", "completion": "5"}], "sft", [{"prompt": "2+3=", "completion": "5"}]),
     "preference": (
         [{"chosen": "Verdict: good", "rejected": "Verdict: bad"}],
@@ -236,8 +239,10 @@ def test_hf_offline_with_config_is_fast_and_one_line(monkeypatch):
 def test_question_or_problem_is_the_prompt_of_prompt_only_rows():
     assert detect_format(GSM8K[0]) == "prompt_only"
     # a bare question becomes the user's turn, so an instruct model answers it through its chat template
-    assert normalize_row(GSM8K[0]) == {"prompt": [{"role": "user", "content": GSM8K[0]["question"]}],
-                                       "answer": "3 + 4 = 7\n#### 7"}
+    assert normalize_row(GSM8K[0]) == {
+        "prompt": [{"role": "user", "content": GSM8K[0]["question"]}],
+        "answer": "3 + 4 = 7\n#### 7",
+    }
     assert normalize_row({"problem": "Find x.", "solution": r"x = \boxed{2}"}, "prompt") == {
         "prompt": [{"role": "user", "content": "Find x."}],
         "solution": r"x = \boxed{2}",

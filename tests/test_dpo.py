@@ -11,8 +11,21 @@ import pytest
 import torch
 
 from lab.config import ConfigError
-from lab.dpo import (LOSS_TYPES, LOSSES, USES_REFERENCE, DPOConfig, PairLogprobs, dpo_loss, encode_preference_batch,
-                     ipo_loss, length_normalized_dpo_loss, pair_logprobs, sampled_kl, simpo_loss, train)
+from lab.dpo import (
+    LOSS_TYPES,
+    LOSSES,
+    USES_REFERENCE,
+    DPOConfig,
+    PairLogprobs,
+    dpo_loss,
+    encode_preference_batch,
+    ipo_loss,
+    length_normalized_dpo_loss,
+    pair_logprobs,
+    sampled_kl,
+    simpo_loss,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 t = torch.tensor
@@ -76,8 +89,9 @@ def test_ipo_hand_computed():
     """β = 0.5, so the target margin 1/(2β) = 1.
     Pair 1: (−1 − (−2))/1 − (−3 − (−1))/2 = 1 − (−1) = 2 → (2 − 1)² = 1.
     Pair 2: (−2 − (−2))/1 − (−3 − (−2))/2 = 0 − (−0.5) = 0.5 → (0.5 − 1)² = 0.25.  Mean 0.625."""
-    loss, m = ipo_loss(t([-1.0, -2.0]), t([-3.0, -3.0]), t([-2.0, -2.0]), t([-1.0, -2.0]), t([1.0, 1.0]),
-                       t([2.0, 2.0]), beta=0.5)
+    loss, m = ipo_loss(
+        t([-1.0, -2.0]), t([-3.0, -3.0]), t([-2.0, -2.0]), t([-1.0, -2.0]), t([1.0, 1.0]), t([2.0, 2.0]), beta=0.5
+    )
     assert loss.item() == pytest.approx(0.625, abs=1e-6)
     assert m["rewards/chosen"].mean().item() == pytest.approx(0.5 * (1 + 0) / 2)
 
@@ -98,7 +112,7 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
         assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
         # IPO at π_θ = π_ref: h = 0, so L = (1/(2β))²
         loss, _ = ipo_loss(logp_w, logp_l, logp_w, logp_l, lengths_w, lengths_l, beta)
-        assert loss.item() == pytest.approx(1 / (4 * beta ** 2), rel=1e-6)
+        assert loss.item() == pytest.approx(1 / (4 * beta**2), rel=1e-6)
 
 
 def test_dpo_gradient_weight_is_beta_sigmoid_of_minus_beta_delta():
@@ -122,16 +136,17 @@ def test_loss_table_dispatches_each_variant_to_its_own_function():
     """LOSSES has one entry per loss type, and each gives what its function gives on the same numbers."""
     assert tuple(LOSSES) == LOSS_TYPES
     assert USES_REFERENCE == {"sigmoid": True, "length_normalized": True, "simpo": False, "ipo": True}
-    p = PairLogprobs(t([-2.0, -4.0]), t([-6.0, -3.0]), t([2.0, 4.0]), t([3.0, 1.0]), t([-4.0, -4.5]),
-                     t([-3.0, -2.0]))
+    p = PairLogprobs(t([-2.0, -4.0]), t([-6.0, -3.0]), t([2.0, 4.0]), t([3.0, 1.0]), t([-4.0, -4.5]), t([-3.0, -2.0]))
     cfg = DPOConfig(beta=0.7, simpo_gamma=0.3)
     expected = {
         "sigmoid": dpo_loss(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, 0.7)[0],
-        "length_normalized": length_normalized_dpo_loss(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected,
-                                                        p.chosen_lengths, p.rejected_lengths, 0.7)[0],
+        "length_normalized": length_normalized_dpo_loss(
+            p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, p.chosen_lengths, p.rejected_lengths, 0.7
+        )[0],
         "simpo": simpo_loss(p.chosen / p.chosen_lengths, p.rejected / p.rejected_lengths, 0.7, 0.3)[0],
-        "ipo": ipo_loss(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, p.chosen_lengths, p.rejected_lengths,
-                        0.7)[0],
+        "ipo": ipo_loss(p.chosen, p.rejected, p.ref_chosen, p.ref_rejected, p.chosen_lengths, p.rejected_lengths, 0.7)[
+            0
+        ],
     }
     values = {name: LOSSES[name](p, cfg)[0].item() for name in LOSS_TYPES}
     assert len(set(values.values())) == 4  # four different losses
@@ -211,7 +226,6 @@ def _fit(model, tokenizer, index, loss_fn, steps=60):
 def test_bandit_pair_logprobs_are_the_next_token_logprobs(bandit_setup):
     """The trainer's batch path (encode_preference_batch + pair_logprobs, no eos on bandit) scores a bandit pair
     with exactly the next-token log-prob the convergence tests below use."""
-    from lab.tasks import bandit
 
     model, tokenizer, rows, index, ref_logprobs, _ = bandit_setup
     batch = encode_preference_batch(tokenizer, rows[:16], max_length=64, add_eos=False)
@@ -302,8 +316,10 @@ def test_sampled_kl_is_the_exact_kl_on_bandit(bandit_setup):
         from lab.ops import sequence_logprobs
 
         T = roll.completion_ids.shape[1]
-        per = (sequence_logprobs(trained, roll.input_ids, roll.attention_mask, T)
-               - sequence_logprobs(model, roll.input_ids, roll.attention_mask, T)).sum(-1)
+        per = (
+            sequence_logprobs(trained, roll.input_ids, roll.attention_mask, T)
+            - sequence_logprobs(model, roll.input_ids, roll.attention_mask, T)
+        ).sum(-1)
     stderr = per.std().item() / math.sqrt(len(per))
     assert exact > 0.02
     assert abs(estimate - exact) < 4 * stderr + 1e-6, (estimate, exact, stderr)
@@ -324,16 +340,33 @@ def test_a_few_steps_change_the_adapter_and_write_the_record(tmp_path, loss_type
 
     policy = load_policy(task="reviews", mode="lora", lora_r=4, lora_alpha=8)
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
-    cfg = DPOConfig(task="reviews", loss_type=loss_type, steps=2, batch_size=4, eval_size=2, kl_samples=2,
-                    out=str(tmp_path), run_id="r", lr=1e-2)
+    cfg = DPOConfig(
+        task="reviews",
+        loss_type=loss_type,
+        steps=2,
+        batch_size=4,
+        eval_size=2,
+        kl_samples=2,
+        out=str(tmp_path),
+        run_id="r",
+        lr=1e-2,
+    )
     rows = list(train(cfg, policy=policy))
     assert [r["step"] for r in rows] == [1, 2]
     changed = [n for n, p in policy.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed
     metrics, status = _read(tmp_path / "r")
     assert status["status"] == "completed" and len(metrics) == 2
-    for key in ("loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-                "logprobs/chosen", "logprobs/rejected", "grad/norm"):
+    for key in (
+        "loss/dpo",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logprobs/chosen",
+        "logprobs/rejected",
+        "grad/norm",
+    ):
         assert key in metrics[0], key
     assert "eval/gold_reward" in metrics[-1] and "eval/sample_reward" in metrics[-1]
     assert ("kl/ref" in metrics[-1]) == USES_REFERENCE[loss_type]
@@ -346,8 +379,7 @@ def test_simpo_never_touches_the_reference(tmp_path):
     from lab.dpo import _load_policy
     from lab.tasks import get_task
 
-    cfg = DPOConfig(task="bandit", loss_type="simpo", mode="full", steps=2, batch_size=8, out=str(tmp_path),
-                    run_id="s")
+    cfg = DPOConfig(task="bandit", loss_type="simpo", mode="full", steps=2, batch_size=8, out=str(tmp_path), run_id="s")
     policy = _load_policy(cfg, get_task("bandit"))
     assert policy._ref_model is None
 
@@ -376,25 +408,57 @@ def test_bandit_run_reports_exact_heldout_metrics(tmp_path):
     assert last["kl/ref"] == pytest.approx(bandit.kl(logprobs, ref_logprobs).mean().item(), rel=1e-4)
     assert last["kl/ref"] > 0
     assert last["eval/kl_to_optimum"] == pytest.approx(
-        bandit.kl_to_optimum(policy.model, policy.tokenizer, 0.5, ref_logprobs), rel=1e-4)
+        bandit.kl_to_optimum(policy.model, policy.tokenizer, 0.5, ref_logprobs), rel=1e-4
+    )
     rewards = bandit.reward_tables(bandit.PROMPTS, policy.tokenizer)
-    assert last["eval/sample_reward"] == pytest.approx(bandit.expected_reward(logprobs, rewards).mean().item(),
-                                                       rel=1e-4)
+    assert last["eval/sample_reward"] == pytest.approx(
+        bandit.expected_reward(logprobs, rewards).mean().item(), rel=1e-4
+    )
 
 
 def test_cli_run_in_a_subprocess(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "lab", "train", "dpo", "--task", "reviews", "--steps", "2",
-                          "--batch-size", "4", "--eval-size", "2", "--kl-samples", "2", "--out", str(tmp_path),
-                          "--run-id", "cli"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lab",
+            "train",
+            "dpo",
+            "--task",
+            "reviews",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--eval-size",
+            "2",
+            "--kl-samples",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            "cli",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     metrics, status = _read(tmp_path / "cli")
     assert status["status"] == "completed" and [m["step"] for m in metrics] == [1, 2]
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--beta", "-1"], "error: beta: must be in [0.001, 100.0], got -1.0"),
-    (["--loss-type", "hinge"], "error: loss_type: must be one of sigmoid, length_normalized, simpo, ipo, got 'hinge'"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--beta", "-1"], "error: beta: must be in [0.001, 100.0], got -1.0"),
+        (
+            ["--loss-type", "hinge"],
+            "error: loss_type: must be one of sigmoid, length_normalized, simpo, ipo, got 'hinge'",
+        ),
+    ],
+)
 def test_cli_bad_hyperparameter_is_one_line(tmp_path, capsys, flags, message):
     from lab.cli import main
 
@@ -409,8 +473,9 @@ def test_sampled_off_support_hand_computed():
     from lab.dpo import sampled_off_support
     from lab.tasks.enumerable import pair_support
 
-    support = pair_support([{"prompt": "a", "chosen": "x", "rejected": "y"}, {"prompt": "c", "chosen": "v",
-                                                                            "rejected": "u"}])
+    support = pair_support(
+        [{"prompt": "a", "chosen": "x", "rejected": "y"}, {"prompt": "c", "chosen": "v", "rejected": "u"}]
+    )
     assert support == {"a": {"x", "y"}, "c": {"v", "u"}}
     prompts, completions = ["a", "a", "a", "b", "c"], ["x", "z", " y ", "q", "w"]
     assert sampled_off_support(prompts, completions, support) == pytest.approx(0.5)
@@ -425,8 +490,9 @@ def test_bandit_run_logs_the_exact_mass_off_the_pairs(tmp_path):
     from lab.tasks.enumerable import pair_support, support_mask
 
     policy = load_policy(task="bandit", mode="lora", lora_r=4, lora_alpha=8)
-    cfg = DPOConfig(task="bandit", beta=0.5, steps=2, batch_size=64, lr=2e-2, out=str(tmp_path), run_id="m",
-                    sample_every=0)
+    cfg = DPOConfig(
+        task="bandit", beta=0.5, steps=2, batch_size=64, lr=2e-2, out=str(tmp_path), run_id="m", sample_every=0
+    )
     last = list(train(cfg, policy=policy))[-1]
     mask = support_mask(bandit.PROMPTS, pair_support(get_task("bandit").preference_rows("train")), policy.tokenizer)
     with torch.no_grad():
@@ -446,8 +512,18 @@ def test_dpo_logs_kl_ref_every_step_from_fresh_samples(tmp_path):
     from lab.modeling import load_policy
 
     policy = load_policy(task="reviews", mode="lora", lora_r=4, lora_alpha=8)
-    cfg = DPOConfig(task="reviews", steps=3, batch_size=4, eval_size=2, kl_samples=2, kl_prompts=4,
-                    sample_every=0, out=str(tmp_path), run_id="k", lr=3e-2)
+    cfg = DPOConfig(
+        task="reviews",
+        steps=3,
+        batch_size=4,
+        eval_size=2,
+        kl_samples=2,
+        kl_prompts=4,
+        sample_every=0,
+        out=str(tmp_path),
+        run_id="k",
+        lr=3e-2,
+    )
     assert cfg.kl_every == 1
     rows = list(train(cfg, policy=policy))
     assert all("kl/ref" in r for r in rows)
@@ -463,16 +539,20 @@ def test_dpo_step_kl_on_bandit_is_the_exact_kl(tmp_path):
     from lab.tasks import bandit, get_task
 
     policy = load_policy(task="bandit", mode="lora", lora_r=4, lora_alpha=8)
-    cfg = DPOConfig(task="bandit", beta=0.5, steps=3, batch_size=64, lr=2e-2, sample_every=0, out=str(tmp_path),
-                    run_id="b")
+    cfg = DPOConfig(
+        task="bandit", beta=0.5, steps=3, batch_size=64, lr=2e-2, sample_every=0, out=str(tmp_path), run_id="b"
+    )
     steps = train(cfg, policy=policy)
     first = next(steps)
     assert first["kl/ref"] == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad(), policy.reference() as ref:
         ref_logprobs = bandit.next_token_logprobs(ref, policy.tokenizer, bandit.PROMPTS)
     with torch.no_grad():
-        exact = bandit.kl(bandit.next_token_logprobs(policy.model, policy.tokenizer, bandit.PROMPTS),
-                          ref_logprobs).mean().item()
+        exact = (
+            bandit.kl(bandit.next_token_logprobs(policy.model, policy.tokenizer, bandit.PROMPTS), ref_logprobs)
+            .mean()
+            .item()
+        )
     assert step_kl(policy, get_task("bandit"), cfg, None, seed=0) == pytest.approx(exact, rel=1e-5)
     second = next(steps)  # its kl/ref is taken before its update: the policy measured above
     assert second["kl/ref"] == pytest.approx(exact, rel=1e-4) and exact > 0
@@ -481,6 +561,7 @@ def test_dpo_step_kl_on_bandit_is_the_exact_kl(tmp_path):
 
 def test_simpo_logs_no_kl_ref_between_evaluations(tmp_path):
     """SimPO has no π_ref, so kl_every finds nothing to compare against: no kl/ref at any step."""
-    cfg = DPOConfig(task="bandit", loss_type="simpo", steps=2, batch_size=8, sample_every=0, out=str(tmp_path),
-                    run_id="s")
+    cfg = DPOConfig(
+        task="bandit", loss_type="simpo", steps=2, batch_size=8, sample_every=0, out=str(tmp_path), run_id="s"
+    )
     assert not any("kl/ref" in r for r in train(cfg))

@@ -61,8 +61,9 @@ def test_a_declared_task_is_found_by_name_and_scores_by_its_table(tastes, builti
     with pytest.raises(ValueError, match="not a tastes prompt"):
         tastes.reward_table("pick a car :", tokenizer)
     # a reward function instead of a table gives the same task
-    same = EnumerableTask("tastes2", answers={p: list(t) for p, t in REWARDS.items()},
-                          reward_fn=lambda p, a: REWARDS[p][a])
+    same = EnumerableTask(
+        "tastes2", answers={p: list(t) for p, t in REWARDS.items()}, reward_fn=lambda p, a: REWARDS[p][a]
+    )
     assert same.rewards == tastes.rewards
     # Bradley–Terry pairs: the better answer wins more often than not, never a tie; eval is a separate draw
     rows = tastes.preference_rows("train")
@@ -88,7 +89,8 @@ def test_pi_star_and_the_exact_kl_on_a_declared_task(tastes, builtin):
     star = pi_star(ref_logprobs, rewards, beta)  # (2, V)
     blue, red = tokenizer.convert_tokens_to_ids("blue"), tokenizer.convert_tokens_to_ids("red")
     assert (star[0, blue] - star[0, red]).item() == pytest.approx(
-        (ref_logprobs[0, blue] - ref_logprobs[0, red]).item() + (1.0 - 0.0) / beta, abs=1e-5)
+        (ref_logprobs[0, blue] - ref_logprobs[0, red]).item() + (1.0 - 0.0) / beta, abs=1e-5
+    )
     torch.testing.assert_close(star.exp().sum(-1), torch.ones(2))
     assert kl(star, star).abs().max().item() < 1e-6
     start = tastes.kl_to_optimum(model, tokenizer, beta, ref_logprobs)
@@ -99,8 +101,9 @@ def test_pi_star_and_the_exact_kl_on_a_declared_task(tastes, builtin):
     assert exact["exact_reward"] == pytest.approx((ref_logprobs.exp() * rewards).sum(-1).mean().item(), rel=1e-5)
     answers = support_mask(prompts, support, tokenizer)  # (2, V)
     assert answers.sum().item() == 7
-    assert exact["mass_off_support"] == pytest.approx(1 - (ref_logprobs.exp() * answers).sum(-1).mean().item(),
-                                                      abs=1e-6)
+    assert exact["mass_off_support"] == pytest.approx(
+        1 - (ref_logprobs.exp() * answers).sum(-1).mean().item(), abs=1e-6
+    )
 
 
 def test_dpo_reaches_pi_star_on_a_declared_task(tastes, tmp_path):
@@ -115,8 +118,17 @@ def test_dpo_reaches_pi_star_on_a_declared_task(tastes, tmp_path):
     with torch.no_grad(), policy.reference() as ref:
         ref_logprobs = next_token_logprobs(ref, policy.tokenizer, tastes.eval_prompts())  # (2, V)
     start = tastes.kl_to_optimum(policy.model, policy.tokenizer, beta, ref_logprobs)
-    cfg = DPOConfig(task="tastes", mode="full", beta=beta, steps=60, batch_size=64, lr=3e-4, sample_every=0,
-                    out=str(tmp_path), run_id="d")
+    cfg = DPOConfig(
+        task="tastes",
+        mode="full",
+        beta=beta,
+        steps=60,
+        batch_size=64,
+        lr=3e-4,
+        sample_every=0,
+        out=str(tmp_path),
+        run_id="d",
+    )
     last = list(train(cfg, policy=policy))[-1]
     end = tastes.kl_to_optimum(policy.model, policy.tokenizer, beta, ref_logprobs)
     assert last["eval/kl_to_optimum"] == pytest.approx(end, rel=1e-4)  # the logged metric is the exact KL

@@ -10,8 +10,16 @@ import pytest
 import torch
 
 from lab.config import ConfigError
-from lab.grpo import (LOSS_NORMS, GRPOConfig, clipped_surrogate, constant_norm, group_advantages, grpo_loss,
-                      sequence_mean, token_mean)
+from lab.grpo import (
+    LOSS_NORMS,
+    GRPOConfig,
+    clipped_surrogate,
+    constant_norm,
+    group_advantages,
+    grpo_loss,
+    sequence_mean,
+    token_mean,
+)
 from lab.reinforce import reinforce_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +49,9 @@ def test_group_advantages_hand_computed():
     expected = torch.tensor([0.738170, -0.738170, -0.738170, 0.738170, 0, 0, 0, 0])
     torch.testing.assert_close(group_advantages(rewards, 4, eps=0.1), expected, atol=1e-6, rtol=0)
     # Dr. GRPO: no division, only the group mean comes off
-    torch.testing.assert_close(group_advantages(rewards, 4, eps=0.1, scale=False),
-                               torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    torch.testing.assert_close(
+        group_advantages(rewards, 4, eps=0.1, scale=False), torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+    )
 
 
 def test_group_advantages_zero_mean_unit_std_per_group():
@@ -146,8 +155,16 @@ def test_microbatches_accumulate_to_the_minibatch_gradient(loss_norm):
     (grad_full,) = torch.autograd.grad(full, logprobs)
     total = 0
     for rows in (slice(0, 2), slice(2, 6)):
-        part, _ = grpo_loss(logprobs[rows], old[rows], adv[rows], mask[rows], ref_logprobs=ref[rows],
-                            num_sequences=6, num_tokens=int(mask.sum()), **kw)
+        part, _ = grpo_loss(
+            logprobs[rows],
+            old[rows],
+            adv[rows],
+            mask[rows],
+            ref_logprobs=ref[rows],
+            num_sequences=6,
+            num_tokens=int(mask.sum()),
+            **kw,
+        )
         total = total + part
     (grad_parts,) = torch.autograd.grad(total, logprobs)
     torch.testing.assert_close(total, full)
@@ -220,10 +237,15 @@ def test_exact_group_advantages_hand_computed_and_against_sampling():
 
     half = torch.tensor([0.5, 0.5]).log()
     r = torch.tensor([1.0, 0.0])
-    torch.testing.assert_close(class_advantages(half, r, 2, False, 0.0),
-                               torch.tensor([0.25, -0.25], dtype=torch.float64))
-    torch.testing.assert_close(class_advantages(half, r, 2, True, 0.0),
-                               torch.tensor([0.353553, -0.353553], dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        class_advantages(half, r, 2, False, 0.0), torch.tensor([0.25, -0.25], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        class_advantages(half, r, 2, True, 0.0),
+        torch.tensor([0.353553, -0.353553], dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
     p = torch.tensor([0.1, 0.2, 0.3, 0.4])
     r = torch.tensor([1.0, 0.5, 0.2, -1.0])
     torch.testing.assert_close(class_advantages(p.log(), r, 8, False, 1e-4), (7 / 8 * (r - (p * r).sum())).double())
@@ -359,9 +381,21 @@ def test_a_few_grpo_steps_on_arith_change_parameters_and_write_the_record(tmp_pa
     from lab.runner import load_for
     from lab.tasks import get_task
 
-    cfg = GRPOConfig(task="arith", steps=2, batch_size=4, group_size=4, num_iterations=2, minibatch_size=8,
-                     microbatch_size=4, eval_every=2, eval_size=8, out=str(tmp_path), run_id="g", lr=1e-2,
-                     kl_every=0)
+    cfg = GRPOConfig(
+        task="arith",
+        steps=2,
+        batch_size=4,
+        group_size=4,
+        num_iterations=2,
+        minibatch_size=8,
+        microbatch_size=4,
+        eval_every=2,
+        eval_size=8,
+        out=str(tmp_path),
+        run_id="g",
+        lr=1e-2,
+        kl_every=0,
+    )
     policy = load_for(cfg, get_task("arith"))
     before = _params(policy)
 
@@ -374,8 +408,19 @@ def test_a_few_grpo_steps_on_arith_change_parameters_and_write_the_record(tmp_pa
     assert min(m["groups/zero_std_frac"] for m in history) < 1  # some group disagreed, so there was a gradient
     assert any(not torch.equal(before[n], after[n]) for n in before)
     last = history[-1]
-    for key in ("reward/mean", "reward/std", "groups/zero_std_frac", "entropy", "clip/low_frac", "clip/high_frac",
-                "clip/frac", "loss/policy", "grad/norm", "completion/length", "eval/accuracy"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "groups/zero_std_frac",
+        "entropy",
+        "clip/low_frac",
+        "clip/high_frac",
+        "clip/frac",
+        "loss/policy",
+        "grad/norm",
+        "completion/length",
+        "eval/accuracy",
+    ):
         assert key in last, key
     assert "kl/ref" not in last
     assert 0 <= last["clip/frac"] <= 1 and last["entropy"] > 0
@@ -390,17 +435,41 @@ def test_a_few_grpo_steps_on_arith_change_parameters_and_write_the_record(tmp_pa
 def test_cli_run(tmp_path):
     """`python -m lab train grpo` runs in a subprocess and writes the record."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "lab", "train", "grpo", "--task", "arith", "--steps", "2", "--group-size", "4",
-               "--batch-size", "2", "--eval-size", "4", "--out", str(tmp_path), "--run-id", "cli"]
+    command = [
+        sys.executable,
+        "-m",
+        "lab",
+        "train",
+        "grpo",
+        "--task",
+        "arith",
+        "--steps",
+        "2",
+        "--group-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--eval-size",
+        "4",
+        "--out",
+        str(tmp_path),
+        "--run-id",
+        "cli",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
 
 
-@pytest.mark.parametrize("flags,words", [(["--group-size", "1"], "group_size: must be ≥ 2 so the group has a baseline"),
-                                         (["--epsilon-low", "2"], "epsilon_low: must be in [0, 1)"),
-                                         (["--loss-norm", "mean"], "loss_norm: must be one of")])
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--group-size", "1"], "group_size: must be ≥ 2 so the group has a baseline"),
+        (["--epsilon-low", "2"], "epsilon_low: must be in [0, 1)"),
+        (["--loss-norm", "mean"], "loss_norm: must be one of"),
+    ],
+)
 def test_cli_bad_hyperparameters_give_one_line(flags, words, capsys, tmp_path):
     """The CLI's entry point (what `python -m lab` runs) stops before loading anything: exit code 2, one line."""
     from lab.cli import main
@@ -421,8 +490,19 @@ def test_grpo_at_beta_0_logs_kl_ref_every_step_by_default(tmp_path, changes):
     from lab.runner import load_for
     from lab.tasks import get_task
 
-    cfg = GRPOConfig(task="arith", steps=3, batch_size=4, group_size=4, eval_every=0, eval_size=4, sample_every=0,
-                     out=str(tmp_path), run_id="k", lr=3e-2, **changes)
+    cfg = GRPOConfig(
+        task="arith",
+        steps=3,
+        batch_size=4,
+        group_size=4,
+        eval_every=0,
+        eval_size=4,
+        sample_every=0,
+        out=str(tmp_path),
+        run_id="k",
+        lr=3e-2,
+        **changes,
+    )
     assert cfg.beta == 0 and cfg.kl_every == 1
     history = list(train(cfg, policy=load_for(cfg, get_task("arith"))))
     assert all("kl/ref" in m for m in history)
@@ -439,7 +519,17 @@ def test_grpo_kl_every_logs_kl_ref_on_step_1_and_every_nth_step(tmp_path):
     from lab.tasks import get_task
 
     assert [s for s in range(1, 8) if kl_due(s, 3)] == [1, 4, 7] and not any(kl_due(s, 0) for s in range(1, 8))
-    cfg = GRPOConfig(task="arith", steps=3, batch_size=2, group_size=2, eval_every=0, eval_size=4, sample_every=0,
-                     out=str(tmp_path), run_id="k2", kl_every=2)
+    cfg = GRPOConfig(
+        task="arith",
+        steps=3,
+        batch_size=2,
+        group_size=2,
+        eval_every=0,
+        eval_size=4,
+        sample_every=0,
+        out=str(tmp_path),
+        run_id="k2",
+        kl_every=2,
+    )
     history = list(train(cfg, policy=load_for(cfg, get_task("arith"))))
     assert ["kl/ref" in m for m in history] == [True, False, True]

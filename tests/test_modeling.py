@@ -5,8 +5,15 @@ import json
 import pytest
 import torch
 
-from lab.modeling import (ModelNotFound, ScalarModel, add_value_head, load_causal_lm, load_policy,
-                          load_scalar_model, pick_dtype)
+from lab.modeling import (
+    ModelNotFound,
+    ScalarModel,
+    add_value_head,
+    load_causal_lm,
+    load_policy,
+    load_scalar_model,
+    pick_dtype,
+)
 
 IDS = torch.tensor([[3, 4, 5, 6, 1], [7, 8, 9, 10, 11]])
 MASK = torch.ones_like(IDS)

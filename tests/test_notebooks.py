@@ -23,11 +23,15 @@ CELL_TIMEOUT_S = 300  # one cell; a whole notebook takes well under a minute in 
 
 # A notebook may call lab's losses, estimators and log-prob helpers, never write its own.
 FORBIDDEN = [
-    (re.compile(r"\bdef\s+\w*(loss|advantage|kl|logprob|log_prob|objective|whiten)\w*\s*\(", re.I),
-     "defines a loss / advantage / KL / log-prob function"),
+    (
+        re.compile(r"\bdef\s+\w*(loss|advantage|kl|logprob|log_prob|objective|whiten)\w*\s*\(", re.I),
+        "defines a loss / advantage / KL / log-prob function",
+    ),
     (re.compile(r"\w*(loss|advantage)\w*\s*=\s*lambda\b", re.I), "defines a loss or advantage as a lambda"),
-    (re.compile(r"\b(logsigmoid|log_softmax|binary_cross_entropy\w*|cross_entropy)\s*\("),
-     "computes a loss by hand instead of calling lab"),
+    (
+        re.compile(r"\b(logsigmoid|log_softmax|binary_cross_entropy\w*|cross_entropy)\s*\("),
+        "computes a loss by hand instead of calling lab",
+    ),
 ]
 
 
@@ -59,8 +63,9 @@ def test_committed_notebook_is_stripped_and_matches_its_generator(path):
             assert cell.outputs == [], f"{path.name}: cell {cell.id} has outputs; rerun make_notebooks.py"
             assert cell.execution_count is None, f"{path.name}: cell {cell.id} has an execution count"
     generated = _load_generator().build(path.stem)
-    assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in generated.cells], \
+    assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in generated.cells], (
         f"{path.name} differs from notebooks/make_notebooks.py; run `python notebooks/make_notebooks.py`"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -112,8 +117,9 @@ def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     started = time.time()
     client.execute()  # raises CellExecutionError naming the cell on the first error
     print(f"{path.name}: {time.time() - started:.1f} s")

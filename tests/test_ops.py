@@ -98,9 +98,16 @@ def test_entropy_matches_naive(dtype):
 def tiny_llama():
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        vocab_size=50,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
         initializer_range=0.2,  # peakier than the default 0.02, so log-probs differ visibly
     )
     return LlamaForCausalLM(config).eval()
@@ -112,8 +119,15 @@ def tiny_gpt2():
     position id changes the output, so this model checks that left padding does not shift them."""
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=50, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=None, initializer_range=0.2,
+        vocab_size=50,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        initializer_range=0.2,
     )
     return GPT2LMHeadModel(config).eval()
 
@@ -357,11 +371,13 @@ def test_kl_estimator_lookup():
 
 def test_completion_mask_hand_cases():
     """EOS = 9. Row 0: EOS first. Row 1: EOS in the middle, then pad and a second EOS. Row 2: no EOS."""
-    ids = torch.tensor([
-        [9, 0, 0, 0],
-        [5, 6, 9, 9],
-        [5, 6, 7, 8],
-    ])
+    ids = torch.tensor(
+        [
+            [9, 0, 0, 0],
+            [5, 6, 9, 9],
+            [5, 6, 7, 8],
+        ]
+    )
     mask, truncated = completion_mask(ids, eos_token_id=9)
     assert mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     assert truncated.tolist() == [False, False, True]
@@ -399,10 +415,10 @@ def grouped_batch(padded_batch):
 def test_shared_prompt_logprobs_match_plain(tiny_model, grouped_batch, temperature):
     input_ids, attention_mask, T = grouped_batch
     with torch.no_grad():
-        shared, shared_entropy = sequence_logprobs_and_entropy(tiny_model, input_ids, attention_mask, T,
-                                                               temperature)
-        plain, plain_entropy = sequence_logprobs_and_entropy(tiny_model, input_ids, attention_mask, T, temperature,
-                                                             share_prompts=False)
+        shared, shared_entropy = sequence_logprobs_and_entropy(tiny_model, input_ids, attention_mask, T, temperature)
+        plain, plain_entropy = sequence_logprobs_and_entropy(
+            tiny_model, input_ids, attention_mask, T, temperature, share_prompts=False
+        )
     mask = attention_mask[:, -T:].bool()
     torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared_entropy[mask], plain_entropy[mask], atol=1e-5, rtol=1e-5)
@@ -428,8 +444,17 @@ def test_shared_prompt_gradients_match_plain(grouped_batch):
     grads = {}
     for share in [True, False]:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, num_key_value_heads=2, initializer_range=0.2))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=50,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                initializer_range=0.2,
+            )
+        )
         logprobs = sequence_logprobs(model, input_ids, attention_mask, T, share_prompts=share)  # (B, T)
         weights = torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)
         (logprobs * weights * attention_mask[:, -T:]).sum().backward()

@@ -46,11 +46,22 @@ def _trl_self(loss_type: str, beta: float, eps_low: float, eps_high: float, logp
     """The attributes of a GRPOTrainer that `_compute_loss` reads, and nothing else."""
     return SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logprobs, entropy, None),
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
-        beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
-        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, max_completion_length=MAX_LEN, accelerator=_Accelerator(),
-        _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        max_completion_length=MAX_LEN,
+        accelerator=_Accelerator(),
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
         args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
     )
 
@@ -70,23 +81,40 @@ def _tensors(seed: int = 0):
 
 def _trl_loss(loss_type, beta, eps_low, eps_high, logprobs, old, ref, mask, advantages):
     fake = _trl_self(loss_type, beta, eps_low, eps_high, logprobs, torch.zeros(B, T))
-    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
-              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
-              "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
-              "num_items_in_batch": mask.sum()}
+    inputs = {
+        "prompt_ids": torch.zeros(B, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": advantages,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum(),
+    }
     loss = trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
     return loss, fake._metrics["train"]
 
 
-@pytest.mark.parametrize("loss_norm,loss_type", [("sequence", "grpo"), ("token", "dapo"), ("token", "bnpo"),
-                                                 ("constant", "dr_grpo")])
+@pytest.mark.parametrize(
+    "loss_norm,loss_type", [("sequence", "grpo"), ("token", "dapo"), ("token", "bnpo"), ("constant", "dr_grpo")]
+)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_grpo_loss_matches_trl(loss_norm, loss_type, beta):
     """Loss value, gradient w.r.t. the log-probs, and clip fractions equal TRL's on the same tensors."""
     logprobs, old, ref, mask, advantages = _tensors()
     eps_low, eps_high = 0.2, 0.28
-    ours, metrics = grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=beta, epsilon_low=eps_low,
-                              epsilon_high=eps_high, loss_norm=loss_norm, max_new_tokens=MAX_LEN)
+    ours, metrics = grpo_loss(
+        logprobs,
+        old,
+        advantages,
+        mask,
+        ref_logprobs=ref,
+        beta=beta,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        loss_norm=loss_norm,
+        max_new_tokens=MAX_LEN,
+    )
     (ours_grad,) = torch.autograd.grad(ours, logprobs)
     theirs, trl_metrics = _trl_loss(loss_type, beta, eps_low, eps_high, logprobs, old, ref, mask, advantages)
     (theirs_grad,) = torch.autograd.grad(theirs, logprobs)
@@ -109,10 +137,16 @@ def test_clipped_surrogate_matches_trl_per_token():
     for b in range(B):
         for t in range(T):
             one = torch.ones(1, 1, dtype=torch.long)
-            fake = _trl_self("dr_grpo", 0.0, 0.2, 0.28, logprobs[b:b + 1, t:t + 1], torch.zeros(1, 1))
+            fake = _trl_self("dr_grpo", 0.0, 0.2, 0.28, logprobs[b : b + 1, t : t + 1], torch.zeros(1, 1))
             fake.max_completion_length = 1
-            inputs = {"prompt_ids": one, "prompt_mask": one, "completion_ids": one, "completion_mask": one,
-                      "advantages": advantages[b:b + 1], "old_per_token_logps": old[b:b + 1, t:t + 1]}
+            inputs = {
+                "prompt_ids": one,
+                "prompt_mask": one,
+                "completion_ids": one,
+                "completion_mask": one,
+                "advantages": advantages[b : b + 1],
+                "old_per_token_logps": old[b : b + 1, t : t + 1],
+            }
             theirs = trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
             assert abs(float(per_token[b, t].detach()) - float(theirs.detach())) < 1e-6
 
@@ -137,19 +171,47 @@ def test_k3_ratio_matches_trl_bias_corrected_kl(loss_norm, loss_type):
     """kl_mode k3_ratio = TRL's ``use_bias_correction_kl=True`` (its default in 1.16): per-token k3 times the
     undetached ratio π_θ/π_old. Loss and gradient equal TRL's, off-policy too (old ≠ logprobs here)."""
     logprobs, old, ref, mask, advantages = _tensors(2)
-    ours, _ = grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.04, kl_penalty="k3_ratio",
-                        epsilon_low=0.2, epsilon_high=0.28, loss_norm=loss_norm, max_new_tokens=MAX_LEN)
+    ours, _ = grpo_loss(
+        logprobs,
+        old,
+        advantages,
+        mask,
+        ref_logprobs=ref,
+        beta=0.04,
+        kl_penalty="k3_ratio",
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        loss_norm=loss_norm,
+        max_new_tokens=MAX_LEN,
+    )
     (ours_grad,) = torch.autograd.grad(ours, logprobs)
     fake = _trl_self(loss_type, 0.04, 0.2, 0.28, logprobs, torch.zeros(B, T))
     fake.args.use_bias_correction_kl = True
-    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
-              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
-              "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
-              "num_items_in_batch": mask.sum()}
+    inputs = {
+        "prompt_ids": torch.zeros(B, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": advantages,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum(),
+    }
     theirs = trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
     (theirs_grad,) = torch.autograd.grad(theirs, logprobs)
     assert abs(float(ours.detach()) - float(theirs.detach())) < 1e-6
     torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=0)
-    plain, _ = grpo_loss(logprobs, old, advantages, mask, ref_logprobs=ref, beta=0.04, kl_penalty="k3",
-                         epsilon_low=0.2, epsilon_high=0.28, loss_norm=loss_norm, max_new_tokens=MAX_LEN)
+    plain, _ = grpo_loss(
+        logprobs,
+        old,
+        advantages,
+        mask,
+        ref_logprobs=ref,
+        beta=0.04,
+        kl_penalty="k3",
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        loss_norm=loss_norm,
+        max_new_tokens=MAX_LEN,
+    )
     assert abs(float(plain.detach()) - float(ours.detach())) > 1e-6  # the ratio does change the loss off-policy

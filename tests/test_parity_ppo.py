@@ -54,9 +54,14 @@ class _TRLStub:
 def _trl_loss(logps, old_logps, advantages, mask, epsilon, beta=0.0, ref_logps=None):
     stub = _TRLStub(logps, epsilon, beta)
     B, T = mask.shape
-    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
-              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
-              "advantages": advantages, "old_per_token_logps": old_logps}
+    inputs = {
+        "prompt_ids": torch.zeros(B, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": advantages,
+        "old_per_token_logps": old_logps,
+    }
     if ref_logps is not None:
         inputs["ref_per_token_logps"] = ref_logps
     loss = grpo_trainer.GRPOTrainer._compute_loss(stub, None, inputs)

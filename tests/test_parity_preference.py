@@ -48,9 +48,15 @@ def _numbers(seed=0):
     g = torch.Generator().manual_seed(seed)
     chosen_lengths = torch.randint(1, 7, (B,), generator=g)
     rejected_lengths = torch.randint(1, 7, (B,), generator=g)
-    logps = {k: -torch.rand(B, generator=g, dtype=torch.float64) * 3 * n
-             for k, n in (("chosen", chosen_lengths), ("rejected", rejected_lengths),
-                          ("ref_chosen", chosen_lengths), ("ref_rejected", rejected_lengths))}
+    logps = {
+        k: -torch.rand(B, generator=g, dtype=torch.float64) * 3 * n
+        for k, n in (
+            ("chosen", chosen_lengths),
+            ("rejected", rejected_lengths),
+            ("ref_chosen", chosen_lengths),
+            ("ref_rejected", rejected_lengths),
+        )
+    }
     return logps, chosen_lengths, rejected_lengths
 
 
@@ -66,23 +72,46 @@ def _trl_dpo(loss_type, beta, logps, chosen_lengths, rejected_lengths):
 
     def model(**kwargs):
         zeros = torch.zeros_like(per_token)
-        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros,
-                               is_top1=torch.zeros_like(per_token, dtype=torch.bool))
+        return SimpleNamespace(
+            log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=torch.zeros_like(per_token, dtype=torch.bool)
+        )
 
     trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
-        beta=beta, label_smoothing=0.0, use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0, _tp_size=1, args=SimpleNamespace())
-    inputs = {"input_ids": torch.zeros((2 * B, L), dtype=torch.long), "attention_mask": torch.ones((2 * B, L)),
-              "completion_mask": completion_mask, "ref_chosen_logps": logps["ref_chosen"],
-              "ref_rejected_logps": logps["ref_rejected"]}
+        model=SimpleNamespace(training=True),
+        accelerator=_Accelerator(),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+        args=SimpleNamespace(),
+    )
+    inputs = {
+        "input_ids": torch.zeros((2 * B, L), dtype=torch.long),
+        "attention_mask": torch.ones((2 * B, L)),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": logps["ref_chosen"],
+        "ref_rejected_logps": logps["ref_rejected"],
+    }
     return trl_dpo.DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
 
 
 def _trl_cpo(loss_type, beta, chosen, rejected, gamma=0.0, label_smoothing=0.0):
-    trainer = SimpleNamespace(alpha=0.0, accelerator=_Accelerator(), loss_type=loss_type, simpo_gamma=gamma,
-                              beta=beta, label_smoothing=label_smoothing)
+    trainer = SimpleNamespace(
+        alpha=0.0,
+        accelerator=_Accelerator(),
+        loss_type=loss_type,
+        simpo_gamma=gamma,
+        beta=beta,
+        label_smoothing=label_smoothing,
+    )
     losses, _, _ = CPOTrainer.cpo_loss(trainer, chosen, rejected)
     return losses.mean()
 
@@ -97,8 +126,9 @@ def test_dpo_sigmoid_matches_trl(beta):
 @pytest.mark.parametrize("beta", [0.5, 5.0])
 def test_length_normalized_dpo_matches_trl_sigmoid_norm(beta):
     logps, cl, rl = _numbers(2)
-    ours, _ = length_normalized_dpo_loss(logps["chosen"], logps["rejected"], logps["ref_chosen"],
-                                         logps["ref_rejected"], cl, rl, beta)
+    ours, _ = length_normalized_dpo_loss(
+        logps["chosen"], logps["rejected"], logps["ref_chosen"], logps["ref_rejected"], cl, rl, beta
+    )
     assert abs(ours.item() - _trl_dpo("sigmoid_norm", beta, logps, cl, rl).item()) < 1e-6
 
 
@@ -121,22 +151,35 @@ def test_simpo_matches_trl_cpo(beta, gamma, eps):
 def test_conservative_dpo_matches_trl_smoothed_sigmoid():
     logps, _, _ = _numbers(5)
     beta, eps = 0.3, 0.1
-    ours, _ = dpo_loss(logps["chosen"], logps["rejected"], logps["ref_chosen"], logps["ref_rejected"], beta,
-                       label_smoothing=eps)
-    theirs = _trl_cpo("sigmoid", beta, logps["chosen"] - logps["ref_chosen"],
-                      logps["rejected"] - logps["ref_rejected"], label_smoothing=eps)
+    ours, _ = dpo_loss(
+        logps["chosen"], logps["rejected"], logps["ref_chosen"], logps["ref_rejected"], beta, label_smoothing=eps
+    )
+    theirs = _trl_cpo(
+        "sigmoid",
+        beta,
+        logps["chosen"] - logps["ref_chosen"],
+        logps["rejected"] - logps["ref_rejected"],
+        label_smoothing=eps,
+    )
     assert abs(ours.item() - theirs.item()) < 1e-6
 
 
 @pytest.mark.parametrize("center", [None, 0.01, 0.5])
 def test_reward_loss_matches_trl_reward_trainer(center):
     g = torch.Generator().manual_seed(6)
-    chosen, rejected = torch.randn(B, generator=g, dtype=torch.float64), torch.randn(B, generator=g,
-                                                                                     dtype=torch.float64)
+    chosen, rejected = (
+        torch.randn(B, generator=g, dtype=torch.float64),
+        torch.randn(B, generator=g, dtype=torch.float64),
+    )
     logits = torch.cat([chosen, rejected])[:, None]  # (2B, 1): TRL's batch is [chosen..., rejected...]
-    trainer = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=_Accelerator(),
-                              args=SimpleNamespace(center_rewards_coefficient=center),
-                              _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=_Accelerator(),
+        args=SimpleNamespace(center_rewards_coefficient=center),
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     inputs = {"input_ids": torch.zeros((2 * B, 3), dtype=torch.long), "attention_mask": torch.ones((2 * B, 3))}
     theirs = RewardTrainer.compute_loss(trainer, lambda **kw: SimpleNamespace(logits=logits), inputs)
     ours, _ = reward_loss(chosen, rejected, center_weight=center or 0.0)

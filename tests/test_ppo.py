@@ -10,8 +10,16 @@ import pytest
 import torch
 
 from lab.config import ConfigError
-from lab.ppo import (AdaptiveKLController, PPOConfig, explained_variance, gae, ppo_policy_loss, ppo_value_loss,
-                     shaped_rewards, train)
+from lab.ppo import (
+    AdaptiveKLController,
+    PPOConfig,
+    explained_variance,
+    gae,
+    ppo_policy_loss,
+    ppo_value_loss,
+    shaped_rewards,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +60,7 @@ def _naive_gae(rewards, values, lengths, gamma, lam):
         v = [float(values[b, k]) for k in range(n)] + [0.0]
         delta = [float(rewards[b, k]) + gamma * v[k + 1] - v[k] for k in range(n)]
         for t in range(n):
-            adv[b, t] = sum((gamma * lam) ** l * delta[t + l] for l in range(n - t))
+            adv[b, t] = sum((gamma * lam) ** k * delta[t + k] for k in range(n - t))
     return adv
 
 
@@ -200,21 +208,24 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target():
 # Config validation
 
 
-@pytest.mark.parametrize("changes,field,text", [
-    ({"cliprange": 0.0}, "cliprange", "[0.001, 1.0]"),
-    ({"gamma": 1.5}, "gamma", "[0.0, 1.0]"),
-    ({"lam": -0.1}, "lam", "[0.0, 1.0]"),
-    ({"beta": -1.0}, "beta", "[0.0, 10.0]"),
-    ({"ppo_epochs": 0}, "ppo_epochs", "[1, 100]"),
-    ({"kl_estimator": "k2"}, "kl_estimator", "must be one of k1"),
-    ({"kl_estimator": "k3"}, "kl_estimator", "biases the policy gradient away from π*"),
-    ({"batch_size": 32, "num_minibatches": 3}, "num_minibatches", "divide batch_size (32)"),
-    ({"batch_size": 8, "num_minibatches": 2, "gradient_accumulation": 3}, "gradient_accumulation", "= 4"),
-    ({"adaptive_kl": True, "beta": 0.0}, "adaptive_kl", "beta > 0"),
-    ({"task": "bandit", "missing_eos_penalty": 1.0}, "missing_eos_penalty", "bandit"),
-    ({"task": "jsonl:x.jsonl"}, "reward", "'gold' needs a built-in task"),
-    ({"task": "jsonl:x.jsonl", "reward": "python:m:f", "ptx_coef": 0.1}, "ptx_data", "--ptx-data"),
-])
+@pytest.mark.parametrize(
+    "changes,field,text",
+    [
+        ({"cliprange": 0.0}, "cliprange", "[0.001, 1.0]"),
+        ({"gamma": 1.5}, "gamma", "[0.0, 1.0]"),
+        ({"lam": -0.1}, "lam", "[0.0, 1.0]"),
+        ({"beta": -1.0}, "beta", "[0.0, 10.0]"),
+        ({"ppo_epochs": 0}, "ppo_epochs", "[1, 100]"),
+        ({"kl_estimator": "k2"}, "kl_estimator", "must be one of k1"),
+        ({"kl_estimator": "k3"}, "kl_estimator", "biases the policy gradient away from π*"),
+        ({"batch_size": 32, "num_minibatches": 3}, "num_minibatches", "divide batch_size (32)"),
+        ({"batch_size": 8, "num_minibatches": 2, "gradient_accumulation": 3}, "gradient_accumulation", "= 4"),
+        ({"adaptive_kl": True, "beta": 0.0}, "adaptive_kl", "beta > 0"),
+        ({"task": "bandit", "missing_eos_penalty": 1.0}, "missing_eos_penalty", "bandit"),
+        ({"task": "jsonl:x.jsonl"}, "reward", "'gold' needs a built-in task"),
+        ({"task": "jsonl:x.jsonl", "reward": "python:m:f", "ptx_coef": 0.1}, "ptx_data", "--ptx-data"),
+    ],
+)
 def test_bad_hyperparameters_raise_one_line_errors(changes, field, text):
     with pytest.raises(ConfigError) as err:
         PPOConfig(**changes)
@@ -252,10 +263,25 @@ def test_reviews_run_moves_policy_and_value_adapters_and_writes_the_record(tmp_p
     policy = load_policy("reviews", mode="lora")
     base = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_" not in n}
     value_model = add_value_head(policy)
-    cfg = PPOConfig(task="reviews", steps=2, batch_size=8, num_minibatches=2, gradient_accumulation=2, ppo_epochs=1,
-                    max_new_tokens=8, beta=0.1, adaptive_kl=True, target_kl=1.0, horizon=80,
-                    missing_eos_penalty=1.0, ptx_coef=0.5, ptx_batch_size=4, eval_size=4, out=str(tmp_path),
-                    run_id="ppo")
+    cfg = PPOConfig(
+        task="reviews",
+        steps=2,
+        batch_size=8,
+        num_minibatches=2,
+        gradient_accumulation=2,
+        ppo_epochs=1,
+        max_new_tokens=8,
+        beta=0.1,
+        adaptive_kl=True,
+        target_kl=1.0,
+        horizon=80,
+        missing_eos_penalty=1.0,
+        ptx_coef=0.5,
+        ptx_batch_size=4,
+        eval_size=4,
+        out=str(tmp_path),
+        run_id="ppo",
+    )
     run = train(cfg, policy=policy, value_model=value_model)
     m1 = next(run)
     lora1, head1 = _snapshot(policy.model), value_model.head.weight.detach().clone()
@@ -276,7 +302,8 @@ def test_reviews_run_moves_policy_and_value_adapters_and_writes_the_record(tmp_p
     # Σ_t r_t = score − penalty·[no EOS] − β·KL (k1), averaged over the batch; reward/mean is the score before
     for m in (m1, m2):
         assert m["reward/shaped"] == pytest.approx(
-            m["reward/mean"] - 1.0 * m["completion/truncated_frac"] - m["beta"] * m["kl/ref"], abs=1e-5)
+            m["reward/mean"] - 1.0 * m["completion/truncated_frac"] - m["beta"] * m["kl/ref"], abs=1e-5
+        )
         assert m["reward/mean"] == pytest.approx(m["reward/gold"], abs=1e-5)  # the reward IS the gold reward here
         assert 1 <= m["completion/length"] <= 8 and 0 <= m["completion/truncated_frac"] <= 1
         assert m["entropy"] > 0 and 0 <= m["clip/frac"] <= 1 and m["kl/approx"] >= 0
@@ -315,9 +342,21 @@ def test_bandit_ppo_approaches_the_closed_form_optimum(tmp_path, one_thread):
         ref_logprobs = bandit.next_token_logprobs(policy.model, policy.tokenizer, bandit.PROMPTS)  # (6, V)
     beta = 0.5
     start = bandit.kl_to_optimum(policy.model, policy.tokenizer, beta, ref_logprobs)
-    cfg = PPOConfig(task="bandit", mode="full", beta=beta, kl_estimator="k1", lr=1e-3, steps=20, batch_size=192,
-                    num_minibatches=1, ppo_epochs=2, whiten_advantages=False, eval_size=6, sample_every=0,
-                    out=str(tmp_path))
+    cfg = PPOConfig(
+        task="bandit",
+        mode="full",
+        beta=beta,
+        kl_estimator="k1",
+        lr=1e-3,
+        steps=20,
+        batch_size=192,
+        num_minibatches=1,
+        ppo_epochs=2,
+        whiten_advantages=False,
+        eval_size=6,
+        sample_every=0,
+        out=str(tmp_path),
+    )
     metrics = list(train(cfg, policy=policy))
     end = bandit.kl_to_optimum(policy.model, policy.tokenizer, beta, ref_logprobs)
     assert start > 0.1
@@ -330,18 +369,43 @@ def test_reviews_run_with_a_tiny_reward_model_scores_with_it(tmp_path, one_threa
     """PPO against a 2-step reward model, ptx off: the logged rewards are the reward model's scores of the sampled
     completions (not the gold reward), and no ptx loss is logged."""
     from lab.records import load_run
-    from lab.rm import RewardConfig, load_reward_model, train as train_rm
+    from lab.rm import RewardConfig, load_reward_model
+    from lab.rm import train as train_rm
 
-    list(train_rm(RewardConfig(task="reviews", steps=2, batch_size=8, eval_pairs=8, mode="lora", lora_r=4,
-                               lora_alpha=8, out=str(tmp_path), run_id="rm")))
-    cfg = PPOConfig(task="reviews", reward=str(tmp_path / "rm"), steps=1, batch_size=4, num_minibatches=1,
-                    ppo_epochs=1, max_new_tokens=6, eval_size=2, out=str(tmp_path), run_id="ppo")
+    list(
+        train_rm(
+            RewardConfig(
+                task="reviews",
+                steps=2,
+                batch_size=8,
+                eval_pairs=8,
+                mode="lora",
+                lora_r=4,
+                lora_alpha=8,
+                out=str(tmp_path),
+                run_id="rm",
+            )
+        )
+    )
+    cfg = PPOConfig(
+        task="reviews",
+        reward=str(tmp_path / "rm"),
+        steps=1,
+        batch_size=4,
+        num_minibatches=1,
+        ppo_epochs=1,
+        max_new_tokens=6,
+        eval_size=2,
+        out=str(tmp_path),
+        run_id="ppo",
+    )
     (m,) = list(train(cfg))
     assert "loss/ptx" not in m and "reward/gold" in m
     samples = load_run(tmp_path / "ppo").samples
     scorer = load_reward_model(str(tmp_path / "rm"))
-    rescored = scorer([s["prompt"] for s in samples], [s["completion"] for s in samples],
-                      [s["truncated"] for s in samples])
+    rescored = scorer(
+        [s["prompt"] for s in samples], [s["completion"] for s in samples], [s["truncated"] for s in samples]
+    )
     torch.testing.assert_close(rescored, torch.tensor([s["reward"] for s in samples]), atol=1e-4, rtol=1e-4)
     assert m["reward/mean"] == pytest.approx(sum(s["reward"] for s in samples) / len(samples), abs=1e-4)
 
@@ -359,8 +423,14 @@ def test_cli_trains_ppo_and_rejects_bad_values_in_one_line(tmp_path, capsys):
     assert done.value.code == 0 and "--kl-estimator" in capsys.readouterr().out
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "lab", "train", "ppo", "--task", "reviews", "--steps", "2",
-                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "lab", "train", "ppo", "--task", "reviews", "--steps", "2", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("ppo")]
     status = json.loads((run_dir / "status.json").read_text())

@@ -10,7 +10,6 @@ import torch
 from lab.config import ConfigError
 
 
-
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -19,8 +18,10 @@ def write_jsonl(path, rows):
 @pytest.fixture()
 def math_rows(tmp_path):
     """GSM8K-shaped chat rows: a question as the user's turn and an ``answer`` column ("... #### N")."""
-    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": f"{a}+{b}={a + b} #### {a + b}"}
-            for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]]
+    rows = [
+        {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": f"{a}+{b}={a + b} #### {a + b}"}
+        for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]
+    ]
     return write_jsonl(tmp_path / "math.jsonl", rows)
 
 
@@ -31,7 +32,8 @@ def reward_module(tmp_path, monkeypatch):
         "SEEN = []\n"
         "def by_answer(completions, answer, **kwargs):\n"
         "    SEEN.append({'answer': list(answer), 'keys': sorted(kwargs), 'n': len(completions)})\n"
-        "    return [float(len(c) % 2) for c in completions]\n")
+        "    return [float(len(c) % 2) for c in completions]\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     import importlib
 
@@ -81,9 +83,14 @@ def _forward_shapes(model) -> list[tuple[int, int]]:
     shapes: list[tuple[int, int]] = []
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     trunk = getattr(base, base.base_model_prefix)
-    trunk.register_forward_hook(lambda module, args, kwargs, out: shapes.append(tuple(
-        (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[:2])),
-        with_kwargs=True)
+    trunk.register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(
+            tuple(
+                (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[:2]
+            )
+        ),
+        with_kwargs=True,
+    )
     return shapes
 
 
@@ -94,12 +101,24 @@ def test_grpo_forward_passes_fit_the_memory_budget(zoo_model, math_rows, reward_
     from lab.runner import auto_microbatch, load_for
 
     model_dir = zoo_model("qwen2")
-    cfg = GRPOConfig(task=f"jsonl:{math_rows}", model=model_dir, reward="python:trl_style_rewards:by_answer",
-                     steps=1, batch_size=2, group_size=4, max_new_tokens=6, beta=0.1, num_iterations=2,
-                     out=str(tmp_path), eval_every=0)
+    cfg = GRPOConfig(
+        task=f"jsonl:{math_rows}",
+        model=model_dir,
+        reward="python:trl_style_rewards:by_answer",
+        steps=1,
+        batch_size=2,
+        group_size=4,
+        max_new_tokens=6,
+        beta=0.1,
+        num_iterations=2,
+        out=str(tmp_path),
+        eval_every=0,
+    )
     policy = load_for(cfg)
-    per_row = 6 * (12 * policy.model.config.vocab_size + 68 * policy.model.config.hidden_size
-                   * policy.model.config.num_hidden_layers)
+    per_row = 6 * (
+        12 * policy.model.config.vocab_size
+        + 68 * policy.model.config.hidden_size * policy.model.config.num_hidden_layers
+    )
     monkeypatch.setenv("LAB_MICROBATCH_GB", str(2.5 * per_row / 1e9))
     assert auto_microbatch(policy.model, 8, 6) == 2
     shapes = _forward_shapes(policy.model)
@@ -116,13 +135,23 @@ def test_reward_functions_see_dataset_columns_like_trl(zoo_model, math_rows, rew
     G completions of each prompt, plus TRL's ``completion_ids``."""
     from lab.grpo import GRPOConfig, train
 
-    cfg = GRPOConfig(task=f"jsonl:{math_rows}", model=zoo_model("qwen2"), reward="python:trl_style_rewards:by_answer",
-                     steps=1, batch_size=2, group_size=2, max_new_tokens=4, out=str(tmp_path), eval_every=0)
+    cfg = GRPOConfig(
+        task=f"jsonl:{math_rows}",
+        model=zoo_model("qwen2"),
+        reward="python:trl_style_rewards:by_answer",
+        steps=1,
+        batch_size=2,
+        group_size=2,
+        max_new_tokens=4,
+        out=str(tmp_path),
+        eval_every=0,
+    )
     list(train(cfg))
     seen = reward_module.SEEN[-1]
     assert seen["n"] == 4 and len(seen["answer"]) == 4
-    assert seen["answer"][0] == seen["answer"][1] and seen["answer"][0].endswith(("#### 3", "#### 7", "#### 11",
-                                                                                   "#### 15"))
+    assert seen["answer"][0] == seen["answer"][1] and seen["answer"][0].endswith(
+        ("#### 3", "#### 7", "#### 11", "#### 15")
+    )
     assert "completion_ids" in seen["keys"]
 
 
@@ -132,8 +161,21 @@ def test_math_reward_runs_grpo_on_gsm8k_shaped_rows(zoo_model, tmp_path):
 
     rows = [{"question": f"{a} + {b}?", "answer": f"#### {a + b}"} for a, b in [(1, 1), (2, 2)]]
     data = write_jsonl(tmp_path / "gsm.jsonl", rows)
-    metrics = list(train(GRPOConfig(task=data, model=zoo_model("qwen2"), reward="math", steps=1, batch_size=2,
-                                    group_size=2, max_new_tokens=3, out=str(tmp_path), eval_every=0)))
+    metrics = list(
+        train(
+            GRPOConfig(
+                task=data,
+                model=zoo_model("qwen2"),
+                reward="math",
+                steps=1,
+                batch_size=2,
+                group_size=2,
+                max_new_tokens=3,
+                out=str(tmp_path),
+                eval_every=0,
+            )
+        )
+    )
     assert metrics[0]["reward/mean"] in (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -150,8 +192,9 @@ def test_chat_rows_without_a_template_fail_before_the_model_loads(tiny_model_dir
         raise AssertionError("the model was loaded before the template check")
 
     monkeypatch.setattr(lab.modeling, "load_causal_lm", no_load)
-    cfg = GRPOConfig(task=f"jsonl:{math_rows}", model=tiny_model_dir, reward="math", steps=1,
-                     out=str(tmp_path / "runs"))
+    cfg = GRPOConfig(
+        task=f"jsonl:{math_rows}", model=tiny_model_dir, reward="math", steps=1, out=str(tmp_path / "runs")
+    )
     with pytest.raises(ConfigError, match="no chat template"):
         next(train(cfg))
     assert not (tmp_path / "runs").exists()  # no run folder for a run that never started
@@ -164,14 +207,37 @@ def test_chat_rows_without_a_template_fail_before_the_model_loads(tiny_model_dir
 def test_cli_eval_generate_and_bon_on_own_data(zoo_model, math_rows, tmp_path, lab_cli):
     run_cli = lab_cli
     model = zoo_model("qwen2")
-    out = run_cli("eval", "--task", f"jsonl:{math_rows}", "--model", model, "--reward", "math", "--n", "2",
-                  "--max-new-tokens", "4", "--json")
+    out = run_cli(
+        "eval",
+        "--task",
+        f"jsonl:{math_rows}",
+        "--model",
+        model,
+        "--reward",
+        "math",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["n"] == 2 and result["reward"] == "math" and 0.0 <= result["reward/mean"] <= 1.0
 
-    out = run_cli("generate", "--task", f"jsonl:{math_rows}", "--model", model, "--n", "2", "--greedy",
-                  "--max-new-tokens", "3", "--json")
+    out = run_cli(
+        "generate",
+        "--task",
+        f"jsonl:{math_rows}",
+        "--model",
+        model,
+        "--n",
+        "2",
+        "--greedy",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == 2 and "reward" not in rows[0]  # no --reward: nothing to score with
@@ -186,15 +252,18 @@ def test_cli_generate_prompt_uses_the_chat_template_and_no_task_reward(zoo_model
     from lab.modeling import load_tokenizer
 
     model = zoo_model("qwen2")
-    out = run_cli("generate", "--model", model, "--prompt", "hello there", "--greedy", "--max-new-tokens", "3",
-                  "--json")
+    out = run_cli(
+        "generate", "--model", model, "--prompt", "hello there", "--greedy", "--max-new-tokens", "3", "--json"
+    )
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout.splitlines()[0])
-    rendered = load_tokenizer(model).apply_chat_template([{"role": "user", "content": "hello there"}],
-                                                         add_generation_prompt=True, tokenize=False)
+    rendered = load_tokenizer(model).apply_chat_template(
+        [{"role": "user", "content": "hello there"}], add_generation_prompt=True, tokenize=False
+    )
     assert "reward" not in row and row["prompt"] == rendered and rendered.endswith("<|im_start|>assistant\n")
-    out = run_cli("generate", "--model", model, "--prompt", "hello", "--raw", "--greedy", "--max-new-tokens", "2",
-                  "--json")
+    out = run_cli(
+        "generate", "--model", model, "--prompt", "hello", "--raw", "--greedy", "--max-new-tokens", "2", "--json"
+    )
     assert out.returncode == 0 and json.loads(out.stdout.splitlines()[0])["prompt"] == "hello"
 
 
@@ -233,8 +302,11 @@ def test_own_model_learning_rate_defaults(zoo_model):
 def test_step_metrics_carry_memory_and_throughput(tmp_path):
     from lab.grpo import GRPOConfig, train
 
-    metrics = list(train(GRPOConfig(task="arith", steps=2, batch_size=2, group_size=2, eval_every=0, eval_size=2,
-                                    out=str(tmp_path))))
+    metrics = list(
+        train(
+            GRPOConfig(task="arith", steps=2, batch_size=2, group_size=2, eval_every=0, eval_size=2, out=str(tmp_path))
+        )
+    )
     for m in metrics:
         assert m["memory/peak_gb"] > 0.05 and m["time/tokens_per_s"] > 0 and m["time/step_s"] > 0
 
@@ -255,8 +327,11 @@ def test_a_failing_last_evaluation_keeps_the_trained_weights(tmp_path, monkeypat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lab.dpo, "heldout_metrics", failing)
-    gen = train(DPOConfig(task="reviews", steps=2, batch_size=4, eval_size=2, kl_samples=1, out=str(tmp_path),
-                          run_id="dpo-fails"))
+    gen = train(
+        DPOConfig(
+            task="reviews", steps=2, batch_size=4, eval_size=2, kl_samples=1, out=str(tmp_path), run_id="dpo-fails"
+        )
+    )
     with pytest.raises(RuntimeError, match="out of memory"):
         list(gen)
     run = load_run(tmp_path / "dpo-fails")
@@ -267,8 +342,20 @@ def test_a_failing_last_evaluation_keeps_the_trained_weights(tmp_path, monkeypat
 def test_ppo_checkpoint_holds_the_value_head(tmp_path):
     from lab.ppo import PPOConfig, train
 
-    list(train(PPOConfig(task="reviews", steps=1, batch_size=4, num_minibatches=1, ppo_epochs=1, eval_size=2,
-                         out=str(tmp_path), run_id="ppo")))
+    list(
+        train(
+            PPOConfig(
+                task="reviews",
+                steps=1,
+                batch_size=4,
+                num_minibatches=1,
+                ppo_epochs=1,
+                eval_size=2,
+                out=str(tmp_path),
+                run_id="ppo",
+            )
+        )
+    )
     final = tmp_path / "ppo" / "checkpoints" / "final"
     head = torch.load(final / "value_head.pt")
     assert set(head) == {"weight", "bias"} and (final / "value" / "adapter_model.safetensors").exists()
@@ -290,20 +377,36 @@ def _one_step(method: str, cfg_kwargs: dict, task: str, tmp_path) -> tuple[dict,
     return metrics, {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_" in n}
 
 
-@pytest.mark.parametrize("method, task, kwargs, keys", [
-    ("dpo", "reviews", {"batch_size": 4, "eval_size": 2, "kl_samples": 1}, ("loss/dpo", "rewards/margin")),
-    ("sft-preferred", "reviews", {"batch_size": 4, "eval_size": 2, "kl_samples": 1},
-     ("loss/sft", "logprobs/mean", "ppl", "tokens", "rewards/margin")),
-    ("sft-preferred", "reviews", {"batch_size": 4, "eval_size": 2, "kl_samples": 1, "per_sequence": True},
-     ("loss/sft", "ppl")),
-    ("sft", "arith", {"batch_size": 4, "eval_size": 2}, ("loss/sft", "logprobs/mean", "ppl", "tokens")),
-    ("reinforce", "arith", {"batch_size": 4, "eval_every": 0, "eval_size": 2, "beta": 0.1},
-     ("loss/policy", "logprobs/mean", "entropy", "kl/ref")),
-])
+@pytest.mark.parametrize(
+    "method, task, kwargs, keys",
+    [
+        ("dpo", "reviews", {"batch_size": 4, "eval_size": 2, "kl_samples": 1}, ("loss/dpo", "rewards/margin")),
+        (
+            "sft-preferred",
+            "reviews",
+            {"batch_size": 4, "eval_size": 2, "kl_samples": 1},
+            ("loss/sft", "logprobs/mean", "ppl", "tokens", "rewards/margin"),
+        ),
+        (
+            "sft-preferred",
+            "reviews",
+            {"batch_size": 4, "eval_size": 2, "kl_samples": 1, "per_sequence": True},
+            ("loss/sft", "ppl"),
+        ),
+        ("sft", "arith", {"batch_size": 4, "eval_size": 2}, ("loss/sft", "logprobs/mean", "ppl", "tokens")),
+        (
+            "reinforce",
+            "arith",
+            {"batch_size": 4, "eval_every": 0, "eval_size": 2, "beta": 0.1},
+            ("loss/policy", "logprobs/mean", "entropy", "kl/ref"),
+        ),
+    ],
+)
 def test_microbatches_give_the_same_update(method, task, kwargs, keys, tmp_path):
     """One pass over the whole batch and microbatches of one row: the same metrics and the same update."""
-    (one, w1), (many, w2) = (_one_step(method, {**kwargs, "microbatch_size": micro}, task, tmp_path)
-                             for micro in (None, 1))
+    (one, w1), (many, w2) = (
+        _one_step(method, {**kwargs, "microbatch_size": micro}, task, tmp_path) for micro in (None, 1)
+    )
     for key in keys + ("grad/norm",):
         assert one[key] == pytest.approx(many[key], rel=1e-4, abs=1e-6), key
     for name in w1:
@@ -354,8 +457,9 @@ def test_eight_bit_optimizers_are_refused_on_the_cpu_in_one_line():
     from lab.runner import make_optimizer
 
     with pytest.raises(ConfigError, match="optim: paged_adamw_8bit runs on a GPU only"):
-        make_optimizer([torch.nn.Parameter(torch.zeros(2))],
-                       SimpleNamespace(lr=1e-3, weight_decay=0.0, optim="paged_adamw_8bit"))
+        make_optimizer(
+            [torch.nn.Parameter(torch.zeros(2))], SimpleNamespace(lr=1e-3, weight_decay=0.0, optim="paged_adamw_8bit")
+        )
     with pytest.raises(ConfigError, match="optim: must be one of"):
         from lab.sft import SFTConfig
 

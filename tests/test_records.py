@@ -78,8 +78,13 @@ def test_create_log_finish_round_trip(tmp_path):
 
     row = run.summary_row()
     assert row == {
-        "id": record.run_id, "method": "grpo", "task": "arith", "status": "completed", "steps": 2,
-        "started": run.status["started"], "metrics": {"loss/policy": 0.25, "kl/ref": [1, 2], "n": 3},
+        "id": record.run_id,
+        "method": "grpo",
+        "task": "arith",
+        "status": "completed",
+        "steps": 2,
+        "started": run.status["started"],
+        "metrics": {"loss/policy": 0.25, "kl/ref": [1, 2], "n": 3},
     }
     with pytest.raises(RuntimeError, match="already finished"):
         record.log_metrics(3, {"loss/policy": 0.1})
@@ -223,8 +228,15 @@ def test_checkpoint_of_a_tiny_llama_with_tokenizer(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
     model = LlamaForCausalLM(config)
     backend = Tokenizer(WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
     backend.pre_tokenizer = Whitespace()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lab.config import ConfigError
-from lab.reinforce import (ReinforceConfig, batch_baseline, ema_baseline, kl_penalized_rewards, reinforce_loss)
+from lab.reinforce import ReinforceConfig, batch_baseline, ema_baseline, kl_penalized_rewards, reinforce_loss
 
 
 @pytest.fixture(autouse=True)
@@ -111,8 +111,17 @@ def test_reinforce_raises_the_exact_expected_reward_on_bandit(tmp_path):
     from lab.tasks import get_task
 
     task = get_task("bandit")
-    cfg = ReinforceConfig(task="bandit", mode="full", lr=1e-3, steps=15, batch_size=48, baseline="batch",
-                          eval_every=0, sample_every=0, out=str(tmp_path))
+    cfg = ReinforceConfig(
+        task="bandit",
+        mode="full",
+        lr=1e-3,
+        steps=15,
+        batch_size=48,
+        baseline="batch",
+        eval_every=0,
+        sample_every=0,
+        out=str(tmp_path),
+    )
     policy = load_for(cfg, task)
     with torch.no_grad():
         start = bandit_exact(policy.model, policy.tokenizer, task)["exact_reward"]
@@ -120,8 +129,15 @@ def test_reinforce_raises_the_exact_expected_reward_on_bandit(tmp_path):
     with torch.no_grad():
         end = bandit_exact(policy.model, policy.tokenizer, task)["exact_reward"]
     assert end > start + 0.25, (start, end)
-    assert {"reward/mean", "reward/std", "loss/policy", "grad/norm", "entropy", "completion/length",
-            "reward/baseline"} <= set(history[-1])
+    assert {
+        "reward/mean",
+        "reward/std",
+        "loss/policy",
+        "grad/norm",
+        "entropy",
+        "completion/length",
+        "reward/baseline",
+    } <= set(history[-1])
 
 
 def test_a_few_reinforce_steps_on_arith_change_parameters_and_write_the_record(tmp_path):
@@ -132,15 +148,33 @@ def test_a_few_reinforce_steps_on_arith_change_parameters_and_write_the_record(t
     from lab.runner import load_for
     from lab.tasks import get_task
 
-    cfg = ReinforceConfig(task="arith", steps=2, batch_size=8, beta=0.1, baseline="ema", eval_every=2, eval_size=8,
-                          out=str(tmp_path), run_id="r", lr=1e-2)
+    cfg = ReinforceConfig(
+        task="arith",
+        steps=2,
+        batch_size=8,
+        beta=0.1,
+        baseline="ema",
+        eval_every=2,
+        eval_size=8,
+        out=str(tmp_path),
+        run_id="r",
+        lr=1e-2,
+    )
     policy = load_for(cfg, get_task("arith"))
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
     history = list(train(cfg, policy=policy))
     assert any(not torch.equal(before[n], p) for n, p in policy.model.named_parameters() if p.requires_grad)
     last = history[-1]
-    for key in ("reward/mean", "reward/std", "loss/policy", "grad/norm", "kl/ref", "entropy", "completion/length",
-                "eval/accuracy"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "loss/policy",
+        "grad/norm",
+        "kl/ref",
+        "entropy",
+        "completion/length",
+        "eval/accuracy",
+    ):
         assert key in last, key
     run = load_run(Path(tmp_path) / "r")
     assert run.status["status"] == "completed"
@@ -157,8 +191,18 @@ def test_reinforce_at_beta_0_logs_kl_ref_every_step_by_default(tmp_path):
     from lab.runner import load_for
     from lab.tasks import get_task
 
-    cfg = ReinforceConfig(task="arith", steps=3, batch_size=8, microbatch_size=4, eval_every=0, eval_size=4,
-                          sample_every=0, out=str(tmp_path), run_id="k", lr=3e-2)
+    cfg = ReinforceConfig(
+        task="arith",
+        steps=3,
+        batch_size=8,
+        microbatch_size=4,
+        eval_every=0,
+        eval_size=4,
+        sample_every=0,
+        out=str(tmp_path),
+        run_id="k",
+        lr=3e-2,
+    )
     assert cfg.beta == 0 and cfg.kl_every == 1
     history = list(train(cfg, policy=load_for(cfg, get_task("arith"))))
     assert all("kl/ref" in m for m in history)
@@ -172,8 +216,17 @@ def test_reinforce_with_kl_every_0_never_touches_the_reference(tmp_path):
     from lab.runner import load_for
     from lab.tasks import get_task
 
-    cfg = ReinforceConfig(task="arith", steps=2, batch_size=4, eval_every=0, eval_size=4, sample_every=0,
-                          kl_every=0, out=str(tmp_path), run_id="n")
+    cfg = ReinforceConfig(
+        task="arith",
+        steps=2,
+        batch_size=4,
+        eval_every=0,
+        eval_size=4,
+        sample_every=0,
+        kl_every=0,
+        out=str(tmp_path),
+        run_id="n",
+    )
     policy = load_for(cfg, get_task("arith"))
 
     def no_reference():

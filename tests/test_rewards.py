@@ -69,7 +69,10 @@ def test_reward_model_path_delegates_to_lab_rm(tmp_path, monkeypatch):
 
     def fake_loader(path):
         calls.append(path)
-        scorer = lambda prompts, completions, truncated=None: torch.ones(len(prompts))
+
+        def scorer(prompts, completions, truncated=None):
+            return torch.ones(len(prompts))
+
         return scorer
 
     fake_rm = types.ModuleType("lab.rm")

@@ -8,8 +8,15 @@ import torch
 from torch import nn
 
 from lab.config import ConfigError
-from lab.rm import (RewardConfig, bayes_accuracy, encode_completions, evaluate_reward_model, load_reward_model,
-                    reward_loss, train)
+from lab.rm import (
+    RewardConfig,
+    bayes_accuracy,
+    encode_completions,
+    evaluate_reward_model,
+    load_reward_model,
+    reward_loss,
+    train,
+)
 
 t = torch.tensor
 
@@ -49,8 +56,11 @@ def test_reward_loss_gradient_and_shift_invariance():
 
 def test_bayes_accuracy_hand_computed():
     """Gold agrees with the label, disagrees, ties: (1 + 0 + 0.5) / 3 = 0.5."""
-    rows = [{"chosen_gold": 2.0, "rejected_gold": 1.0}, {"chosen_gold": 0.0, "rejected_gold": 1.0},
-            {"chosen_gold": 1.0, "rejected_gold": 1.0}]
+    rows = [
+        {"chosen_gold": 2.0, "rejected_gold": 1.0},
+        {"chosen_gold": 0.0, "rejected_gold": 1.0},
+        {"chosen_gold": 1.0, "rejected_gold": 1.0},
+    ]
     assert bayes_accuracy(rows) == 0.5
 
 
@@ -120,8 +130,13 @@ def test_the_gold_reward_scores_exactly_the_bayes_accuracy_and_spearman_one():
     assert 0.6 < out["eval/bayes_accuracy"] < 1.0  # noisy labels: the gold reward itself misses some
     assert out["eval/spearman"] == pytest.approx(1.0)
     assert out["eval/margin"] == pytest.approx(sum(r["chosen_gold"] - r["rejected_gold"] for r in rows) / len(rows))
-    negated = SimpleNamespace(score=lambda i, m: -gold_model.score(i, m), parameters=gold_model.parameters,
-                              training=False, eval=lambda: None, train=lambda mode=True: None)
+    negated = SimpleNamespace(
+        score=lambda i, m: -gold_model.score(i, m),
+        parameters=gold_model.parameters,
+        training=False,
+        eval=lambda: None,
+        train=lambda mode=True: None,
+    )
     flipped = evaluate_reward_model(negated, tok, rows, batch_size=64)
     assert flipped["eval/spearman"] == pytest.approx(-1.0)
     assert flipped["eval/accuracy"] == pytest.approx(1 - out["eval/accuracy"])
@@ -132,8 +147,18 @@ def test_the_gold_reward_scores_exactly_the_bayes_accuracy_and_spearman_one():
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_a_few_steps_train_and_the_checkpoint_scores_the_same(tmp_path, mode):
-    cfg = RewardConfig(task="reviews", mode=mode, steps=2, batch_size=8, eval_pairs=16, lr=1e-2, lora_r=4,
-                       lora_alpha=8, out=str(tmp_path), run_id="rm")
+    cfg = RewardConfig(
+        task="reviews",
+        mode=mode,
+        steps=2,
+        batch_size=8,
+        eval_pairs=16,
+        lr=1e-2,
+        lora_r=4,
+        lora_alpha=8,
+        out=str(tmp_path),
+        run_id="rm",
+    )
     from lab.rm import load_reward_backbone
     from lab.tasks import get_task
 
@@ -145,8 +170,17 @@ def test_a_few_steps_train_and_the_checkpoint_scores_the_same(tmp_path, mode):
     metrics = [json.loads(line) for line in open(tmp_path / "rm" / "metrics.jsonl")]
     status = json.loads((tmp_path / "rm" / "status.json").read_text())
     assert status["status"] == "completed" and len(metrics) == 2
-    for key in ("loss/rm", "rm/accuracy", "rm/margin", "rewards/chosen", "rewards/rejected", "eval/accuracy",
-                "eval/spearman", "eval/spearman_pooled", "eval/bayes_accuracy"):
+    for key in (
+        "loss/rm",
+        "rm/accuracy",
+        "rm/margin",
+        "rewards/chosen",
+        "rewards/rejected",
+        "eval/accuracy",
+        "eval/spearman",
+        "eval/spearman_pooled",
+        "eval/bayes_accuracy",
+    ):
         assert key in metrics[-1], key
     # the run folder loads back as a scorer that gives the trained model's scores
     scorer = load_reward_model(str(tmp_path / "rm"))
@@ -173,10 +207,19 @@ def test_a_sequence_classification_model_is_a_reward_model_too(tmp_path, tiny_mo
     data = tmp_path / "prefs.jsonl"
     with open(data, "w") as f:
         for i in range(20):
-            f.write(json.dumps({"prompt": f"w{i % 5}", "chosen": f"w{10 + i % 7} w3", "rejected": f"w{30 + i % 9}"})
-                    + "\n")
-    cfg = RewardConfig(task=f"jsonl:{data}", reward_model=str(seqcls), mode="full", steps=2, batch_size=4,
-                       lr=1e-2, out=str(tmp_path), run_id="sc")
+            f.write(
+                json.dumps({"prompt": f"w{i % 5}", "chosen": f"w{10 + i % 7} w3", "rejected": f"w{30 + i % 9}"}) + "\n"
+            )
+    cfg = RewardConfig(
+        task=f"jsonl:{data}",
+        reward_model=str(seqcls),
+        mode="full",
+        steps=2,
+        batch_size=4,
+        lr=1e-2,
+        out=str(tmp_path),
+        run_id="sc",
+    )
     rows = list(train(cfg))
     assert "eval/accuracy" in rows[-1] and "eval/spearman" not in rows[-1]  # no gold reward in the file
     scorer = load_reward_model(str(tmp_path / "sc"))
@@ -219,8 +262,14 @@ def test_per_prompt_offsets_leave_within_prompt_spearman_at_one_and_pull_the_poo
     for r in rows:
         means.setdefault(r["prompt"], []).extend([r["chosen_gold"], r["rejected_gold"]])
     offset = {p: -10 * sum(v) / len(v) for p, v in means.items()}
-    shifted = [{**r, "chosen_gold": r["chosen_gold"] + offset[r["prompt"]],
-                "rejected_gold": r["rejected_gold"] + offset[r["prompt"]]} for r in rows]
+    shifted = [
+        {
+            **r,
+            "chosen_gold": r["chosen_gold"] + offset[r["prompt"]],
+            "rejected_gold": r["rejected_gold"] + offset[r["prompt"]],
+        }
+        for r in rows
+    ]
     exact = evaluate_reward_model(GoldLookup(tok, rows), tok, rows, batch_size=64)
     out = evaluate_reward_model(GoldLookup(tok, shifted), tok, rows, batch_size=64)
     assert len(means) >= 5

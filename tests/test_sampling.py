@@ -51,9 +51,16 @@ def tokenizer():
 def make_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None,
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=None,
         initializer_range=0.2,  # peakier than the default 0.02: no near-ties between top tokens
     )
     return LlamaForCausalLM(config).eval()
@@ -63,8 +70,15 @@ def make_gpt2() -> GPT2LMHeadModel:
     """Absolute position embeddings: a wrong position id under left padding changes its output."""
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, initializer_range=0.2,
+        vocab_size=V,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=None,
+        initializer_range=0.2,
     )
     return GPT2LMHeadModel(config).eval()
 
@@ -88,8 +102,12 @@ def hf_greedy(model, tokenizer, prompts, max_new_tokens):
     tokenizer.padding_side = "left"
     encoded = tokenizer(prompts, padding=True, return_tensors="pt")
     out = model.generate(
-        input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], do_sample=False,
-        max_new_tokens=max_new_tokens, pad_token_id=PAD, eos_token_id=EOS,
+        input_ids=encoded["input_ids"],
+        attention_mask=encoded["attention_mask"],
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
     )
     return out[:, encoded["input_ids"].shape[1] :]  # (B, T)
 
@@ -128,8 +146,9 @@ def test_batch_size_splits_and_joins(llama, tokenizer):
 
 def test_seeded_sampling_is_reproducible(llama, tokenizer):
     def sample(seed):
-        return generate(llama, tokenizer, PROMPTS * 4, max_new_tokens=6,
-                        generator=torch.Generator().manual_seed(seed)).completion_ids
+        return generate(
+            llama, tokenizer, PROMPTS * 4, max_new_tokens=6, generator=torch.Generator().manual_seed(seed)
+        ).completion_ids
 
     assert torch.equal(sample(1), sample(1))
     assert not torch.equal(sample(1), sample(2))
@@ -168,8 +187,9 @@ def test_first_token_frequencies_match_softmax(llama, tokenizer, top_p):
     """
     N = 5_000
     prompt = "w1 w2 w3"
-    rollout = generate(llama, tokenizer, [prompt] * N, max_new_tokens=1, top_p=top_p,
-                       generator=torch.Generator().manual_seed(0))
+    rollout = generate(
+        llama, tokenizer, [prompt] * N, max_new_tokens=1, top_p=top_p, generator=torch.Generator().manual_seed(0)
+    )
     counts = torch.bincount(rollout.completion_ids[:, 0], minlength=V).double()  # (V,)
     with torch.no_grad():
         logits = llama(**tokenizer([prompt], return_tensors="pt", return_token_type_ids=False)).logits[0, -1]
@@ -191,8 +211,9 @@ def test_first_token_frequencies_match_softmax(llama, tokenizer, top_p):
 
 @pytest.mark.parametrize("max_new_tokens", [1, 3, 12])
 def test_completion_mask_and_truncated_are_consistent(llama, tokenizer, max_new_tokens):
-    r = generate(llama, tokenizer, PROMPTS * 3, max_new_tokens=max_new_tokens,
-                 generator=torch.Generator().manual_seed(3))
+    r = generate(
+        llama, tokenizer, PROMPTS * 3, max_new_tokens=max_new_tokens, generator=torch.Generator().manual_seed(3)
+    )
     B, T = r.completion_ids.shape
     assert B == 12 and 1 <= T <= max_new_tokens
     for b in range(B):
@@ -380,12 +401,23 @@ def test_generate_applies_the_chat_template_to_message_prompts():
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
-                         "{% if add_generation_prompt %}assistant : {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0,
-                                         eos_token_id=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
     chat = generate(model, tok, [[{"role": "user", "content": "hi there"}]], 4, greedy=True)
     text = generate(model, tok, ["user : hi there assistant : "], 4, greedy=True)
     assert chat.prompts == text.prompts and torch.equal(chat.completion_ids, text.completion_ids)
@@ -396,13 +428,16 @@ def test_generate_applies_the_chat_template_to_message_prompts():
 # several end tokens), ChatML/Qwen (no BOS, eos = <|im_end|>), GPT-2 (no template)
 # --------------------------------------------------------------------------------------------
 
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
-                   "<|end_header_id|>"]
-LLAMA3_TEMPLATE = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|> "
-                   "{{ m['content'] }}<|eot_id|>{% endfor %}"
-                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|> {% endif %}")
-CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
-                   "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+LLAMA3_TEMPLATE = (
+    "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|> "
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|> {% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
 WORDS = ["user", "assistant", "system"] + [f"w{i}" for i in range(40)]
 
 
@@ -415,10 +450,15 @@ def make_llama3_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", 0)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
-                                  eos_token="<|end_of_text|>", unk_token="<unk>",
-                                  additional_special_tokens=LLAMA3_SPECIALS[2:])
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", 0)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        unk_token="<unk>",
+        additional_special_tokens=LLAMA3_SPECIALS[2:],
+    )
     tok.chat_template = LLAMA3_TEMPLATE
     return tok
 
@@ -429,8 +469,13 @@ def make_chatml_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(specials + ["<unk>"] + WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     tok.chat_template = CHATML_TEMPLATE
     return tok
 
@@ -440,14 +485,24 @@ def make_llama3_model(eot_bias: float = 0.0) -> LlamaForCausalLM:
     does; `eot_bias` pushes <|eot_id|> up in every next-token distribution."""
     torch.manual_seed(0)
     vocab_size = len(LLAMA3_SPECIALS) + 1 + len(WORDS)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, bos_token_id=0, eos_token_id=1, initializer_range=0.2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            bos_token_id=0,
+            eos_token_id=1,
+            initializer_range=0.2,
+        )
+    ).eval()
     model.generation_config.eos_token_id = [1, 2]  # <|end_of_text|>, <|eot_id|>
     if eot_bias:
         model.lm_head.register_forward_hook(
-            lambda module, inputs, logits: logits + eot_bias * torch.nn.functional.one_hot(torch.tensor(2),
-                                                                                          vocab_size))
+            lambda module, inputs, logits: logits + eot_bias * torch.nn.functional.one_hot(torch.tensor(2), vocab_size)
+        )
     return model
 
 
@@ -483,15 +538,20 @@ def test_generation_stops_on_generation_config_end_tokens():
     assert not r.truncated.any() and r.completions == ["", ""]
     encoded = tok(prompts[:1], return_tensors="pt", return_token_type_ids=False)
     hf = model.generate(**encoded, do_sample=False, max_new_tokens=6, pad_token_id=1)
-    assert hf[0, encoded["input_ids"].shape[1]:].tolist() == [2]
+    assert hf[0, encoded["input_ids"].shape[1] :].tolist() == [2]
 
 
 def test_decode_strips_whichever_end_token_ended_the_row():
     """A moderate push to <|eot_id|>: rows end at different steps; the text never holds the end token."""
     tok = make_llama3_tokenizer()
     model = make_llama3_model(eot_bias=2.5)
-    r = generate(model, tok, [f"w{i} w{i + 1}" for i in range(0, 32, 2)], max_new_tokens=8,
-                 generator=torch.Generator().manual_seed(0))
+    r = generate(
+        model,
+        tok,
+        [f"w{i} w{i + 1}" for i in range(0, 32, 2)],
+        max_new_tokens=8,
+        generator=torch.Generator().manual_seed(0),
+    )
     ended = ~r.truncated
     assert ended.any()
     for b in range(len(r)):
@@ -535,8 +595,9 @@ def test_end_and_turn_end_tokens_of_each_family():
 def make_lora_llama():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(make_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                    init_lora_weights=False))  # B ≠ 0: the adapter matters
+    model = get_peft_model(
+        make_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )  # B ≠ 0: the adapter matters
     return model
 
 
@@ -551,14 +612,19 @@ def test_merged_adapters_same_outputs_and_restored_weights(tokenizer):
         with merged_adapters(model):
             # the base weights hold W + s·BA and the LoRA branch is off
             assert all(layer.disable_adapters for layer in _lora(model))
-            assert any(not torch.equal(layer.get_base_layer().weight, before[n + ".base_layer.weight"])
-                       for n, layer in model.named_modules() if layer in _lora(model))
+            assert any(
+                not torch.equal(layer.get_base_layer().weight, before[n + ".base_layer.weight"])
+                for n, layer in model.named_modules()
+                if layer in _lora(model)
+            )
             merged = model(ids).logits
         assert not any(layer.disable_adapters for layer in _lora(model))
         with model.disable_adapter(), merged_adapters(model):  # the reference policy: never merged
             weights = [layer.get_base_layer().weight for layer in _lora(model)]
-            assert all(torch.equal(w, before[n + ".base_layer.weight"]) for w, (n, layer)
-                       in zip(weights, [(n, m) for n, m in model.named_modules() if m in _lora(model)]))
+            assert all(
+                torch.equal(w, before[n + ".base_layer.weight"])
+                for w, (n, layer) in zip(weights, [(n, m) for n, m in model.named_modules() if m in _lora(model)])
+            )
     torch.testing.assert_close(merged, plain, atol=1e-5, rtol=1e-5)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n  # the original tensors are put back: bit for bit, no drift
@@ -581,9 +647,10 @@ def test_merged_sampling_matches_unmerged(tokenizer, monkeypatch):
     for name in ["merged", "unmerged"]:
         if name == "unmerged":
             monkeypatch.setattr(lab.sampling, "merged_adapters", lambda m: contextlib.nullcontext(m))
-        runs[name] = (generate(model, tokenizer, PROMPTS, 8, greedy=True).completion_ids,
-                      generate(model, tokenizer, PROMPTS * 2, 8, generator=torch.Generator().manual_seed(1))
-                      .completion_ids)
+        runs[name] = (
+            generate(model, tokenizer, PROMPTS, 8, greedy=True).completion_ids,
+            generate(model, tokenizer, PROMPTS * 2, 8, generator=torch.Generator().manual_seed(1)).completion_ids,
+        )
     assert torch.equal(runs["merged"][0], runs["unmerged"][0])
     assert torch.equal(runs["merged"][1], runs["unmerged"][1])
 
@@ -593,8 +660,9 @@ def test_repeated_prompts_prefill_once_and_match_hf(model, tokenizer):
     as HF generate on the copies."""
     prompts = [p for p in PROMPTS for _ in range(3)]
     calls = []
-    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     try:
         ours = generate(model, tokenizer, prompts, 6, greedy=True)
     finally:

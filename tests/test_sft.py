@@ -43,8 +43,9 @@ def test_prompt_tokens_are_not_targets():
 
 
 def test_sft_run_moves_weights_and_writes_record(tmp_path):
-    cfg = SFTConfig(task="arith", steps=3, batch_size=8, out=str(tmp_path), run_id="sft-test", sample_every=2,
-                    eval_size=8)
+    cfg = SFTConfig(
+        task="arith", steps=3, batch_size=8, out=str(tmp_path), run_id="sft-test", sample_every=2, eval_size=8
+    )
     policy = load_policy("arith", mode="lora", device="cpu")
     before = [p.detach().clone() for p in policy.trainable_parameters()]
     metrics = list(train(cfg, policy=policy))
@@ -72,9 +73,15 @@ def test_sft_stop_after_current_step(tmp_path):
     assert len((tmp_path / "stop-test" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-@pytest.mark.parametrize("field,value,needle", [("lr", 5.0, "lr: must be in"), ("batch_size", 0, "batch_size"),
-                                                ("mode", "int8", "mode: must be one of"),
-                                                ("task", "bandit", "task: bandit has no demonstrations")])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("lr", 5.0, "lr: must be in"),
+        ("batch_size", 0, "batch_size"),
+        ("mode", "int8", "mode: must be one of"),
+        ("task", "bandit", "task: bandit has no demonstrations"),
+    ],
+)
 def test_bad_hyperparameters_name_the_field(field, value, needle):
     with pytest.raises(ConfigError, match=needle):
         SFTConfig(**{field: value})
@@ -99,8 +106,17 @@ def test_sft_logs_kl_ref_every_kl_every_steps(tmp_path):
     """SFT logs kl/ref = KL(π_θ‖π_ref) per completion, from one fresh sample of π_θ on each of kl_prompts
     held-out prompts, before the step's update: 0 at step 1 with a fresh adapter (B = 0: π_θ = π_ref), nonzero
     after. kl_every = 2 over 3 steps logs it at steps 1 and 3; kl_every = 0 never touches π_ref."""
-    cfg = SFTConfig(task="arith", steps=3, batch_size=8, lr=3e-2, kl_every=2, kl_prompts=4, sample_every=0,
-                    out=str(tmp_path), run_id="k")
+    cfg = SFTConfig(
+        task="arith",
+        steps=3,
+        batch_size=8,
+        lr=3e-2,
+        kl_every=2,
+        kl_prompts=4,
+        sample_every=0,
+        out=str(tmp_path),
+        run_id="k",
+    )
     metrics = list(train(cfg, policy=load_policy("arith", mode="lora", device="cpu")))
     assert ["kl/ref" in m for m in metrics] == [True, False, True]
     assert metrics[0]["kl/ref"] == pytest.approx(0.0, abs=1e-6)

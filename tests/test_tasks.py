@@ -160,7 +160,9 @@ def test_tokenizer_round_trip(name):
         prompt_ids = tokenizer(row["prompt"])["input_ids"]
         completion_ids = tokenizer(row["completion"])["input_ids"]
         # decode(ids + eos, skip_special_tokens) gives back the exact text
-        assert tokenizer.decode(completion_ids + [tokenizer.eos_token_id], skip_special_tokens=True) == row["completion"]
+        assert (
+            tokenizer.decode(completion_ids + [tokenizer.eos_token_id], skip_special_tokens=True) == row["completion"]
+        )
         assert tokenizer.decode(prompt_ids) == row["prompt"]
         # the concatenated text tokenizes as the two parts (prompts end in punctuation or "=")
         assert tokenizer(row["prompt"] + row["completion"])["input_ids"] == prompt_ids + completion_ids

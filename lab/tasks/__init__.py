@@ -45,8 +45,9 @@ def register(task: Task, *, replace: bool = False) -> Task:
 
     A built-in name cannot be taken; registering a name twice needs ``replace=True``. Returns the task."""
     if not task.name or any(c in task.name for c in ":/"):
-        raise ValueError(f"a task name must be non-empty and hold no ':' or '/' (those mean data sources), "
-                         f"got {task.name!r}")
+        raise ValueError(
+            f"a task name must be non-empty and hold no ':' or '/' (those mean data sources), got {task.name!r}"
+        )
     if task.name in BUILTIN_TASKS:
         raise ValueError(f"{task.name!r} is a built-in task; give yours another name")
     if task.name in TASKS and not replace:

@@ -64,8 +64,14 @@ class BanditTask(EnumerableTask):
     description = "one-token answers 'pick a colour :' -> 'red'; known rewards, exact optimum π*"
 
     def __init__(self) -> None:
-        super().__init__("bandit", REWARDS, ref_probs=REF_PROBS, non_answer_reward=NON_ANSWER_REWARD,
-                         model="bandit", description=self.description)
+        super().__init__(
+            "bandit",
+            REWARDS,
+            ref_probs=REF_PROBS,
+            non_answer_reward=NON_ANSWER_REWARD,
+            model="bandit",
+            description=self.description,
+        )
 
     def preference_rows(self, split: str = "train") -> list[dict]:
         """Bradley–Terry pairs from the built-in π_ref: 2,000 (train) or 500 (eval), seeded."""
@@ -92,8 +98,9 @@ def gold_reward(prompt: str, completion: str) -> float:
 
 
 @torch.no_grad()
-def kl_to_optimum(model, tokenizer, beta: float, ref_logprobs: torch.Tensor | None = None,
-                  prompts: list[str] | None = None) -> float:
+def kl_to_optimum(
+    model, tokenizer, beta: float, ref_logprobs: torch.Tensor | None = None, prompts: list[str] | None = None
+) -> float:
     """Mean over prompts of KL(π* ‖ π_θ), the distance of a policy from the optimum of its objective.
 
     π* is built from `ref_logprobs` (B, V), the reference policy's next_token_logprobs on the same
@@ -104,8 +111,9 @@ def kl_to_optimum(model, tokenizer, beta: float, ref_logprobs: torch.Tensor | No
 
 
 # --- preference pairs -----------------------------------------------------------------------------
-def make_preference_rows(n_pairs: int, seed: int, model=None, tokenizer=None,
-                         prompts: list[str] | None = None) -> list[dict]:
+def make_preference_rows(
+    n_pairs: int, seed: int, model=None, tokenizer=None, prompts: list[str] | None = None
+) -> list[dict]:
     """Pairs (y1, y2) drawn from π_ref (the built-in policy by default), labelled Bradley–Terry.
 
     For each pair: x uniform over the prompts; y1 ≠ y2 drawn from π_ref(·|x) restricted to ordinary
@@ -131,11 +139,18 @@ def make_preference_rows(n_pairs: int, seed: int, model=None, tokenizer=None,
         r2 = gold_reward(prompts[i], tokenizer.convert_ids_to_tokens(y2))
         if rng.random() >= 1.0 / (1.0 + math.exp(-(r1 - r2))):  # y2 wins with prob σ(r2 − r1)
             y1, y2, r1, r2 = y2, y1, r2, r1
-        rows.append({"prompt": prompts[i], "chosen": tokenizer.convert_ids_to_tokens(y1),
-                     "rejected": tokenizer.convert_ids_to_tokens(y2), "chosen_gold": r1, "rejected_gold": r2})
+        rows.append(
+            {
+                "prompt": prompts[i],
+                "chosen": tokenizer.convert_ids_to_tokens(y1),
+                "rejected": tokenizer.convert_ids_to_tokens(y2),
+                "chosen_gold": r1,
+                "rejected_gold": r2,
+            }
+        )
     return rows
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _builtin_preferences(split: str) -> tuple[dict, ...]:
     return tuple(make_preference_rows(PREF_SIZES[split], PREF_SEEDS[split]))

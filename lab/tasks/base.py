@@ -51,7 +51,9 @@ def load_builtin(name: str):
 
     path = builtin_model_dir(name)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"built-in model {name!r} not found at {path}; build it with `python -m lab pretrain {name}`")
+        raise FileNotFoundError(
+            f"built-in model {name!r} not found at {path}; build it with `python -m lab pretrain {name}`"
+        )
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
@@ -83,7 +85,9 @@ class Task:
         """r(x, y) for one completion (decoded text without eos). `truncated`: no eos was emitted."""
         raise NotImplementedError
 
-    def gold_rewards(self, prompts: list[str], completions: list[str], truncated: list[bool] | None = None) -> list[float]:
+    def gold_rewards(
+        self, prompts: list[str], completions: list[str], truncated: list[bool] | None = None
+    ) -> list[float]:
         """Batch version of `gold_reward`. `truncated=None` means no completion was truncated."""
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
@@ -102,8 +106,7 @@ class Task:
     def preference_rows(self, split: str = "train") -> list[dict]:
         """[{"prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"}] for reward models and DPO."""
         raise NotImplementedError(
-            f"task {self.name!r} (kind {self.kind!r}) has no preference data; "
-            "the 'reviews' and 'bandit' tasks do"
+            f"task {self.name!r} (kind {self.kind!r}) has no preference data; the 'reviews' and 'bandit' tasks do"
         )
 
     # --- what lab.pretrain needs to build the built-in model -----------------------------------

@@ -131,8 +131,13 @@ def pair_support(rows: list[dict]) -> dict[str, set[str]]:
 
 
 @torch.no_grad()
-def exact_metrics(logprobs: torch.Tensor, rewards: torch.Tensor, ref_logprobs: torch.Tensor | None = None,
-                  beta: float | None = None, support: torch.Tensor | None = None) -> dict:
+def exact_metrics(
+    logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float | None = None,
+    support: torch.Tensor | None = None,
+) -> dict:
     """Every exact metric of an enumerable task from (B, V) log-probs and rewards, averaged over the B prompts:
 
         exact_reward            E_{π_θ}[r]
@@ -180,13 +185,25 @@ class EnumerableTask(Task):
     max_new_tokens = 1
     tokenizer_level = "word"
 
-    def __init__(self, name: str, rewards: dict[str, dict[str, float]] | None = None, *,
-                 answers: dict[str, list[str]] | None = None, reward_fn: Callable[[str, str], float] | None = None,
-                 non_answer_reward: float = NON_ANSWER_REWARD, ref_probs: dict[str, dict[str, float]] | None = None,
-                 model: str = "", pairs: int = 0, seed: int = 0, description: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        rewards: dict[str, dict[str, float]] | None = None,
+        *,
+        answers: dict[str, list[str]] | None = None,
+        reward_fn: Callable[[str, str], float] | None = None,
+        non_answer_reward: float = NON_ANSWER_REWARD,
+        ref_probs: dict[str, dict[str, float]] | None = None,
+        model: str = "",
+        pairs: int = 0,
+        seed: int = 0,
+        description: str = "",
+    ) -> None:
         if (rewards is None) == (answers is None or reward_fn is None):
-            raise ValueError("give either rewards={prompt: {answer: r}} or both answers={prompt: [...]} and "
-                             "reward_fn(prompt, answer)")
+            raise ValueError(
+                "give either rewards={prompt: {answer: r}} or both answers={prompt: [...]} and "
+                "reward_fn(prompt, answer)"
+            )
         if rewards is None:
             rewards = {p: {a: float(reward_fn(p, a)) for a in answer_list} for p, answer_list in answers.items()}
         if not rewards or any(not table for table in rewards.values()):
@@ -222,8 +239,10 @@ class EnumerableTask(Task):
         for answer, value in self.answers(prompt).items():
             ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
             if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
-                raise ValueError(f"answer {answer!r} of task {self.name!r} is not a single token of this "
-                                 f"tokenizer (got {ids}); an enumerable task's responses are one token")
+                raise ValueError(
+                    f"answer {answer!r} of task {self.name!r} is not a single token of this "
+                    f"tokenizer (got {ids}); an enumerable task's responses are one token"
+                )
             rewards[ids[0]] = value
         return rewards
 
@@ -232,8 +251,9 @@ class EnumerableTask(Task):
         return torch.stack([self.reward_table(p, tokenizer) for p in prompts])
 
     @torch.no_grad()
-    def kl_to_optimum(self, model, tokenizer, beta: float, ref_logprobs: torch.Tensor | None = None,
-                      prompts: list[str] | None = None) -> float:
+    def kl_to_optimum(
+        self, model, tokenizer, beta: float, ref_logprobs: torch.Tensor | None = None, prompts: list[str] | None = None
+    ) -> float:
         """Mean over prompts of KL(π* ‖ π_θ), π* built from ``ref_logprobs`` (B, V) (None: the model itself)."""
         prompts = self.eval_prompts() if prompts is None else prompts
         logprobs = next_token_logprobs(model, tokenizer, prompts)  # (B, V)

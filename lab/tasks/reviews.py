@@ -62,10 +62,28 @@ HELDOUT_PER_TOPIC = 2
 SPLIT_SEED = 1234
 
 # Adjectives by sentiment: shared ones, plus a few per topic.
-POSITIVE = {"great": 2, "excellent": 2, "amazing": 2, "wonderful": 2, "perfect": 2,
-            "good": 1, "nice": 1, "lovely": 1, "solid": 1, "pleasant": 1}
-NEGATIVE = {"awful": -2, "terrible": -2, "horrible": -2,
-            "bad": -1, "poor": -1, "disappointing": -1, "weak": -1, "mediocre": -1}
+POSITIVE = {
+    "great": 2,
+    "excellent": 2,
+    "amazing": 2,
+    "wonderful": 2,
+    "perfect": 2,
+    "good": 1,
+    "nice": 1,
+    "lovely": 1,
+    "solid": 1,
+    "pleasant": 1,
+}
+NEGATIVE = {
+    "awful": -2,
+    "terrible": -2,
+    "horrible": -2,
+    "bad": -1,
+    "poor": -1,
+    "disappointing": -1,
+    "weak": -1,
+    "mediocre": -1,
+}
 NEUTRAL = {"okay": 0, "fine": 0, "average": 0, "ordinary": 0, "decent": 0}
 TOPIC_POSITIVE = {
     "food": {"tasty": 1, "fresh": 1, "delicious": 2},
@@ -149,11 +167,13 @@ def sample_review(item: str, rng: random.Random) -> str:
     if mood == "mixed":
         good, bad = rng.choice(_adjectives(topic, "positive")), rng.choice(_adjectives(topic, "negative"))
         first, second = (good, bad) if rng.random() < 0.5 else (bad, good)
-        return rng.choice([
-            f"the {item} was {first} but {second} .",
-            f"honestly the {item} was {first} but {second} .",
-            f"the {item} was {first} , but {second} overall .",
-        ])
+        return rng.choice(
+            [
+                f"the {item} was {first} but {second} .",
+                f"honestly the {item} was {first} but {second} .",
+                f"the {item} was {first} , but {second} overall .",
+            ]
+        )
     if mood == "rambling":
         sentiment = rng.choice(["positive", "negative", "neutral"])
         pool = _adjectives(topic, sentiment)
@@ -171,18 +191,22 @@ def sample_review(item: str, rng: random.Random) -> str:
     pool = _adjectives(topic, mood)
     adj, adj2 = rng.sample(pool, 2)
     intensifier = rng.choice(INTENSIFIERS)
-    verb = {"positive": rng.choice(["loved", "liked", "enjoyed"]),
-            "negative": rng.choice(["hated", "disliked"]),
-            "neutral": "liked"}[mood]
-    return rng.choice([
-        f"the {item} was {adj} .",
-        f"the {item} was {intensifier} {adj} .",
-        f"the {item} was {adj} and {adj2} .",
-        f"i {verb} the {item} , it was {adj} .",
-        f"overall the {item} was {adj} .",
-        f"{adj} {item} , {intensifier} {adj2} .",
-        f"honestly the {item} was {intensifier} {adj} and {adj2} .",
-    ])
+    verb = {
+        "positive": rng.choice(["loved", "liked", "enjoyed"]),
+        "negative": rng.choice(["hated", "disliked"]),
+        "neutral": "liked",
+    }[mood]
+    return rng.choice(
+        [
+            f"the {item} was {adj} .",
+            f"the {item} was {intensifier} {adj} .",
+            f"the {item} was {adj} and {adj2} .",
+            f"i {verb} the {item} , it was {adj} .",
+            f"overall the {item} was {adj} .",
+            f"{adj} {item} , {intensifier} {adj2} .",
+            f"honestly the {item} was {intensifier} {adj} and {adj2} .",
+        ]
+    )
 
 
 def _splits() -> tuple[list[str], list[str]]:
@@ -199,7 +223,7 @@ def _splits() -> tuple[list[str], list[str]]:
 
 # --- preference pairs ------------------------------------------------------------------------------
 def make_preference_rows(
-    task: "ReviewsTask",
+    task: ReviewsTask,
     split: str,
     n_pairs: int,
     seed: int,
@@ -223,9 +247,7 @@ def make_preference_rows(
     while len(rows) < n_pairs:
         prompts = [rng.choice(prompts_pool) for _ in range(n_pairs - len(rows))]
         doubled = [p for p in prompts for _ in range(2)]  # (2B,) y1, y2 of a pair are neighbours
-        completions, truncated = sample_completions(
-            model, tokenizer, doubled, task.max_new_tokens, generator=generator
-        )
+        completions, truncated = sample_completions(model, tokenizer, doubled, task.max_new_tokens, generator=generator)
         for i, prompt in enumerate(prompts):
             y1, y2 = completions[2 * i], completions[2 * i + 1]
             t1, t2 = truncated[2 * i], truncated[2 * i + 1]
@@ -235,9 +257,17 @@ def make_preference_rows(
             p_first = 1.0 / (1.0 + math.exp(-(r1 - r2) / tau))  # σ((r1 − r2) / τ)
             if rng.random() >= p_first:  # y2 wins
                 y1, y2, r1, r2, t1, t2 = y2, y1, r2, r1, t2, t1
-            rows.append({"prompt": prompt, "chosen": y1, "rejected": y2,
-                         "chosen_gold": r1, "rejected_gold": r2,
-                         "chosen_truncated": t1, "rejected_truncated": t2})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": y1,
+                    "rejected": y2,
+                    "chosen_gold": r1,
+                    "rejected_gold": r2,
+                    "chosen_truncated": t1,
+                    "rejected_truncated": t2,
+                }
+            )
     return rows
 
 
@@ -249,8 +279,10 @@ def bayes_accuracy(rows: list[dict]) -> float:
     """
     if not rows:
         raise ValueError("no preference rows")
-    agree = [1.0 if r["chosen_gold"] > r["rejected_gold"] else 0.5 if r["chosen_gold"] == r["rejected_gold"] else 0.0
-             for r in rows]
+    agree = [
+        1.0 if r["chosen_gold"] > r["rejected_gold"] else 0.5 if r["chosen_gold"] == r["rejected_gold"] else 0.0
+        for r in rows
+    ]
     return sum(agree) / len(agree)
 
 
@@ -262,7 +294,7 @@ def preference_path(split: str) -> Path:
     return DATA_DIR / f"reviews_prefs_{normalize_split(split)}.jsonl"
 
 
-def write_preference_files(task: "ReviewsTask", model=None, tokenizer=None) -> list[Path]:
+def write_preference_files(task: ReviewsTask, model=None, tokenizer=None) -> list[Path]:
     """Regenerate the shipped JSONL preference sets from the built-in policy."""
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -277,7 +309,7 @@ def write_preference_files(task: "ReviewsTask", model=None, tokenizer=None) -> l
     return paths
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_preferences(path: str) -> tuple[dict, ...]:
     with open(path) as f:
         return tuple(json.loads(line) for line in f if line.strip())
@@ -319,8 +351,11 @@ class ReviewsTask(Task):
     def sft_rows(self, split: str = "train") -> list[dict]:
         """20 pretraining-style reviews per prompt of the split (fixed seeded draw)."""
         rng = random.Random(f"sft-{normalize_split(split)}")
-        return [{"prompt": make_prompt(item), "completion": sample_review(item, rng)}
-                for item in self._items(split) for _ in range(20)]
+        return [
+            {"prompt": make_prompt(item), "completion": sample_review(item, rng)}
+            for item in self._items(split)
+            for _ in range(20)
+        ]
 
     def preference_rows(self, split: str = "train") -> list[dict]:
         """The shipped Bradley–Terry pairs: 2,000 on train prompts, 500 on eval prompts."""
