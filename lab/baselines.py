@@ -43,30 +43,24 @@ from dataclasses import dataclass
 
 import torch
 
-from lab.batching import token_logprobs
-from lab.config import ArgumentParser, BaseConfig, ConfigError, add_config_arguments, check, config_from_args, opt
+from lab import dist
+from lab.batching import select_pairs, token_logprobs
+from lab.config import (
+    ArgumentParser,
+    BaseConfig,
+    ConfigError,
+    PreferencePolicyConfig,
+    add_config_arguments,
+    check,
+    config_from_args,
+    opt,
+)
 from lab.data import unique_prompts
-from lab.dpo import (
-    dpo_loss,
-    encode_preference_batch,
-    ends_with_eos,
-    greedy_samples,
-    heldout_metrics,
-    load_preference_rows,
-    pair_microbatch,
-    select_pairs,
-    step_kl,
-)
+from lab.dpo import dpo_loss
+from lab.evaluate import greedy_samples, step_kl
+from lab.preference import is_eval_step, setup
 from lab.rollout import kl_due
-from lab.runner import (
-    Run,
-    clip_and_step,
-    load_for,
-    make_optimizer,
-    seed_everything,
-    shuffled_batches,
-    use_one_thread_for_tiny_models,
-)
+from lab.runner import Run, clip_and_step, use_one_thread_for_tiny_models
 from lab.sft import SFTAccumulator
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -74,92 +68,37 @@ from lab.sft import SFTAccumulator
 
 
 @dataclass
-class PreferredSFTConfig(BaseConfig):
+class PreferredSFTConfig(PreferencePolicyConfig):
     """Supervised fine-tuning on the chosen answers of preference pairs (the rejected ones are ignored)."""
 
-    task: str = opt(
-        "reviews",
-        "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
-        "{prompt, chosen, rejected} rows",
-    )
-    lr: float | None = opt(
-        None,
-        "AdamW learning rate; default: 3e-4 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
-        min=1e-7,
-        max=1.0,
-        builtin=3e-4,
-    )
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "preference pairs per step (their chosen answers are the targets)", min=1, max=4096)
-    max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
     per_sequence: bool = opt(False, "average the loss per sequence first instead of over all completion tokens")
     beta: float = opt(
         0.1, "β of the implicit-reward metrics rewards/* and loss/dpo (reported, not optimized)", min=1e-3, max=100.0
     )
-    eval_every: int = opt(
-        0, "held-out kl/ref and eval/gold_reward every N steps (0: at the end only)", min=0, max=1_000_000
-    )
-    kl_samples: int = opt(8, "completions sampled per held-out prompt for the kl/ref estimate", min=1, max=1024)
-    # as in DPO: the chosen answers are not samples of π_θ, so kl/ref between evaluations needs fresh ones
-    kl_every: int = opt(
-        1,
-        "log kl/ref every N steps, from one fresh sample of π_θ on each of kl_prompts held-out "
-        "prompts, before the step's update (0: at evaluations only)",
-        min=0,
-        max=1_000_000,
-    )
-    kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for the per-step kl/ref", min=1, max=4096)
-    microbatch_size: int | None = opt(
-        None,
-        "pairs per forward/backward (gradients accumulate over the batch); "
-        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
-        min=1,
-        max=4096,
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.task != "arith", "task", "arith has no preference pairs; use reviews, bandit or jsonl:PATH")
 
 
 def train_preferred(
     cfg: PreferredSFTConfig, *, policy=None, stop: threading.Event | None = None, record=None
 ) -> Iterator[dict]:
     """One optimizer step per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
-    from lab.tasks import TASKS, get_task
-    from lab.tasks.enumerable import pair_support
+    s = setup(cfg, policy)  # task, pairs, policy, optimizer, batches, ... (lab.preference)
+    task, policy, micro = s.task, s.policy, s.micro
 
-    seed_everything(cfg.seed)
-    task = get_task(cfg.task) if cfg.task in TASKS else None
-    rows = load_preference_rows(cfg, "train")
-    policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
-    add_eos = ends_with_eos(task)
-    params = policy.trainable_parameters()
-    optimizer = make_optimizer(params, cfg)
-    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
-    heldout_prompts = None if task is not None else unique_prompts(rows)[: cfg.eval_size]
-    support = pair_support(rows)  # the responses in the pairs, for eval/mass_off_support
-    micro = pair_microbatch(cfg, policy)
-
-    with Run(cfg, "sft-preferred", policy=policy, stop=stop, record=record) as run:
-        run.summary["rows"] = len(rows)
-        run.summary["before"] = heldout_metrics(
-            policy, task, cfg, use_reference=False, prompts=heldout_prompts, support=support
-        )
+    state = (s.batches,)  # what a resumed run puts back, with the optimizer
+    with Run(cfg, "sft-preferred", policy=policy, stop=stop, record=record, optimizer=s.optimizer, state=state) as run:
+        s.start(run, cfg)
         for step in run.steps():
             # 1. batch: B pairs; chosen rows 0..B-1, rejected rows B..2B-1
-            batch_rows = next(batches)
-            batch = encode_preference_batch(policy.tokenizer, batch_rows, cfg.max_length, add_eos)
-            B = len(batch_rows)
-            evaluating = step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+            B, batch = s.next_batch(cfg)
+            evaluating = is_eval_step(cfg, step)
             # kl/ref before this step's update, from fresh samples of π_θ (an evaluation step logs the held-out one)
-            kl_ref = (
-                step_kl(policy, task, cfg, heldout_prompts, seed=cfg.seed + step)
-                if kl_due(step, cfg.kl_every) and not evaluating
-                else None
-            )
+            due = kl_due(step, cfg.kl_every) and not evaluating
+            kl_ref = step_kl(policy, task, cfg, s.heldout_prompts, seed=cfg.seed + step) if due else None
             policy.model.train()
-            accumulator = SFTAccumulator(batch.completion_mask[:B].sum().clamp(min=1), B, cfg.per_sequence)
+            tokens = dist.global_sum(batch.completion_mask[:B].sum()).clamp(min=1)  # of every process's chosen rows
+            accumulator = SFTAccumulator(tokens, cfg.batch_size, cfg.per_sequence)
             pieces, ref_pieces = [], []  # (2, b) log π_θ(y|x) and log π_ref(y|x), chosen row over rejected row
             for start in range(0, B, micro):  # microbatches of b pairs
                 part = select_pairs(batch, start, min(start + micro, B)).to(policy.device)
@@ -180,7 +119,7 @@ def train_preferred(
                 metrics["kl/ref"] = kl_ref
 
             # 4. update
-            metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
+            metrics["grad/norm"] = clip_and_step(s.optimizer, s.params, cfg.max_grad_norm)
             with torch.no_grad():
                 sequence, ref_sequence = torch.cat(pieces, 1), torch.cat(ref_pieces, 1)  # (2, B), (2, B)
                 _, implicit = dpo_loss(sequence[0], sequence[1], ref_sequence[0], ref_sequence[1], cfg.beta)
@@ -190,11 +129,11 @@ def train_preferred(
 
             # 5. held-out evaluation
             if evaluating:
-                heldout = heldout_metrics(policy, task, cfg, prompts=heldout_prompts, support=support)
+                heldout = s.heldout(cfg)
                 metrics.update(heldout)
                 run.summary["after"] = heldout
             if run.want_samples(step) and task is not None:
-                run.samples(step, greedy_samples(policy, task, cfg))
+                run.samples(step, greedy_samples(policy, task, cfg.max_new_tokens))
             yield run.log(step, metrics, tokens=int(batch.attention_mask.sum()))
 
 
@@ -366,7 +305,5 @@ def bon_main(argv: list[str] | None = None) -> int:
         print(f"  {row['prompt']!r} → {row['completion']!r}  rm={row['score']:.2f}{gold}")
     return 0
 
-
-Config = PreferredSFTConfig
 
 __all__ = ["PreferredSFTConfig", "train_preferred", "BestOfNConfig", "best_of_n", "bon_main", "kl_bound"]

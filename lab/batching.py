@@ -4,6 +4,9 @@ Every offline method (SFT, DPO, the reward model, the PPO-ptx term) needs the sa
 prompt/completion pairs: the concatenated ids, the attention mask, and a mask of which positions are completion
 tokens. Prompt and completion are tokenized separately and concatenated, so the boundary is exact even for
 tokenizers that would merge across it.
+
+Preference pairs (the reward model, DPO, SFT on preferred answers) are one batch of 2B rows, chosen rows first
+(``encode_preference_batch``), so one forward pass scores both sides.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from lab.ops import masked_sum, selective_logprobs, sequence_logprobs
+from lab.ops import completion_token_logprobs, masked_sum, selective_logprobs
 from lab.sampling import encode_prompt, format_prompt, turn_end_token_id
 
 
@@ -81,6 +85,83 @@ def encode_pairs(
     return PairBatch(input_ids, attention_mask, completion_mask)
 
 
+def encode_completions(
+    tokenizer, prompts: list, completions: list, ended: list[bool] | None = None, *, max_length: int | None = None
+) -> PairBatch:
+    """``encode_pairs`` with eos appended only to the completions that ended.
+
+    A completion that hit the length cap (truncated) never emitted eos, and a graded task penalizes exactly
+    that, so a model that scores or imitates it must see it without one. ``ended=None``: every row ended.
+    Naive equivalent: encode each row alone with ``add_eos=ended[i]`` and right-pad them together.
+    """
+    if ended is None or all(ended):
+        return encode_pairs(tokenizer, prompts, completions, add_eos=True, max_length=max_length)
+    without = encode_pairs(tokenizer, prompts, completions, add_eos=False, max_length=max_length)
+    if not any(ended):
+        return without
+    with_eos = encode_pairs(tokenizer, prompts, completions, add_eos=True, max_length=max_length)
+    L = with_eos.input_ids.shape[1]  # ≥ the width without eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    grow = L - without.input_ids.shape[1]
+    keep = torch.tensor(ended, dtype=torch.bool)[:, None]  # (B, 1)
+    return PairBatch(
+        torch.where(keep, with_eos.input_ids, F.pad(without.input_ids, (0, grow), value=pad)),  # (B, L)
+        torch.where(keep, with_eos.attention_mask, F.pad(without.attention_mask, (0, grow))),  # (B, L)
+        torch.where(keep, with_eos.completion_mask, F.pad(without.completion_mask, (0, grow))),  # (B, L)
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# preference pairs
+
+
+def ends_with_eos(task) -> bool:
+    """Whether completions are scored with their eos. A bandit response is exactly one token and the episode
+    ends without eos, so its log π(y|x) is that one token's log-prob."""
+    return task is None or task.kind != "bandit"
+
+
+def encode_preference_batch(tokenizer, rows: list[dict], max_length: int, add_eos: bool = True) -> PairBatch:
+    """Chosen rows 0..B-1, rejected rows B..2B-1 of one right-padded batch, so one forward pass scores both.
+
+    A completion the data marks as truncated (``chosen_truncated``: it hit the length cap) never emitted eos,
+    so it is scored without one."""
+    prompts = [r["prompt"] for r in rows]
+    completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    ended = [add_eos and not r.get("chosen_truncated", False) for r in rows]
+    ended += [add_eos and not r.get("rejected_truncated", False) for r in rows]
+    return encode_completions(tokenizer, prompts + prompts, completions, ended, max_length=max_length)
+
+
+def select_pairs(batch: PairBatch, start: int, stop: int) -> PairBatch:
+    """Pairs start..stop-1 of a batch from ``encode_preference_batch`` (chosen rows first, then rejected), still
+    chosen-then-rejected, with the columns that are padding in every kept row cut off. Naive equivalent:
+    ``encode_preference_batch`` of ``rows[start:stop]``."""
+    B = batch.input_ids.shape[0] // 2
+    return batch.select(torch.cat([torch.arange(start, stop), torch.arange(B + start, B + stop)]))  # 2b rows
+
+
+def pair_microbatch(cfg, policy) -> int:
+    """``cfg.microbatch_size``, or the most pairs (2 sequences of up to ``max_length`` tokens each) per
+    forward/backward that fit in memory."""
+    from lab.runner import auto_microbatch
+
+    return cfg.microbatch_size or auto_microbatch(policy.model, cfg.batch_size, 2 * cfg.max_length)
+
+
+def pair_logprobs(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs_chosen, logprobs_rejected, chosen_lengths, rejected_lengths), each (B,), from one forward pass
+    over a batch built by ``encode_preference_batch``."""
+    logprobs, lengths = sequence_logprob(model, batch)  # (2B,), (2B,)
+    chosen, rejected = logprobs.chunk(2)  # (B,), (B,)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)  # (B,), (B,)
+    return chosen, rejected, chosen_lengths, rejected_lengths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# log-probs of a batch
+
+
 def token_logprobs(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(token_t | tokens_<t) for every position after the first, and the completion mask aligned to it.
 
@@ -97,7 +178,7 @@ def sequence_logprob(model, batch: PairBatch, average: bool = False) -> tuple[to
 
     Naive equivalent: ``logprobs, mask = token_logprobs(model, batch); (logprobs * mask).sum(-1)``. Here the batch
     is laid out as left-padded prompts + right-padded completions (``prompt_completion_layout``) and scored by
-    ``lab.ops.sequence_logprobs``, which runs each distinct prompt once (a DPO batch has every prompt twice: chosen
+    ``lab.ops.completion_token_logprobs``, which runs each distinct prompt once (a DPO batch has every prompt twice: chosen
     and rejected) and the LM head only where a completion token is predicted."""
     layout = prompt_completion_layout(batch)
     if layout is None:  # a row without prompt tokens: the plain forward pass
@@ -106,7 +187,7 @@ def sequence_logprob(model, batch: PairBatch, average: bool = False) -> tuple[to
     else:
         input_ids, attention_mask, completion_mask = layout  # (B, P+T), (B, P+T), (B, T)
         T = completion_mask.shape[1]
-        logprobs = sequence_logprobs(model, input_ids, attention_mask, T)  # (B, T)
+        logprobs = completion_token_logprobs(model, input_ids, attention_mask, T)  # (B, T)
         completion_mask = completion_mask.to(logprobs.dtype)
         total, count = masked_sum(logprobs, completion_mask, dim=-1), completion_mask.sum(-1)  # (B,), (B,)
     return (total / count.clamp(min=1) if average else total), count

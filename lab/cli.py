@@ -2,6 +2,8 @@
 
 Every hyperparameter of ``train METHOD`` is a flag named after its config field (``--beta 0.1``,
 ``--group-size 8``); ``python -m lab train grpo --help`` lists them with their help text and defaults.
+``train METHOD --resume RUN`` goes on with a run from its newest checkpoint, with the run's own settings (flags given
+next to it may change its step count and how often it logs, saves and reports).
 Errors a user can fix (a bad value, a missing model, a malformed data row: any ``lab.errors.UserError``, and
 argparse's own) print one line and exit with code 2. What can be checked before the model loads is checked first.
 """
@@ -14,6 +16,7 @@ import os
 import sys
 import threading
 
+from lab import dist
 from lab.config import ArgumentParser, ConfigError, add_config_arguments, config_from_args
 from lab.errors import UserError
 
@@ -32,6 +35,7 @@ def cmd_train(method: str, argv: list[str]) -> int:
     from tqdm.auto import tqdm
 
     from lab.methods import get_method
+    from lab.runner import start
 
     config_cls, train = get_method(method)
     parser = ArgumentParser(
@@ -40,18 +44,29 @@ def cmd_train(method: str, argv: list[str]) -> int:
     )
     add_config_arguments(parser, config_cls)
     args = parser.parse_args(argv)
-    cfg = config_from_args(config_cls, args)
+    cfg = train_config(config_cls, args)
     check_before_loading(cfg)
+    dist.init()  # under torchrun / accelerate launch: join the other processes before loading (lab.dist)
     stop = threading.Event()
     headline = ("reward/mean", "loss/dpo", "loss/rm", "loss/sft", "loss/policy", "kl/ref", "accuracy")
     last: dict = {}
-    gen = train(cfg, stop=stop)
+    gen = start(train, cfg, stop=stop)  # the record exists now: gen.path is where this run writes
+    if gen.path is not None:
+        resumed = f" (resumed after step {gen.resumed_from})" if gen.resumed_from is not None else ""
+        print(f"run {gen.path}{resumed}", flush=True)  # stdout: stderr is for the bar and one-line errors
     bar = None  # made at the first step, so an error while loading prints its one line and no empty bar
     try:
         for metrics in gen:
             last = metrics
             if bar is None:
-                bar = tqdm(total=cfg.steps, desc=f"{method} on {cfg.task}", unit="step", dynamic_ncols=True)
+                bar = tqdm(
+                    initial=metrics["step"] - 1,  # a resumed run starts part-way
+                    total=cfg.steps,
+                    desc=f"{method} on {cfg.task}",
+                    unit="step",
+                    dynamic_ncols=True,
+                    disable=not dist.is_main(),  # several processes (lab.dist): rank 0 prints
+                )
             bar.update(1)
             bar.set_postfix(
                 {k.split("/")[-1] if k != "kl/ref" else "kl": _fmt(v) for k, v in metrics.items() if k in headline}
@@ -65,28 +80,40 @@ def cmd_train(method: str, argv: list[str]) -> int:
     finally:
         if bar is not None:
             bar.close()
-    _print_summary(cfg, last)
+        dist.close()
+    if gen.path is not None and gen.path.is_dir():
+        _print_summary(gen.path, last)
     return 0
+
+
+def train_config(config_cls, args: argparse.Namespace):
+    """The config of ``train``: the flags given over the defaults or, with ``--resume``, over the resumed run's own
+    settings (``BaseConfig.resuming``), so a resumed run needs no flag but the run."""
+    import dataclasses
+
+    if getattr(args, "resume", None) is None:
+        return config_from_args(config_cls, args)
+    names = {f.name for f in dataclasses.fields(config_cls)} - {"resume"}
+    return config_cls.resuming(args.resume, **{k: v for k, v in vars(args).items() if k in names})
 
 
 def check_before_loading(cfg) -> None:
     """What can be checked before the model loads, so a typo costs no loading time and leaves no run folder: the
-    task is built in or a data source, and the run id and --out can hold the record."""
+    task is built in or a data source, and the run id and --out can hold the record (a resumed run's was checked
+    when its config was made)."""
     from lab.records import check_run_target
     from lab.tasks import get_task
 
     if _is_builtin_task(cfg.task):
         get_task(cfg.task)  # an unknown name fails here, named, instead of as "reward 'gold' needs a built-in task"
-    check_run_target(cfg.out, cfg.run_id)
+    if dist.is_main() and cfg.resume is None:  # several processes: rank 0 makes the folder (another would race)
+        check_run_target(cfg.out, cfg.run_id)
 
 
-def _print_summary(cfg, last: dict) -> None:
-    from lab.records import list_runs
+def _print_summary(path, last: dict) -> None:
+    from lab.records import load_run
 
-    runs = [r for r in list_runs(cfg.out) if cfg.run_id is None or r.run_id == cfg.run_id]
-    if not runs:
-        return
-    run = max(runs, key=lambda r: str(r.status.get("started", "")))
+    run = load_run(path)
     print(f"\nrun      {run.path}")
     print(f"status   {run.status.get('status')}  steps {run.status.get('steps', last.get('step'))}")
     summary = run.status.get("summary") or {}
@@ -258,6 +285,8 @@ def cmd_runs(args) -> int:
                     "steps_logged": len(run.metrics),
                     "last": run.metrics[-1] if run.metrics else None,
                     "samples": len(run.samples),
+                    "resumable": run.resumable,  # python -m lab train METHOD --resume ID goes on from checkpoint_step
+                    "checkpoint_step": run.checkpoint_step,
                 },
                 indent=2,
                 default=str,
@@ -268,13 +297,17 @@ def cmd_runs(args) -> int:
     if not runs:
         print(f"no runs in {args.out}/")
         return 0
-    print(f"{'run':<40} {'method':<14} {'task':<8} {'status':<10} {'steps':>6}")
+    print(f"{'run':<40} {'method':<14} {'task':<8} {'status':<11} {'steps':>6}  resume")
     for run in runs:
         row = run.summary_row()
+        # resumable: stopped, interrupted or failed with a checkpoint and steps left (train METHOD --resume ID)
+        resume = f"from step {row['checkpoint_step']}" if row["resumable"] else ""
         print(
             f"{str(row.get('id'))[:40]:<40} {str(row.get('method')):<14} {str(row.get('task')):<8} "
-            f"{str(row.get('status')):<10} {str(row.get('steps')):>6}"
+            f"{str(row.get('status')):<11} {str(row.get('steps')):>6}  {resume}"
         )
+    if any(run.resumable for run in runs):
+        print(f"\ngo on with a run: python -m lab train METHOD --resume RUN_ID --out {args.out}")
     return 0
 
 

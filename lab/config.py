@@ -22,7 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from lab.errors import UserError
+from lab.errors import ConfigError
+from lab.trackers import TRACKERS
 
 MODES = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -34,9 +35,9 @@ OWN_MODEL_LR = {"full": 1e-6, "lora": 2e-5, "qlora": 2e-5}
 # What torch, numpy and random all accept as a seed (numpy's legacy seeding refuses anything outside 32 bits).
 SEED_RANGE = (0, 2**32 - 1)
 
-
-class ConfigError(UserError, ValueError):
-    """A hyperparameter is out of range. The message names the field and what to change."""
+# What a resumed run may set differently from the run it goes on with (plus resume, run_id and out, which name it):
+# none of them changes what a step computes.
+RESUME_MAY_CHANGE = ("steps", "device", "log_every", "sample_every", "save_every", "eval_every", "report_to")
 
 
 def check(ok: bool, name: str, message: str) -> None:
@@ -90,6 +91,14 @@ class BaseConfig:
         min=0,
         max=1_000_000,
     )
+    resume: str | None = opt(
+        None,
+        "go on with a run from its newest checkpoint (weights, optimizer, random states, data order, step): "
+        "its run id under --out, or its folder; the other settings are the run's own",
+    )
+    report_to: str = opt(
+        "none", "also send the metrics to a tracker: none, tensorboard, trackio or wandb", choices=TRACKERS
+    )
     eval_size: int = opt(64, "held-out prompts used for before/after evaluation", min=1, max=100_000)
     # loading
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
@@ -131,6 +140,59 @@ class BaseConfig:
         from lab.modeling import pick_device
 
         pick_device(self.device)  # cuda on a machine without a GPU: one line now, not a traceback at load time
+        from lab.trackers import check_tracker
+
+        check_tracker(self.report_to)  # not installed, or W&B not logged in: one line now, before the model loads
+        if self.resume is not None:
+            self._check_resume()
+
+    def _check_resume(self) -> None:
+        """A resumed run keeps its settings: the run exists and has a checkpoint to go on from (see
+        `lab.records.find_resume_point`), was trained with this config class, and differs from this config only in
+        ``RESUME_MAY_CHANGE``. Fields still None here are resolved by the subclass from fields that match."""
+        from lab.methods import METHODS
+        from lab.records import find_resume_point
+
+        point = find_resume_point(self.resume, self.out)
+        name, saved, method = point.path.name, point.config, point.config.get("method")
+        saved_class = (saved.get("meta") or {}).get("config_class") or METHODS.get(method, (None, None))[1]
+        if saved_class and saved_class != type(self).__name__:
+            raise ConfigError(
+                f"resume: run {name} was trained with {method} ({saved_class}), not {type(self).__name__}; "
+                f"resume it with: python -m lab train {method} --resume {name}"
+            )
+        check(
+            self.run_id in (None, name), "run_id", f"a resumed run keeps its folder {name}, got --run-id {self.run_id}"
+        )
+        self.run_id = name
+        for f in dataclasses.fields(self):
+            if f.name in (*RESUME_MAY_CHANGE, "resume", "run_id", "out") or f.name not in saved:
+                continue
+            value = getattr(self, f.name)
+            if value is None and saved[f.name] is not None:
+                continue  # resolved after this check, from fields that match
+            if _plain(value) != _plain(saved[f.name]):
+                raise ConfigError(
+                    f"resume: {f.name} is {_short(value)} here but {_short(saved[f.name])} in run {name}; a resumed "
+                    f"run keeps its settings except {', '.join(RESUME_MAY_CHANGE)} (in Python: "
+                    f"{type(self).__name__}.resuming({name!r}, steps=...))"
+                )
+        check(
+            self.steps > point.step,
+            "resume",
+            f"run {name} is at step {point.step} already (of {self.steps}); give --steps above {point.step}",
+        )
+
+    @classmethod
+    def resuming(cls, run: str, out: str = "runs", **changes) -> BaseConfig:
+        """The config that goes on with ``run`` (its id under ``out``, or its folder): the run's own settings, with
+        ``changes`` to any of ``RESUME_MAY_CHANGE`` (``GRPOConfig.resuming("grpo-…", steps=200)``)."""
+        from lab.records import find_resume_point
+
+        point = find_resume_point(run, out)
+        names = {f.name for f in dataclasses.fields(cls)}
+        saved = {k: v for k, v in point.config.items() if k in names and k not in ("resume", "run_id", "out")}
+        return cls(**{**saved, "out": str(point.path.parent), **changes, "resume": point.path.name})
 
     def _check_ranges(self) -> None:
         """Check every field's type (see `check_types`), then every numeric field against the ``min``/``max`` in its
@@ -167,6 +229,97 @@ class BaseConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# fields several methods share, with one meaning and one help text: a method's config subclasses the ones it has
+
+
+@dataclass
+class MicrobatchConfig(BaseConfig):
+    """Gradient accumulation (SFT, DPO, SFT on preferred, REINFORCE, GRPO)."""
+
+    microbatch_size: int | None = opt(
+        None,
+        "rows (completions, or preference pairs) per forward/backward, gradients accumulating over the batch; "
+        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
+        min=1,
+        max=1_000_000,
+    )
+
+
+@dataclass
+class SampledKLConfig(BaseConfig):
+    """kl/ref of the methods that train on fixed rows (SFT, DPO, SFT on preferred): the rows are not samples of
+    π_θ, so kl/ref needs fresh ones, kl_prompts generations and two no-grad passes over them every kl_every steps
+    (a few % of a step on the built-in models; more on long completions of a large model, where kl_every 10 or 0
+    keeps the cost down)."""
+
+    kl_every: int = opt(
+        1,
+        "log kl/ref = KL(π_θ‖π_ref) every N steps, from one fresh sample of π_θ on each of kl_prompts held-out "
+        "prompts, before the step's update (0: never, or only at held-out evaluations where a method has them)",
+        min=0,
+        max=1_000_000,
+    )
+    kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for the per-step kl/ref", min=1, max=4096)
+
+
+@dataclass
+class OfflineConfig(BaseConfig):
+    """Training on fixed rows of text (SFT, the reward model, DPO, SFT on preferred answers)."""
+
+    max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
+
+
+@dataclass
+class PreferenceDataConfig(OfflineConfig):
+    """Training on preference pairs (the reward model, DPO, SFT on preferred answers)."""
+
+    task: str = opt(
+        "reviews",
+        "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
+        "{prompt, chosen, rejected} rows",
+    )
+    lr: float | None = opt(
+        None,
+        "AdamW learning rate; default: 3e-4 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
+        min=1e-7,
+        max=1.0,
+        builtin=3e-4,
+    )
+    batch_size: int = opt(32, "preference pairs per step", min=1, max=4096)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.task != "arith", "task", "arith has no preference pairs; use reviews, bandit or jsonl:PATH")
+
+
+@dataclass
+class PreferencePolicyConfig(PreferenceDataConfig, MicrobatchConfig, SampledKLConfig):
+    """A policy trained on preference pairs (DPO, SFT on preferred), evaluated on held-out prompts."""
+
+    eval_every: int = opt(
+        0, "held-out kl/ref and eval/gold_reward every N steps (0: at the end only)", min=0, max=1_000_000
+    )
+    kl_samples: int = opt(8, "completions sampled per held-out prompt for the kl/ref estimate", min=1, max=1024)
+
+
+@dataclass
+class OnPolicyConfig(MicrobatchConfig):
+    """The methods that sample their own training data and take the reward from a function (REINFORCE, GRPO)."""
+
+    reward: str = opt("gold", "reward: gold (the task's), a reward-model path, or python:module:function")
+    eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
+    # at β > 0 π_ref's log-probs are needed anyway and kl/ref is logged every step; at β = 0 the diagnostic costs
+    # one no-grad forward pass of π_ref over the rollout (a fifth to a third of a step without sampling)
+    kl_every: int = opt(
+        1,
+        "at β = 0, log kl/ref every N steps from one extra no-grad π_ref pass over the rollout "
+        "(0: never, and π_ref is never computed); at β > 0 it is logged every step for free",
+        min=0,
+        max=1_000_000,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # types
 
 
@@ -180,6 +333,13 @@ def _declared_types(cls: type) -> dict[str, tuple[Any, bool]]:
         union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
         out[f.name] = (_base_type(tp), union and type(None) in typing.get_args(tp))
     return out
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as config.json holds it (tuples as lists, paths as text), to compare a config with a saved one."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
 
 
 def _short(value: Any) -> str:

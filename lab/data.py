@@ -75,9 +75,6 @@ _SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
 # File types read without `datasets` (pyarrow for the binary and csv ones; `datasets` depends on it).
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 
-# Shown in error messages when lab.tasks cannot be imported.
-_FALLBACK_TASKS = ("arith", "reviews", "bandit")
-
 # The roles chat templates know (tool: a tool call's result, in templates that support tools).
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -347,6 +344,12 @@ def load_rows(source: str, *, format: str | None = None, split: str = "train", s
     return _note_skipped(_collect(records, fmt, source, skip_bad_rows), split)
 
 
+def load_preference_rows(cfg, split: str = "train") -> list[dict]:
+    """{prompt, chosen, rejected, ...} rows of ``cfg.task`` (a built-in task's pairs, or a file / hub dataset), for
+    the reward model, DPO and SFT on preferred answers."""
+    return list(load_rows(cfg.task, format="preference", split=split, skip_bad_rows=cfg.skip_bad_rows))
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     """Write rows as JSON Lines (UTF-8, one object per line), creating parent folders."""
     path = Path(path)
@@ -358,11 +361,9 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 
 
 def task_names() -> list[str]:
-    """Names of the built-in tasks; imported lazily so loading a file never imports the tasks."""
-    try:
-        from lab.tasks import TASKS
-    except ImportError:
-        return list(_FALLBACK_TASKS)
+    """Names of the registered tasks; imported lazily so loading a file never imports the tasks."""
+    from lab.tasks import TASKS
+
     return list(TASKS)
 
 
@@ -616,10 +617,8 @@ def _read_hub(dataset_id: str, config: str | None, split: str, source: str) -> I
 
 def _load_task(name: str, fmt: str | None, split: str, skip_bad_rows: bool) -> Rows:
     """Rows of a built-in task; they go through the same validation as any file."""
-    try:
-        from lab.tasks import get_task
-    except ImportError as err:
-        raise DataError(f"built-in task '{name}' is not available: {_first_line(err)}") from err
+    from lab.tasks import get_task
+
     task = get_task(name)
     fmt = fmt or "prompt_only"  # what online RL methods train on
 

@@ -56,21 +56,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lab.batching import PairBatch, sequence_logprob
-from lab.config import BaseConfig, check, opt
-from lab.data import unique_prompts
-from lab.rollout import kl_due, sample_heldout, sampled_kl, step_kl
-from lab.runner import (
-    MetricAccumulator,
-    Run,
-    auto_microbatch,
-    clip_and_step,
-    load_for,
-    make_optimizer,
-    seed_everything,
-    shuffled_batches,
-    use_one_thread_for_tiny_models,
-)
+from lab.batching import pair_logprobs, select_pairs
+from lab.config import PreferencePolicyConfig, check, opt
+from lab.data import load_preference_rows  # noqa: F401  re-exported for notebooks/04_dpo
+from lab.evaluate import greedy_samples, sample_heldout, sampled_kl, step_kl  # noqa: F401  as load_preference_rows
+from lab.preference import is_eval_step, setup
+from lab.rollout import kl_due
+from lab.runner import MetricAccumulator, Run, clip_and_step, load_for, use_one_thread_for_tiny_models
 
 LOSS_TYPES = ("sigmoid", "length_normalized", "simpo", "ipo")
 # β means different things per loss (a KL weight on summed or per-token log-ratios, a reward scale for SimPO),
@@ -80,14 +72,9 @@ DEFAULT_BETA = {"sigmoid": 0.1, "length_normalized": 5.0, "simpo": 2.0, "ipo": 0
 
 
 @dataclass
-class DPOConfig(BaseConfig):
+class DPOConfig(PreferencePolicyConfig):
     """Direct preference optimization (DPO, length-normalized DPO, SimPO, IPO) on preference pairs."""
 
-    task: str = opt(
-        "reviews",
-        "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
-        "{prompt, chosen, rejected} rows",
-    )
     loss_type: str = opt(
         "sigmoid", "sigmoid (DPO), length_normalized (Tulu 3), simpo (no reference), ipo", choices=LOSS_TYPES
     )
@@ -106,38 +93,7 @@ class DPOConfig(BaseConfig):
     )
     # 60 steps × 32 pairs is just under one pass over reviews' 2,000 pairs: a second pass overfits and the
     # policy collapses into word salad (kl/ref jumps from ~1 to >10 nats).
-    lr: float | None = opt(
-        None,
-        "AdamW learning rate; default: 3e-4 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
-        min=1e-7,
-        max=1.0,
-        builtin=3e-4,
-    )
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
-    batch_size: int = opt(32, "preference pairs per step", min=1, max=4096)
-    max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
-    eval_every: int = opt(
-        0, "held-out kl/ref and eval/gold_reward every N steps (0: at the end only)", min=0, max=1_000_000
-    )
-    kl_samples: int = opt(8, "completions sampled per held-out prompt for the kl/ref estimate", min=1, max=1024)
-    # the pairs are not samples of π_θ, so between evaluations kl/ref needs fresh ones: kl_prompts generations and
-    # two no-grad passes over them every kl_every steps (a few % of a step on the built-in models; more on long
-    # completions of a large model, where kl_every 10 or 0 keeps the cost down)
-    kl_every: int = opt(
-        1,
-        "log kl/ref every N steps, from one fresh sample of π_θ on each of kl_prompts held-out "
-        "prompts, before the step's update (0: at evaluations only)",
-        min=0,
-        max=1_000_000,
-    )
-    kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for the per-step kl/ref", min=1, max=4096)
-    microbatch_size: int | None = opt(
-        None,
-        "pairs per forward/backward (gradients accumulate over the batch); "
-        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
-        min=1,
-        max=4096,
-    )
 
     def __post_init__(self) -> None:
         check(
@@ -151,7 +107,6 @@ class DPOConfig(BaseConfig):
             "label_smoothing",
             "is not defined for ipo (a squared loss has no label to smooth); set it to 0 or use sigmoid",
         )
-        check(self.task != "arith", "task", "arith has no preference pairs; use reviews, bandit or jsonl:PATH")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -310,65 +265,20 @@ USES_REFERENCE = {"sigmoid": True, "length_normalized": True, "simpo": False, "i
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# data and batches
-
-
-def load_preference_rows(cfg, split: str = "train") -> list[dict]:
-    """{prompt, chosen, rejected, ...} rows of ``cfg.task`` (a built-in task's pairs, or a file / hub dataset)."""
-    from lab.data import load_rows
-
-    return list(load_rows(cfg.task, format="preference", split=split, skip_bad_rows=cfg.skip_bad_rows))
-
-
-def ends_with_eos(task) -> bool:
-    """Whether completions are scored with their eos. A bandit response is exactly one token and the episode
-    ends without eos, so its log π(y|x) is that one token's log-prob."""
-    return task is None or task.kind != "bandit"
-
-
-def encode_preference_batch(tokenizer, rows: list[dict], max_length: int, add_eos: bool = True) -> PairBatch:
-    """Chosen rows 0..B-1, rejected rows B..2B-1 of one right-padded batch, so one forward pass scores both.
-
-    A completion the data marks as truncated (``chosen_truncated``: it hit the length cap) never emitted eos,
-    so it is scored without one."""
-    from lab.rm import encode_completions
-
-    prompts = [r["prompt"] for r in rows]
-    completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-    ended = [add_eos and not r.get("chosen_truncated", False) for r in rows]
-    ended += [add_eos and not r.get("rejected_truncated", False) for r in rows]
-    return encode_completions(tokenizer, prompts + prompts, completions, ended, max_length=max_length)
-
-
-def select_pairs(batch: PairBatch, start: int, stop: int) -> PairBatch:
-    """Pairs start..stop-1 of a batch from ``encode_preference_batch`` (chosen rows first, then rejected), still
-    chosen-then-rejected, with the columns that are padding in every kept row cut off. Naive equivalent:
-    ``encode_preference_batch`` of ``rows[start:stop]``."""
-    B = batch.input_ids.shape[0] // 2
-    return batch.select(torch.cat([torch.arange(start, stop), torch.arange(B + start, B + stop)]))  # 2b rows
-
-
-def pair_microbatch(cfg, policy) -> int:
-    """``cfg.microbatch_size``, or the most pairs (2 sequences of up to ``max_length`` tokens each) per
-    forward/backward that fit in memory."""
-    return cfg.microbatch_size or auto_microbatch(policy.model, cfg.batch_size, 2 * cfg.max_length)
-
-
-def pair_logprobs(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logprobs_chosen, logprobs_rejected, chosen_lengths, rejected_lengths), each (B,), from one forward pass
-    over a batch built by ``encode_preference_batch``."""
-    logprobs, lengths = sequence_logprob(model, batch)  # (2B,), (2B,)
-    chosen, rejected = logprobs.chunk(2)  # (B,), (B,)
-    chosen_lengths, rejected_lengths = lengths.chunk(2)  # (B,), (B,)
-    return chosen, rejected, chosen_lengths, rejected_lengths
+# the policy
 
 
 def _load_policy(cfg: DPOConfig, task, prompts: list | None = None):
     """The policy to train. SimPO in full mode gets no frozen reference copy: it never uses one."""
     if cfg.mode != "full" or USES_REFERENCE[cfg.loss_type]:
         return load_for(cfg, task, prompts)
-    from lab.modeling import Policy, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-    from lab.runner import check_prompts_fit_tokenizer
+    from lab.modeling import (
+        Policy,
+        check_prompts_fit_tokenizer,
+        enable_gradient_checkpointing,
+        load_causal_lm,
+        load_tokenizer,
+    )
 
     name = cfg.model or (task.model if task is not None else None)
     if name is None:
@@ -384,147 +294,30 @@ def _load_policy(cfg: DPOConfig, task, prompts: list | None = None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# held-out metrics (also used by lab.baselines and scripts/preference_table.py)
-
-
-@torch.no_grad()
-def heldout_metrics(
-    policy,
-    task,
-    cfg,
-    *,
-    use_reference: bool = True,
-    prompts: list[str] | None = None,
-    support: dict[str, set[str]] | None = None,
-) -> dict:
-    """Held-out ``eval/gold_reward`` (greedy answers, where the task has a gold reward), ``eval/sample_reward``
-    (gold reward of temperature-1 samples) and ``kl/ref`` (only when ``use_reference``).
-
-    ``support`` (prompt -> the responses seen as chosen or rejected in the training pairs, ``pair_support``)
-    adds ``eval/mass_off_support``, the probability of a response that no training pair holds: the mass a
-    preference loss moves without ever seeing it (likelihood displacement).
-
-    On an enumerable task (``lab.tasks.EnumerableTask``, such as ``bandit``) every number is exact, over the
-    vocabulary: expected reward, KL(π_θ‖π_ref), ``eval/kl_to_optimum`` = KL(π*‖π_θ) for π* = π_ref·exp(r/β)/Z
-    with ``cfg.beta``, ``eval/kl_to_optimum_support`` = the same KL with both renormalized over the support, and
-    the off-support mass. Elsewhere the off-support mass is estimated as the share of sampled completions that
-    equal no chosen/rejected response of their prompt, over the held-out prompts that appear in the pairs (the
-    metric is absent when none do, e.g. the built-in tasks' held-out prompts); on free text nearly every sample
-    is new, so there it reads ≈ 1 and says little."""
-    from lab.tasks.enumerable import exact_metrics, next_token_logprobs, support_mask
-
-    was_training = policy.model.training
-    policy.model.eval()
-    try:
-        out = {}
-        if task is not None and task.kind == "bandit":
-            eval_prompts = task.eval_prompts()
-            logprobs = next_token_logprobs(policy.model, policy.tokenizer, eval_prompts)  # (B, V)
-            rewards = task.reward_tables(eval_prompts, policy.tokenizer).to(logprobs)  # (B, V)
-            ref_logprobs = None
-            if use_reference:
-                with policy.reference() as ref:
-                    ref_logprobs = next_token_logprobs(ref, policy.tokenizer, eval_prompts)  # (B, V)
-            mask = support_mask(eval_prompts, support, policy.tokenizer) if support is not None else None
-            exact = exact_metrics(logprobs, rewards, ref_logprobs, getattr(cfg, "beta", None), mask)
-            out["eval/sample_reward"] = exact.pop("exact_reward")
-            if "kl_ref" in exact:
-                out["kl/ref"] = exact.pop("kl_ref")
-            out.update({f"eval/{k}": v for k, v in exact.items()})
-        elif prompts or task is not None:
-            prompts = prompts or task.eval_prompts()[: cfg.eval_size]
-            from lab.rollout import resolve_max_new_tokens
-
-            max_new = resolve_max_new_tokens(cfg, task)
-            roll = sample_heldout(policy, prompts, max_new_tokens=max_new, samples=cfg.kl_samples, seed=cfg.seed)
-            if task is not None:
-                gold = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
-                out["eval/sample_reward"] = sum(gold) / len(gold)
-            if use_reference:
-                out["kl/ref"] = sampled_kl(policy, roll)
-            if support is not None:
-                off = sampled_off_support(roll.prompts, roll.completions, support)
-                if off is not None:
-                    out["eval/mass_off_support"] = off
-        if task is not None:
-            from lab.evaluate import evaluate
-
-            out["eval/gold_reward"] = evaluate(policy, task, n=cfg.eval_size, max_new_tokens=cfg.max_new_tokens)[
-                "gold_reward"
-            ]
-        return out
-    finally:
-        policy.model.train(was_training)
-
-
-def sampled_off_support(prompts: list, completions: list[str], support: dict[str, set[str]]) -> float | None:
-    """Share of sampled completions equal to no chosen/rejected response of their prompt (compared without
-    surrounding whitespace), among the samples whose prompt appears in ``support``; None when none does."""
-    seen = {prompt: {text.strip() for text in texts} for prompt, texts in support.items()}
-    off = [
-        completion.strip() not in seen[str(prompt)]
-        for prompt, completion in zip(prompts, completions)
-        if str(prompt) in seen
-    ]
-    return sum(off) / len(off) if off else None
-
-
-def greedy_samples(policy, task, cfg, n: int = 4) -> list[dict]:
-    from lab.evaluate import answer
-
-    ans = answer(policy.model, policy.tokenizer, task, task.eval_prompts()[:n], max_new_tokens=cfg.max_new_tokens)
-    return [
-        {"prompt": p, "completion": c, "gold_reward": r} for p, c, r in zip(ans.prompts, ans.completions, ans.rewards)
-    ]
-
-
-def _is_eval_step(cfg, step: int) -> bool:
-    return step == cfg.steps or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # the loop
 
 
 def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, record=None) -> Iterator[dict]:
     """One optimizer step per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
-    from lab.tasks import TASKS, get_task
-    from lab.tasks.enumerable import pair_support
-
-    seed_everything(cfg.seed)
-    task = get_task(cfg.task) if cfg.task in TASKS else None
-    rows = load_preference_rows(cfg, "train")
-    policy = policy or _load_policy(cfg, task, [r["prompt"] for r in rows])
+    s = setup(cfg, policy, load=_load_policy)  # task, pairs, policy, optimizer, batches, ... (lab.preference)
+    task, policy, micro = s.task, s.policy, s.micro
     uses_reference = USES_REFERENCE[cfg.loss_type]
-    add_eos = ends_with_eos(task)
-    params = policy.trainable_parameters()
-    optimizer = make_optimizer(params, cfg)
-    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
-    heldout_prompts = None if task is not None else unique_prompts(rows)[: cfg.eval_size]
-    support = pair_support(rows)  # the responses the loss sees, for eval/mass_off_support
-    micro = pair_microbatch(cfg, policy)
 
-    with Run(cfg, "dpo", policy=policy, stop=stop, record=record) as run:
-        run.summary["rows"] = len(rows)
-        # π_θ = π_ref before the first step, so kl/ref is 0 there and not estimated
-        run.summary["before"] = heldout_metrics(
-            policy, task, cfg, use_reference=False, prompts=heldout_prompts, support=support
-        )
+    with Run(cfg, "dpo", policy=policy, stop=stop, record=record, optimizer=s.optimizer, state=(s.batches,)) as run:
+        s.start(run, cfg)  # π_θ = π_ref before the first step, so kl/ref is 0 there and not estimated
         for step in run.steps():
             # 1. batch: B preference pairs from shuffled epochs of the data
-            batch_rows = next(batches)
-            batch = encode_preference_batch(policy.tokenizer, batch_rows, cfg.max_length, add_eos)
-            B = len(batch_rows)
+            B, batch = s.next_batch(cfg)
             metrics: dict = {}
             # kl/ref of the policy this step's loss sees, before its update (an evaluation step logs the held-out
             # one, after the update, instead); simpo has no π_ref
-            if uses_reference and kl_due(step, cfg.kl_every) and not _is_eval_step(cfg, step):
-                metrics["kl/ref"] = step_kl(policy, task, cfg, heldout_prompts, seed=cfg.seed + step)
+            if uses_reference and kl_due(step, cfg.kl_every) and not is_eval_step(cfg, step):
+                metrics["kl/ref"] = step_kl(policy, task, cfg, s.heldout_prompts, seed=cfg.seed + step)
             policy.model.train()
             totals = MetricAccumulator()
             for start in range(0, B, micro):  # microbatches of b pairs; the loss is a pair mean, so × b/B
                 part = select_pairs(batch, start, min(start + micro, B)).to(policy.device)
-                share = min(micro, B - start) / B
+                share = min(micro, B - start) / cfg.batch_size  # of the global batch: B × processes pairs
 
                 # 2. policy log-probs of chosen and rejected, one forward pass over 2b sequences
                 chosen, rejected, chosen_lengths, rejected_lengths = pair_logprobs(policy.model, part)  # 4 × (b,)
@@ -544,18 +337,13 @@ def train(cfg: DPOConfig, *, policy=None, stop: threading.Event | None = None, r
 
             # 5. update
             metrics.update(totals.sums())
-            metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
+            metrics["grad/norm"] = clip_and_step(s.optimizer, s.params, cfg.max_grad_norm)
 
             # 6. held-out evaluation
-            if _is_eval_step(cfg, step):
-                heldout = heldout_metrics(
-                    policy, task, cfg, use_reference=uses_reference, prompts=heldout_prompts, support=support
-                )
+            if is_eval_step(cfg, step):
+                heldout = s.heldout(cfg, use_reference=uses_reference)
                 metrics.update(heldout)
                 run.summary["after"] = heldout
             if run.want_samples(step) and task is not None:
-                run.samples(step, greedy_samples(policy, task, cfg))
+                run.samples(step, greedy_samples(policy, task, cfg.max_new_tokens))
             yield run.log(step, metrics, tokens=int(batch.attention_mask.sum()))
-
-
-Config = DPOConfig

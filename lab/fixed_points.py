@@ -186,3 +186,49 @@ def kl_to_fixed_point(model, tokenizer, task, fixed_logprobs: torch.Tensor) -> f
 
     logprobs = next_token_logprobs(model, tokenizer, task.eval_prompts())  # (B, V)
     return kl(fixed_logprobs.to(logprobs.device), logprobs).mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The reward–KL frontier: what the KL-regularized objective can reach at each distance from π_ref
+
+FRONTIER_BETAS = tuple(10 ** (-2 + 3.5 * i / 39) for i in range(40))  # β from 0.01 to 10^1.5, log-spaced
+
+
+@torch.no_grad()
+def reward_kl_frontier(
+    ref_logprobs: torch.Tensor, rewards: torch.Tensor, betas: tuple[float, ...] = FRONTIER_BETAS
+) -> list[dict]:
+    """The exact frontier of max_π E_π[r] − β·KL(π ‖ π_ref) on an enumerable task, as β sweeps.
+
+        π*_β = π_ref · exp(r/β) / Z                  (the optimum for each β, per prompt)
+        point(β) = ( KL(π*_β ‖ π_ref),  E_{π*_β}[r] )  each averaged over the B prompts
+
+    No policy of the same mean KL to π_ref has a higher mean reward than π*_β (the objective's optimum is unique),
+    so a run's (kl/ref, reward) curve stays under this one. Small β: high reward, far from π_ref; β → ∞: the
+    point (0, E_{π_ref}[r]).
+
+    ref_logprobs, rewards: (B, V). Returns [{"beta", "kl", "reward"}], sorted by kl, with the π_ref point first.
+    """
+    from lab.tasks.enumerable import expected_reward, kl, pi_star
+
+    ref = ref_logprobs.to(torch.float64)  # (B, V)
+    r = rewards.to(torch.float64)  # (B, V)
+    points = [{"beta": math.inf, "kl": 0.0, "reward": expected_reward(ref, r).mean().item()}]
+    for beta in betas:
+        star = pi_star(ref, r, beta)  # (B, V)
+        points.append(
+            {"beta": beta, "kl": kl(star, ref).mean().item(), "reward": expected_reward(star, r).mean().item()}
+        )
+    return sorted(points, key=lambda p: p["kl"])
+
+
+@functools.lru_cache(maxsize=1)
+def bandit_frontier() -> tuple[dict, ...]:
+    """``reward_kl_frontier`` of the built-in bandit: its shipped π_ref on the 6 prompts (cached)."""
+    from lab.tasks.bandit import PROMPTS, reward_tables
+    from lab.tasks.base import load_builtin
+    from lab.tasks.enumerable import next_token_logprobs
+
+    model, tokenizer = load_builtin("bandit")
+    ref_logprobs = next_token_logprobs(model, tokenizer, PROMPTS).cpu()  # (B, V)
+    return tuple(reward_kl_frontier(ref_logprobs, reward_tables(PROMPTS, tokenizer)))

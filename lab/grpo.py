@@ -53,19 +53,21 @@ How the per-token losses are averaged is the main thing later papers changed; ea
 
 With one update per rollout (μ = 1) the ratio is exactly 1 and the gradient is the REINFORCE gradient with the
 group baseline (tests/test_grpo.py checks it); clipping matters only when a rollout is reused (μ > 1, or several
-minibatches per rollout), which is when ``old_logprobs`` are stored.
+minibatches per rollout), which is when ``old_logprobs`` are stored. ``kl/old`` and ``ratio/*`` then say how stale
+the rollout got (``lab.onpolicy.RatioMeter``); ``clip=False`` drops the clip, and ``lab.ladder`` compares the three.
 
 ==============================  ============================================
 symbol                          code
 ==============================  ============================================
 G                               ``cfg.group_size``
 ε_std                           ``cfg.epsilon_std``
-ε_low, ε_high                   ``cfg.epsilon_low``, ``cfg.epsilon_high``
+ε_low, ε_high                   ``cfg.epsilon_low``, ``cfg.epsilon_high`` (∞ with ``cfg.clip`` off)
 β                               ``cfg.beta`` (0: π_ref is computed only for ``kl/ref``, every ``cfg.kl_every``)
 where the KL enters             ``cfg.kl_mode``: ``kl_reward``, ``k3_penalty``, ``k3_ratio_penalty``
 μ                               ``cfg.num_iterations``
 log π_θ, log π_old, log π_ref   ``logprobs``, ``old_logprobs``, ``ref_logprobs`` (B, T)
-r_i, Â_i                        ``rewards``, ``advantages`` (B·G,)
+r_i, Â_i                        ``rewards``, ``advantages`` (B·G,); per token with ``cfg.reward_mode``
+                                ``process`` (B·G, T), ``lab.process_reward``
 t ≤ |y_i| (EOS included)        ``completion_mask`` (B, T)
 T_max                           ``max_new_tokens``
 ==============================  ============================================
@@ -83,39 +85,31 @@ from dataclasses import dataclass
 
 import torch
 
-from lab.config import BaseConfig, ConfigError, check, opt
+from lab import dist
+from lab.config import ConfigError, OnPolicyConfig, check, opt
 from lab.data import prompt_columns
+from lab.evaluate import heldout_metrics
+from lab.onpolicy import RatioMeter, check_epsilons, clip_bounds, setup
 from lab.ops import kl_k3, masked_mean, masked_sum
-from lab.rewards import make_reward
+from lab.process_reward import arith_step_rewards, process_advantages
 from lab.rollout import (
-    bandit_reference,
     completion_logprobs,
     correct_mask,
-    eval_metrics,
     kl_due,
-    load_prompt_rows,
     logprobs_in_chunks,
-    resolve_max_new_tokens,
     rollout,
     rollout_metrics,
     rollout_tokens,
     sample_rows,
     score,
 )
-from lab.runner import (
-    MetricAccumulator,
-    Run,
-    auto_microbatch,
-    clip_and_step,
-    load_for,
-    make_optimizer,
-    seed_everything,
-    shuffled_batches,
-)
+from lab.runner import MetricAccumulator, Run, auto_microbatch, clip_and_step
+
+REWARD_MODES = ("outcome", "process")
 
 
 @dataclass
-class GRPOConfig(BaseConfig):
+class GRPOConfig(OnPolicyConfig):
     """GRPO: group-normalized advantages, clipped surrogate, KL to the reference (in the reward by default)."""
 
     # bandit's optimum π* needs one free logit per answer: LoRA on its 2-layer model was still at 53–66% of the start
@@ -125,14 +119,6 @@ class GRPOConfig(BaseConfig):
         "full (all weights), lora (peft adapters) or qlora (4-bit nf4 base + adapters); "
         "default: full on bandit, lora elsewhere",
         builtin="lora",
-    )
-
-    lr: float | None = opt(
-        None,
-        "AdamW learning rate; default: 1e-3 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
-        min=1e-7,
-        max=1.0,
-        builtin=1e-3,
     )
     steps: int = opt(
         60, "rollouts; each is followed by num_iterations × (minibatches) optimizer steps", min=1, max=1_000_000
@@ -151,6 +137,11 @@ class GRPOConfig(BaseConfig):
     )
     epsilon_low: float = opt(0.2, "ε_low: the ratio is clipped below at 1 − ε_low", min=0.0, max=0.999)
     epsilon_high: float = opt(0.2, "ε_high: the ratio is clipped above at 1 + ε_high (DAPO: 0.28)", min=0.0, max=10.0)
+    clip: bool = opt(
+        True,
+        "clip the ratio to [1 − ε_low, 1 + ε_high]; false: ε = ∞, plain importance sampling −ρ·Â "
+        "(the attempt ladder's attempt 2, lab.ladder)",
+    )
     beta: float = opt(
         0.0, "β of the KL to π_ref (DeepSeekMath: 0.04; 0: no KL term, π_ref only for kl/ref)", min=0.0, max=100.0
     )
@@ -173,29 +164,17 @@ class GRPOConfig(BaseConfig):
     scale_rewards: bool | None = opt(
         None, "divide advantages by the group std; default: on, off for loss_norm=constant (Dr. GRPO)"
     )
-    reward: str = opt("gold", "reward: gold (the task's), a reward-model path, or python:module:function")
+    reward_mode: str = opt(
+        "outcome",
+        "outcome: one reward per completion; process: a reward per answer token on arith (right so far or not), "
+        "advantages per step (DeepSeekMath §4.1.3, lab.process_reward)",
+        choices=REWARD_MODES,
+    )
     minibatch_size: int | None = opt(
         None, "completions per optimizer step; default: the whole rollout batch", min=1, max=1_000_000
     )
-    microbatch_size: int | None = opt(
-        None,
-        "completions per forward/backward (gradient accumulation); "
-        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
-        min=1,
-        max=1_000_000,
-    )
     eval_every: int = opt(
         10, "greedy held-out evaluation every N steps (0: only before and after)", min=0, max=1_000_000
-    )
-    eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
-    # at β > 0 π_ref's log-probs are needed anyway and kl/ref is logged every step; at β = 0 the diagnostic costs
-    # one no-grad forward pass of π_ref over the rollout (a fifth to a third of a step without sampling)
-    kl_every: int = opt(
-        1,
-        "at β = 0, log kl/ref every N steps from one extra no-grad π_ref pass over the rollout "
-        "(0: never, and π_ref is never computed); at β > 0 it is logged every step for free",
-        min=0,
-        max=1_000_000,
     )
 
     def __post_init__(self) -> None:
@@ -207,16 +186,29 @@ class GRPOConfig(BaseConfig):
         # the checks that need a reason come first, so the message says why and not only the range
         if isinstance(self.group_size, int) and self.group_size < 2:
             raise ConfigError(f"group_size: must be ≥ 2 so the group has a baseline, got {self.group_size}")
-        if isinstance(self.epsilon_low, (int, float)) and not 0.0 <= self.epsilon_low < 1.0:
-            raise ConfigError(
-                f"epsilon_low: must be in [0, 1) so the lower clip bound 1 − ε_low stays positive, "
-                f"got {self.epsilon_low}"
-            )
+        check_epsilons(self)
         super().__post_init__()
         check(
             self.loss_norm in LOSS_NORMS, "loss_norm", f"must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}"
         )
         check(self.kl_mode in KL_MODES, "kl_mode", f"must be one of {', '.join(KL_MODES)}, got {self.kl_mode!r}")
+        check(
+            self.reward_mode in REWARD_MODES,
+            "reward_mode",
+            f"must be one of {', '.join(REWARD_MODES)}, got {self.reward_mode!r}",
+        )
+        if self.reward_mode == "process":
+            check(
+                self.task == "arith" and self.reward == "gold",
+                "reward_mode",
+                f"process rewards each answer digit of the built-in arith task: needs task=arith and reward=gold, "
+                f"got task={self.task!r}, reward={self.reward!r}",
+            )
+            check(
+                self.beta == 0 or self.kl_mode != "k1_reward",
+                "reward_mode",
+                "process with beta > 0 needs kl_mode k3 or k3_ratio: k1_reward puts the KL into the outcome reward",
+            )
         if self.scale_rewards is None:
             self.scale_rewards = self.loss_norm != "constant"
         rollout_size = self.batch_size * self.group_size
@@ -272,6 +264,8 @@ def clipped_surrogate(
     the gradient is zero. The clip masks say where that happened (the bounds that actually bind):
 
         low  = ρ < 1 − ε_low  and Â < 0          high = ρ > 1 + ε_high and Â > 0
+
+    ε_low = ε_high = ∞ (``clip_bounds`` with ``cfg.clip`` off) leaves ℓ_t = −ρ_t Â: importance sampling, no clip.
 
     logprobs, old_logprobs: (B, T); advantages: (B,) (or (B, T)). Returns (per-token loss (B, T), low, high).
     """
@@ -410,114 +404,159 @@ def grpo_loss(
 
 def train(cfg: GRPOConfig, *, policy=None, stop: threading.Event | None = None, record=None) -> Iterator[dict]:
     """One rollout and its updates per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
-    from lab.tasks import TASKS, get_task
-
-    seed_everything(cfg.seed)
-    task = get_task(cfg.task) if cfg.task in TASKS else None
-    reward_fn = make_reward(cfg.reward, task)
-    rows = load_prompt_rows(cfg, task)  # {"prompt", **columns}: the columns go to the reward function
-    policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
-    params = policy.trainable_parameters()
-    optimizer = make_optimizer(params, cfg)
-    generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    shuffler = torch.Generator().manual_seed(cfg.seed)
-    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
-    max_new_tokens = resolve_max_new_tokens(cfg, task)
-    G = cfg.group_size
-    rollout_size = cfg.batch_size * G
-    minibatch = cfg.minibatch_size or rollout_size
-
-    reuse = cfg.num_iterations > 1 or minibatch < rollout_size  # later updates see a stale rollout
-    bandit_ref = bandit_reference(policy, task) if cfg.beta > 0 else None  # π_ref only when β > 0
-    fixed_point = bandit_fixed_point(cfg, policy, task, bandit_ref)  # where this kl_mode settles (bandit, β > 0)
-    in_reward = cfg.beta > 0 and cfg.kl_mode == "k1_reward"
+    s = setup(cfg, policy)
+    policy, task, G = s.policy, s.task, cfg.group_size
+    shuffler = torch.Generator().manual_seed(cfg.seed)  # the update's minibatch order
+    fixed_point = bandit_fixed_point(cfg, policy, task, s.bandit_ref)  # where this kl_mode settles (bandit, β > 0)
 
     def evaluate() -> dict:
-        return eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref, fixed_point=fixed_point)
+        return heldout_metrics(policy, task, cfg.eval_size, cfg.beta or None, s.bandit_ref, fixed_point=fixed_point)
 
-    with Run(cfg, "grpo", policy=policy, stop=stop, record=record) as run:
-        run.summary["reward"] = reward_fn.name
+    state = (s.generator, shuffler, s.batches)  # what a resumed run puts back, with the optimizer
+    with Run(cfg, "grpo", policy=policy, stop=stop, record=record, optimizer=s.optimizer, state=state) as run:
+        run.summary["reward"] = s.reward_fn.name
         run.summary["before"] = evaluate()
         for step in run.steps():
             # 1. rollout: every prompt G times, side by side, so groups are contiguous rows
-            group_rows = [row for row in next(batches) for _ in range(G)]
-            roll = rollout(policy, [r["prompt"] for r in group_rows], cfg, generator, max_new_tokens)  # B·G rows
+            group_rows = [row for row in dist.shard(next(s.batches)) for _ in range(G)]  # this process's prompts
+            roll = rollout(policy, [r["prompt"] for r in group_rows], cfg, s.generator, s.max_new_tokens)  # B·G rows
             # 2. score
-            rewards = score(reward_fn, roll, prompt_columns(group_rows))  # (B·G,)
+            rewards = score(s.reward_fn, roll, prompt_columns(group_rows))  # (B·G,)
             metrics = rollout_metrics(roll, rewards, correct_mask(task, roll))
-            # default microbatch: the largest whose forward/backward (logits and activations) fits in memory
-            microbatch = cfg.microbatch_size or auto_microbatch(
-                policy.model, minibatch, roll.completion_ids.shape[1], context_tokens=roll.prompt_ids.shape[1]
-            )
-            # 3. log-probs that stay fixed during the update: π_old (if the rollout is reused, or for the KL in the
-            #    reward; else the ratio is 1 and logprobs.detach() serves) and π_ref (if β > 0, or for kl/ref)
-            old_logprobs = (
-                logprobs_in_chunks(policy.model, roll, cfg.temperature, microbatch) if reuse or in_reward else None
-            )  # (B·G, T)
-            ref_logprobs = None
-            kl_only = cfg.beta == 0 and kl_due(step, cfg.kl_every)  # π_ref for the kl/ref diagnostic alone
-            if cfg.beta > 0 or kl_only:
-                with policy.reference() as ref:
-                    ref_logprobs = logprobs_in_chunks(ref, roll, cfg.temperature, microbatch)  # (B·G, T)
-            # 4. advantages, from the group alone (k1_reward: of r − β·log π_old/π_ref, like PPO's shaped reward)
-            if in_reward:
-                rewards = kl_reward(rewards, old_logprobs, ref_logprobs, roll.completion_mask, cfg.beta)  # (B·G,)
-                metrics["reward/shaped"] = rewards.mean()
-                metrics["kl/ref"] = masked_mean(kl_k3(old_logprobs, ref_logprobs), roll.completion_mask)
-            advantages = group_advantages(rewards, G, cfg.epsilon_std, cfg.scale_rewards)  # (B·G,)
-            group_std = rewards.view(-1, G).std(-1)  # (B,)
-            metrics["groups/zero_std_frac"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()
-            # 5. update: μ passes; each pass: minibatches (one optimizer step) of microbatches (accumulated)
-            policy.model.train()
-            meter, grad_norms, losses = MetricAccumulator(), [], []
-            lengths = roll.completion_mask.sum(-1).cpu()  # (B·G,) one copy to the host, for every minibatch's count
-            for _ in range(cfg.num_iterations):
-                order = torch.randperm(rollout_size, generator=shuffler) if reuse else torch.arange(rollout_size)
-                for start in range(0, rollout_size, minibatch):
-                    rows = order[start : start + minibatch]
-                    num_tokens = int(lengths[rows].sum())
-                    total = 0.0
-                    for micro_start in range(0, len(rows), microbatch):
-                        micro = rows[micro_start : micro_start + microbatch]
-                        part = roll.select(micro)
-                        mask = part.completion_mask.float()  # (b, T)
-                        logprobs, entropy = completion_logprobs(
-                            policy.model, part, cfg.temperature, with_entropy=True
-                        )  # (b, T)
-                        idx = micro.to(logprobs.device)
-                        old = old_logprobs[idx] if reuse else logprobs.detach()  # ratio exactly 1 when fresh
-                        loss, loss_metrics = grpo_loss(
-                            logprobs,
-                            old,
-                            advantages[idx],
-                            mask,
-                            ref_logprobs=ref_logprobs[idx] if ref_logprobs is not None else None,
-                            beta=0.0 if in_reward else cfg.beta,
-                            kl_penalty=cfg.kl_mode,  # k1_reward: β = 0
-                            epsilon_low=cfg.epsilon_low,
-                            epsilon_high=cfg.epsilon_high,
-                            loss_norm=cfg.loss_norm,
-                            max_new_tokens=max_new_tokens,
-                            num_sequences=len(rows),
-                            num_tokens=num_tokens,
-                        )
-                        loss.backward()
-                        total = total + loss_metrics.pop("loss/policy")  # a tensor: no sync per microbatch
-                        loss_metrics["entropy"] = masked_mean(entropy.detach(), mask)
-                        if kl_only:  # old is π_old exactly (stored, or this pass before any step): as k1_reward
-                            loss_metrics["kl/ref"] = masked_mean(kl_k3(old.detach(), ref_logprobs[idx]), mask)
-                        meter.add(loss_metrics, weight=mask.sum())
-                    losses.append(float(total))
-                    grad_norms.append(clip_and_step(optimizer, params, cfg.max_grad_norm))
-            metrics.update(meter.means())
-            metrics["loss/policy"] = sum(losses) / len(losses)
-            metrics["grad/norm"] = sum(grad_norms) / len(grad_norms)
+            # 3. log-probs that stay fixed during the update: π_old and π_ref, when needed
+            logged = run.want_samples(step)
+            fixed = fixed_logprobs(cfg, policy, roll, step, logged)
+            # 4. advantages, from the group alone
+            advantages, advantage_metrics = step_advantages(cfg, policy, roll, rewards, fixed)  # (B·G,) or (B·G, T)
+            metrics.update(advantage_metrics)
+            # 5. update: μ passes over the rollout
+            metrics.update(grpo_update(cfg, policy, s, roll, advantages, fixed, shuffler))
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 metrics.update(evaluate())
-            if run.want_samples(step):
-                run.samples(step, sample_rows(roll, rewards, advantages, n=2 * G))
+            if logged:
+                rows = sample_rows(
+                    roll, rewards, advantages, 2 * G, policy=policy, temperature=cfg.temperature, **fixed.logged()
+                )
+                run.samples(step, rows)
             yield run.log(step, metrics, tokens=rollout_tokens(roll))
         run.summary["after"] = evaluate()
+
+
+@dataclass
+class FixedLogprobs:
+    """The log-probs a step holds fixed while it updates θ. ``old``: log π_old (B·G, T), stored when the rollout is
+    reused or the KL goes into the reward; else None (the ratio is 1, and ``logprobs.detach()`` serves). ``ref``: log
+    π_ref (B·G, T) when β > 0 or ``kl/ref`` is due, else None. ``logged_old``: log π_old of the rows logged as samples
+    this step (when ``old`` is None). ``kl_only``: π_ref is there for the ``kl/ref`` diagnostic alone (β = 0)."""
+
+    old: torch.Tensor | None
+    ref: torch.Tensor | None
+    logged_old: torch.Tensor | None
+    kl_only: bool
+    reuse: bool  # later updates see a stale rollout: several passes or several minibatches
+    microbatch: int  # completions per forward/backward
+
+    def logged(self) -> dict:
+        """The sample rows' fixed log-probs, for ``sample_rows``."""
+        return {"logprobs": self.old if self.old is not None else self.logged_old, "ref_logprobs": self.ref}
+
+
+def fixed_logprobs(cfg: GRPOConfig, policy, roll, step: int, logged: bool) -> FixedLogprobs:
+    """3. π_old (if the rollout is reused, or for the KL in the reward) and π_ref (if β > 0, or for kl/ref), in
+    no-grad passes of the largest microbatch whose forward/backward fits in memory."""
+    rollout_size = len(roll)
+    minibatch = dist.per_process(cfg.minibatch_size, "minibatch_size") if cfg.minibatch_size else rollout_size
+    microbatch = cfg.microbatch_size or auto_microbatch(
+        policy.model, minibatch, roll.completion_ids.shape[1], context_tokens=roll.prompt_ids.shape[1]
+    )
+    reuse = cfg.num_iterations > 1 or minibatch < rollout_size
+    in_reward = cfg.beta > 0 and cfg.kl_mode == "k1_reward"
+    old = logprobs_in_chunks(policy.model, roll, cfg.temperature, microbatch) if reuse or in_reward else None
+    kl_only = cfg.beta == 0 and kl_due(step, cfg.kl_every)  # π_ref for the kl/ref diagnostic alone
+    ref = None
+    if cfg.beta > 0 or kl_only:
+        with policy.reference() as reference:
+            ref = logprobs_in_chunks(reference, roll, cfg.temperature, microbatch)  # (B·G, T)
+    logged_old = None
+    if logged and old is None:  # the step inspector's π_old, for the logged rows only
+        logged_old = logprobs_in_chunks(
+            policy.model, roll.select(slice(0, 2 * cfg.group_size)), cfg.temperature, microbatch
+        )
+    return FixedLogprobs(old, ref, logged_old, kl_only, reuse, microbatch)
+
+
+def step_advantages(cfg: GRPOConfig, policy, roll, rewards: torch.Tensor, fixed: FixedLogprobs):
+    """4. Â from the group: of r, or of r − β·log π_old/π_ref (k1_reward, like PPO's shaped reward); per step with
+    ``reward_mode=process``. Returns (advantages (B·G,) or (B·G, T), metrics)."""
+    metrics = {}
+    if cfg.beta > 0 and cfg.kl_mode == "k1_reward":
+        rewards = kl_reward(rewards, fixed.old, fixed.ref, roll.completion_mask, cfg.beta)  # (B·G,)
+        metrics["reward/shaped"] = rewards.mean()
+        metrics["kl/ref"] = dist.masked_mean(kl_k3(fixed.old, fixed.ref), roll.completion_mask)  # all processes
+    group_std = rewards.view(-1, cfg.group_size).std(-1)  # (B,)
+    metrics["groups/zero_std_frac"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()
+    if cfg.reward_mode == "process":
+        step_rewards, step_mask = arith_step_rewards(roll, policy.tokenizer)  # (B·G, T), (B·G, T)
+        metrics["reward/process"] = masked_mean(step_rewards, step_mask)
+        return process_advantages(step_rewards, step_mask, cfg.group_size, cfg.epsilon_std), metrics
+    return group_advantages(rewards, cfg.group_size, cfg.epsilon_std, cfg.scale_rewards), metrics
+
+
+def grpo_update(cfg: GRPOConfig, policy, s, roll, advantages: torch.Tensor, fixed: FixedLogprobs, shuffler) -> dict:
+    """5. μ passes over the rollout; each pass: minibatches (one optimizer step each) of microbatches (gradients
+    accumulated). Returns the update's metrics: token means of the loss metrics, ``loss/policy`` and ``grad/norm``
+    averaged over the optimizer steps, and the ratio's spread over every update (``RatioMeter``)."""
+    rollout_size = len(roll)
+    minibatch = dist.per_process(cfg.minibatch_size, "minibatch_size") if cfg.minibatch_size else rollout_size
+    epsilon_low, epsilon_high = clip_bounds(cfg)
+    in_reward = cfg.beta > 0 and cfg.kl_mode == "k1_reward"
+    policy.model.train()
+    meter, ratios, grad_norms, losses = MetricAccumulator(), RatioMeter(), [], []
+    lengths = roll.completion_mask.sum(-1).cpu()  # (B·G,) one copy to the host, for every minibatch's count
+    for _ in range(cfg.num_iterations):
+        order = torch.randperm(rollout_size, generator=shuffler) if fixed.reuse else torch.arange(rollout_size)
+        for start in range(0, rollout_size, minibatch):
+            rows = order[start : start + minibatch]
+            num_tokens = dist.global_sum(int(lengths[rows].sum()))  # the loss divides by global counts (lab.dist)
+            total = 0.0
+            for micro_start in range(0, len(rows), fixed.microbatch):
+                idx = rows[micro_start : micro_start + fixed.microbatch]
+                part = roll.select(idx)
+                mask = part.completion_mask.float()  # (b, T)
+                logprobs, entropy = completion_logprobs(policy.model, part, cfg.temperature, with_entropy=True)
+                idx = idx.to(logprobs.device)
+                old = fixed.old[idx] if fixed.reuse else logprobs.detach()  # ratio exactly 1 when fresh
+                ref = fixed.ref[idx] if fixed.ref is not None else None
+                loss, loss_metrics = grpo_loss(
+                    logprobs,
+                    old,
+                    advantages[idx],
+                    mask,
+                    ref_logprobs=ref,
+                    beta=0.0 if in_reward else cfg.beta,
+                    kl_penalty=cfg.kl_mode,  # k1_reward: β = 0
+                    epsilon_low=epsilon_low,
+                    epsilon_high=epsilon_high,
+                    loss_norm=cfg.loss_norm,
+                    max_new_tokens=s.max_new_tokens,
+                    num_sequences=len(rows) * dist.world_size(),
+                    num_tokens=num_tokens,
+                )
+                loss.backward()
+                total = total + loss_metrics.pop("loss/policy")  # a tensor: no sync per microbatch
+                loss_metrics["entropy"] = masked_mean(entropy.detach(), mask)
+                if fixed.kl_only:  # old is π_old exactly (stored, or this pass before any step): as k1_reward
+                    loss_metrics["kl/ref"] = masked_mean(kl_k3(old.detach(), ref), mask)
+                meter.add(loss_metrics, weight=mask.sum())
+                ratios.add(logprobs, old, mask)
+            losses.append(float(dist.global_sum(total)))
+            grad_norms.append(clip_and_step(s.optimizer, s.params, cfg.max_grad_norm))
+    return {
+        **meter.means(),
+        **ratios.metrics(),
+        "loss/policy": sum(losses) / len(losses),
+        "grad/norm": sum(grad_norms) / len(grad_norms),
+    }
 
 
 def bandit_fixed_point(cfg: GRPOConfig, policy, task, ref_logprobs: torch.Tensor | None) -> torch.Tensor | None:
@@ -526,7 +565,7 @@ def bandit_fixed_point(cfg: GRPOConfig, policy, task, ref_logprobs: torch.Tensor
     on other tasks, at β = 0, or when the rollouts do not sample π_θ itself or are not scored by the gold reward
     (temperature, top_p, reward)."""
     exact = cfg.reward == "gold" and cfg.temperature == 1.0 and cfg.top_p == 1.0  # samples from π_θ, scored by r
-    if task is None or task.kind != "bandit" or ref_logprobs is None or not exact:
+    if task is None or task.kind != "bandit" or ref_logprobs is None or cfg.beta <= 0 or not exact:
         return None
     from lab.fixed_points import grpo_fixed_point
 
@@ -534,6 +573,3 @@ def bandit_fixed_point(cfg: GRPOConfig, policy, task, ref_logprobs: torch.Tensor
     return grpo_fixed_point(
         ref_logprobs.cpu(), rewards, cfg.beta, cfg.kl_mode, cfg.group_size, cfg.scale_rewards, cfg.epsilon_std
     )
-
-
-Config = GRPOConfig

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import shutil
 import threading
 import time
 import traceback
@@ -265,16 +266,14 @@ class Job:
         return self
 
     def _main(self) -> None:
-        from lab.records import RunRecord
-        from lab.runner import load_for
+        from lab.runner import load_for, open_record
 
         record = None
         try:
             self._set_phase("loading")
             if self.policy is None and uses_policy(self.method):
                 self.policy = load_for(self.cfg, self.task)
-            config = {"method": self.method, **dataclasses.asdict(self.cfg)}
-            record = RunRecord.create(out=self.cfg.out, run_id=self.cfg.run_id, config=config, prefix=self.method)
+            record = open_record(self.cfg, self.method)  # a new folder, or a resumed run's own (cfg.resume)
             self.record_path = record.path
             self._set_phase("running")
             kwargs = {"stop": self.stop, "record": record}
@@ -300,6 +299,11 @@ class Job:
             self.error = user_message(err)
             if record is not None and not record.finished:  # the trainer failed before its own record took over
                 record.finish("failed", error=self.error)
+            if record is not None and isinstance(err, UserError) and not self.history and not self.cfg.resume:
+                # a bad reward or bad data, refused before the first step: no run to keep, only the message (a
+                # resumed run's folder holds its earlier steps, and stays)
+                shutil.rmtree(record.path, ignore_errors=True)
+                self.record_path = None
             self._set_phase("failed")
         finally:
             with self._cond:
@@ -452,7 +456,8 @@ def start(session: Session, method: str, values: dict[str, Any]) -> Job:
             raise ConfigError("model: your own data needs a model (a built-in name, a local folder or a hub id)")
     from lab.records import check_run_target
 
-    check_run_target(cfg.out, cfg.run_id)  # a bad or taken run id fails now, before any loading
+    if not getattr(cfg, "resume", None):  # a resumed run writes on in its own folder (checked by the config)
+        check_run_target(cfg.out, cfg.run_id)  # a bad or taken run id fails now, before any loading
     if session.job is not None and not session.job.done:
         raise RuntimeError("this tab already has a run going; stop it first")
     session.policy = None  # free the previous policy before loading the next one
@@ -586,7 +591,7 @@ def token_kl(policy, prompt, completion: str, add_eos: bool = True) -> list[dict
     Scored at temperature 1, prompt and completion tokenized as the trainers do (``encode_pairs``).
     """
     from lab.batching import encode_pairs
-    from lab.ops import sequence_logprobs
+    from lab.ops import completion_token_logprobs
 
     tok = policy.tokenizer
     batch = encode_pairs(tok, [prompt], [completion], add_eos=add_eos).to(policy.device)
@@ -595,9 +600,9 @@ def token_kl(policy, prompt, completion: str, add_eos: bool = True) -> list[dict
     was_training = policy.model.training
     policy.model.eval()
     try:
-        logprobs = sequence_logprobs(policy.model, ids, batch.attention_mask, T)[0]  # (T,)
+        logprobs = completion_token_logprobs(policy.model, ids, batch.attention_mask, T)[0]  # (T,)
         with policy.reference() as ref:
-            ref_logprobs = sequence_logprobs(ref, ids, batch.attention_mask, T)[0]  # (T,)
+            ref_logprobs = completion_token_logprobs(ref, ids, batch.attention_mask, T)[0]  # (T,)
     finally:
         policy.model.train(was_training)
     completion_ids = ids[0, -T:].tolist()
@@ -721,8 +726,22 @@ def run_label(run) -> str:
     return f"{' '.join(parts)} · {run.run_id}"
 
 
+FINAL_REWARD = ("reward/mean", "eval/exact_reward", "eval/sample_reward", "eval/gold_reward", "eval/accuracy")
+FINAL_GOLD = ("reward/gold", "eval/gold_reward", "eval/accuracy", "eval/exact_reward")
+
+
+def last_value(metrics: list[dict], keys: tuple[str, ...]) -> float | None:
+    """The last logged value of the first of ``keys`` that the run logged."""
+    for key in keys:
+        values = [m[key] for m in metrics if isinstance(m.get(key), (int, float))]
+        if values:
+            return values[-1]
+    return None
+
+
 def past_runs(out: str) -> list[dict]:
-    """One row per run under ``out``, newest first: id, label, method, task, status, steps, key settings."""
+    """One row per run under ``out``, newest first: id, label, method, task, status, steps, the final reward, gold
+    reward and KL to π_ref, and key settings."""
     from lab.records import list_runs
 
     rows = []
@@ -738,10 +757,175 @@ def past_runs(out: str) -> list[dict]:
                 "status": row.get("status"),
                 "steps": row.get("steps"),
                 "started": row.get("started"),
+                "reward": last_value(run.metrics, FINAL_REWARD),
+                "gold": last_value(run.metrics, FINAL_GOLD),
+                "kl/ref": last_value(run.metrics, ("kl/ref",)),
                 **{k: cfg.get(k) for k in HIGHLIGHT_FIELDS if k in cfg},
             }
         )
     return rows[::-1]
+
+
+def load_runs(out: str, run_ids: list[str]) -> dict[str, Any]:
+    """label → RunData, for comparing runs."""
+    from lab.records import load_run, safe_run_dir
+
+    runs = {}
+    for run_id in run_ids:
+        run = load_run(safe_run_dir(out, run_id))
+        runs[run_label(run)] = run
+    return runs
+
+
+def config_diff(runs: dict[str, Any]) -> list[dict]:
+    """The settings that differ between runs: one row per setting, one column per run."""
+    configs = {label: run.config or {} for label, run in runs.items()}
+    keys = sorted({k for c in configs.values() for k in c if k not in ("meta", "out", "run_id")})
+    rows = []
+    for key in keys:
+        values = [configs[label].get(key) for label in configs]
+        if len({repr(v) for v in values}) > 1:
+            rows.append({"setting": key, **{label: _cell(v) for label, v in zip(configs, values)}})
+    return rows
+
+
+def _cell(value) -> str:
+    return "–" if value is None else str(value)
+
+
+def answers_side_by_side(runs: dict[str, Any], n: int = 8) -> list[dict]:
+    """Each run's answers to the same prompts: its before/after table where the app saved one, else its last
+    logged samples. One row per prompt (those of the first run), one column per run (and π_ref's answer)."""
+    answers: dict[str, dict[str, str]] = {}
+    reference: dict[str, str] = {}
+    for label, run in runs.items():
+        saved = load_before_after(run.path)
+        if saved:
+            answers[label] = {_key(r["prompt"]): r["after"] for r in saved}
+            reference.update({_key(r["prompt"]): r["before"] for r in saved})
+            continue
+        last = max((int(r.get("step", 0)) for r in run.samples), default=None)
+        rows = [r for r in run.samples if int(r.get("step", 0)) == last]
+        answers[label] = {}
+        for r in rows:
+            answers[label].setdefault(_key(r.get("prompt")), str(r.get("completion")))
+    prompts = list(next(iter(answers.values()), {}))[:n]
+    return [
+        {
+            "prompt": p,
+            **({"π_ref": reference[p]} if p in reference else {}),
+            **{k: a.get(p, "–") for k, a in answers.items()},
+        }
+        for p in prompts
+    ]
+
+
+def _key(prompt) -> str:
+    return prompt if isinstance(prompt, str) else _display(prompt or [])
+
+
+BEFORE_AFTER_FILE = "before_after.json"
+
+
+def save_before_after(path: Path | None, rows: list[dict]) -> None:
+    """Keep the app's before/after rows with the run, for comparing runs later (best effort: a full disk or a
+    deleted folder only loses this file)."""
+    import json
+
+    if path is None or not Path(path).is_dir():
+        return
+    try:
+        (Path(path) / BEFORE_AFTER_FILE).write_text(json.dumps(rows, default=str), encoding="utf-8")
+    except OSError:
+        log.warning("could not save %s in %s", BEFORE_AFTER_FILE, path)
+
+
+def load_before_after(path: Path) -> list[dict]:
+    import json
+
+    try:
+        rows = json.loads((Path(path) / BEFORE_AFTER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return rows if isinstance(rows, list) else []
+
+
+def delete_runs(out: str, run_ids: list[str]) -> list[str]:
+    """Delete run folders under ``out``; a run still going is refused (RunTargetError), and nothing is deleted."""
+    from lab.records import RunTargetError, load_run, safe_run_dir
+
+    paths = [safe_run_dir(out, run_id) for run_id in run_ids]
+    for path in paths:
+        run = load_run(path)
+        if (run.status or {}).get("status") == "running" and not run.interrupted:
+            raise RunTargetError(f"run {path.name}: still running; stop it before deleting it")
+    for path in paths:
+        shutil.rmtree(path)
+    return [p.name for p in paths]
+
+
+def can_resume() -> bool:
+    """Whether the configs take ``resume`` (a run to continue), so that the app can offer it."""
+    from lab.config import BaseConfig
+
+    return "resume" in {f.name for f in dataclasses.fields(BaseConfig)}
+
+
+def resumable(out: str, run_id: str) -> str:
+    """The method of a run that can be resumed (stopped or interrupted), else a one-line RunTargetError."""
+    from lab.records import RunTargetError, load_run, safe_run_dir
+
+    run = load_run(safe_run_dir(out, run_id))
+    status = run.summary_row()["status"]
+    if status not in ("stopped", "interrupted"):
+        raise RunTargetError(f"run {run_id}: {status}; only a stopped or interrupted run can be resumed")
+    if not run.method:
+        raise RunTargetError(f"run {run_id}: its config names no method")
+    return run.method
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The step inspector's data
+
+
+def inspect_target(out: str, run_id: str | None, session: Session | None) -> Path:
+    """The run folder to inspect: ``run_id`` under ``out``, else the tab's latest run."""
+    from lab.records import RunNotFound, safe_run_dir
+
+    if run_id and str(run_id).strip():
+        return safe_run_dir(out, str(run_id).strip())
+    job = session.job if session is not None else None
+    if job is None or job.record_path is None:
+        raise RunNotFound("run id: no run in this tab yet; launch one or give a run id")
+    return Path(job.record_path)
+
+
+def inspect_step(path: Path, step=None) -> dict:
+    """One logged step of a run, ready for the inspector: its rows, per-token terms and the run's config."""
+    from lab import inspector
+    from lab.config import ConfigError
+    from lab.records import load_run
+
+    run = load_run(path)
+    steps = inspector.logged_steps(run.samples)
+    if not steps:
+        raise ConfigError(f"step: run {run.run_id} logged no samples (a reward-model run has none)")
+    if step is None or (isinstance(step, str) and not step.strip()):
+        chosen = steps[-1]
+    else:
+        chosen = check_count("step", step, 1, 10**9)
+        if chosen not in steps:
+            shown = ", ".join(map(str, steps[-8:]))
+            raise ConfigError(f"step: run {run.run_id} logged samples at steps {shown} (latest), not {chosen}")
+    rows = inspector.step_rows(run.samples, chosen)
+    config = run.config or {}
+    return {
+        "run": run.run_id,
+        "step": chosen,
+        "config": config,
+        "rows": rows,
+        "terms": [inspector.token_terms(r, config) for r in rows],
+    }
 
 
 def load_histories(out: str, run_ids: list[str]) -> dict[str, list[dict]]:

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lab.errors import UserError
+from lab.errors import ConfigError, UserError
+from lab.ops import position_ids_from_mask
 
 MODELS_DIR = Path(__file__).parent / "models"
 
@@ -54,11 +55,13 @@ def builtin_models() -> list[str]:
 def pick_device(device: str = "auto") -> torch.device:
     """``auto`` → the GPU when there is one, else the CPU; ``cuda`` on a machine without one is refused in one
     line (torch's own message, "Torch not compiled with CUDA enabled", comes from deep inside the first load)."""
+    from lab import dist
+
+    if device in ("auto", "cuda") and torch.cuda.is_available() and dist.world_size() > 1:
+        return dist.device()  # several processes (torchrun): one GPU each, cuda:LOCAL_RANK
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from lab.config import ConfigError
-
         raise ConfigError(
             f"device: {device} was asked for, but torch sees no CUDA GPU on this machine; use auto or cpu"
         )
@@ -365,29 +368,49 @@ def load_policy(
             enable_gradient_checkpointing(policy.model)
         return policy
     tokenizer = load_tokenizer(name, trust_remote_code)
-    _check_prompts(prompts, tokenizer, name)
-    model = load_causal_lm(
+    check_prompts_fit_tokenizer(prompts, tokenizer, name)
+    model = _load_base(name, mode, device, trust_remote_code)
+    if mode == "full":
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return Policy(model, tokenizer, mode, name, ref_model=ref)
+    model = _add_lora(model, name, mode, lora_r, lora_alpha, lora_dropout)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return Policy(model, tokenizer, mode, name)
+
+
+def _load_base(name: str, mode: str, device: str, trust_remote_code: bool):
+    """The causal LM under a policy or a scalar model: 4-bit for qlora, frozen unless every weight trains."""
+    return load_causal_lm(
         name,
         quantize_4bit=mode == "qlora",
         device=device,
         trust_remote_code=trust_remote_code,
         frozen_base=mode != "full",
     )
-    if mode == "full":
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        return Policy(model, tokenizer, mode, name, ref_model=ref)
+
+
+def _add_lora(model, name: str, mode: str, lora_r: int, lora_alpha: int, lora_dropout: float, adapter: str = "default"):
+    """A fresh LoRA adapter on ``model`` (the base called ``name``), which records its base for later loads."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if mode == "qlora":
         # Casts norms to fp32 and enables input grads so the adapters below a frozen 4-bit layer get gradients.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, _lora_config(lora_r, lora_alpha, lora_dropout, model))
-    model.peft_config["default"].base_model_name_or_path = base_reference(name)
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    return Policy(model, tokenizer, mode, name)
+    model = get_peft_model(model, _lora_config(lora_r, lora_alpha, lora_dropout, model), adapter_name=adapter)
+    model.peft_config[adapter].base_model_name_or_path = base_reference(name)
+    return model
+
+
+def _adapter_base(path: str, trust_remote_code: bool) -> tuple[str, object]:
+    """A saved adapter folder's base model name (from adapter_config.json), and the tokenizer saved with the
+    adapter, else its base model's."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        base_name = json.load(f)["base_model_name_or_path"]
+    source = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_name
+    return base_name, load_tokenizer(source, trust_remote_code)
 
 
 def base_reference(name: str) -> str:
@@ -404,8 +427,6 @@ def enable_gradient_checkpointing(model) -> None:
     needs no input that requires grad, so it works under a frozen (or 4-bit) base with adapters on top."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
-        from lab.config import ConfigError
-
         raise ConfigError(f"gradient_checkpointing: {type(base).__name__} does not support it; turn it off")
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -415,26 +436,22 @@ def _load_adapter_policy(
 ) -> Policy:
     from peft import PeftModel
 
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        base_name = json.load(f)["base_model_name_or_path"]
     mode = "qlora" if mode == "qlora" else "lora"
     check_safetensors(path)  # the adapter's own weights, before the base model loads
-    tokenizer = load_tokenizer(
-        path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_name, trust_remote_code
-    )
-    _check_prompts(prompts, tokenizer, path)
-    model = load_causal_lm(
-        base_name, quantize_4bit=mode == "qlora", device=device, trust_remote_code=trust_remote_code, frozen_base=True
-    )
+    base_name, tokenizer = _adapter_base(path, trust_remote_code)
+    check_prompts_fit_tokenizer(prompts, tokenizer, path)
+    model = _load_base(base_name, mode, device, trust_remote_code)
     model = PeftModel.from_pretrained(model, path, is_trainable=True)
     return Policy(model, tokenizer, mode, base_name)
 
 
-def _check_prompts(prompts: list | None, tokenizer, name: str) -> None:
-    if prompts:
-        from lab.runner import check_prompts_fit_tokenizer
-
-        check_prompts_fit_tokenizer(prompts, tokenizer, name)
+def check_prompts_fit_tokenizer(prompts: list | None, tokenizer, name: str) -> None:
+    """Conversational prompts (message lists) need the tokenizer's chat template: say so in one line."""
+    if prompts and not getattr(tokenizer, "chat_template", None) and any(isinstance(p, list) for p in prompts):
+        raise ConfigError(
+            f"model: the data holds chat messages but the tokenizer of {name!r} has no chat template; "
+            "use an instruct model with a template, or give plain-text prompts"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -482,7 +499,7 @@ class ScalarModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Per-position scalars, (B, L) float32."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
+        position_ids = position_ids_from_mask(attention_mask)  # (B, L) left padding: count real tokens only
         with self._active():
             hidden = backbone_of(self.lm)(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
@@ -560,39 +577,20 @@ def load_scalar_model(
     if _is_adapter_dir(path) and os.path.exists(head_file):
         from peft import PeftModel
 
-        with open(os.path.join(path, "adapter_config.json")) as f:
-            base_name = json.load(f)["base_model_name_or_path"]
-        lm = load_causal_lm(
-            base_name,
-            quantize_4bit=mode == "qlora",
-            device=device,
-            trust_remote_code=trust_remote_code,
-            frozen_base=True,
-        )
+        base_name, tokenizer = _adapter_base(path, trust_remote_code)
+        lm = _load_base(base_name, "qlora" if mode == "qlora" else "lora", device, trust_remote_code)
         lm = PeftModel.from_pretrained(lm, path, adapter_name="reward", is_trainable=True)
         model = ScalarModel(lm, "reward", lm.config.hidden_size)
         model.head.load_state_dict(torch.load(head_file, map_location=model.head.weight.device, weights_only=True))
-        tok_src = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_name
-        model.tokenizer = load_tokenizer(tok_src, trust_remote_code)
-        return model, model.tokenizer
+        model.tokenizer = tokenizer
+        return model, tokenizer
     tokenizer = load_tokenizer(name, trust_remote_code)
-    lm = load_causal_lm(
-        name,
-        quantize_4bit=mode == "qlora",
-        device=device,
-        trust_remote_code=trust_remote_code,
-        frozen_base=mode != "full",
-    )
+    lm = _load_base(name, mode, device, trust_remote_code)
     if mode == "full":
         model = ScalarModel(lm, None, lm.config.hidden_size)
         model.tokenizer = tokenizer
         return model, tokenizer
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if mode == "qlora":
-        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
-    lm = get_peft_model(lm, _lora_config(lora_r, lora_alpha, 0.0, lm), adapter_name="reward")
-    lm.peft_config["reward"].base_model_name_or_path = base_reference(name)
+    lm = _add_lora(lm, name, mode, lora_r, lora_alpha, 0.0, adapter="reward")
     model = ScalarModel(lm, "reward", lm.config.hidden_size)
     model.tokenizer = tokenizer
     return model, tokenizer

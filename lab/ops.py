@@ -1,6 +1,6 @@
 """Shared, method-agnostic math: log-probs, masked statistics, KL estimators, completion masks.
 
-Everything here is a pure function (tensors in, tensors out) apart from the two `sequence_*`
+Everything here is a pure function (tensors in, tensors out) apart from the two `completion_token_*`
 helpers, which run one forward pass of a model and nothing else. No function here knows which
 method (PPO, DPO, GRPO, ...) calls it.
 
@@ -251,7 +251,7 @@ def _checkpointing(model: torch.nn.Module) -> bool:
     return bool(flag if flag is not None else getattr(base, "is_gradient_checkpointing", False))
 
 
-def sequence_logprobs(
+def completion_token_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -260,9 +260,11 @@ def sequence_logprobs(
     chunk_size: int | None = None,
     share_prompts: bool = True,
 ) -> torch.Tensor:
-    """Log-probs of the last `completion_len` tokens of each sequence under `model`.
+    """Log-probs of the last `completion_len` tokens of each sequence under `model`, one per token.
 
         log π(y_t | x, y_<t),  t = 1..T
+
+    (`lab.batching.sequence_logprob` sums them into one log π(y|x) per sequence.)
 
     Naive equivalent, for each row b separately:
         ids = input_ids[b][attention_mask[b].bool()]        # drop padding
@@ -293,7 +295,7 @@ def sequence_logprobs(
     return selective_logprobs(logits, completion_ids, chunk_size or DEFAULT_CHUNK_SIZE)  # (B, T)
 
 
-def sequence_logprobs_and_entropy(
+def completion_token_logprobs_and_entropy(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -302,9 +304,9 @@ def sequence_logprobs_and_entropy(
     chunk_size: int | None = None,
     share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sequence_logprobs` plus the entropy of the policy at each completion position.
+    """`completion_token_logprobs` plus the entropy of the policy at each completion position.
 
-    One forward pass gives both. Naive equivalent: the naive `sequence_logprobs` loop, plus
+    One forward pass gives both. Naive equivalent: the naive `completion_token_logprobs` loop, plus
     `-(logp.exp() * logp).sum(-1)` at the same positions.
 
     Returns:

@@ -17,7 +17,7 @@ Advantages come from a learned value function V(s_t) by GAE (Schulman et al. 201
 clipped steps on the same rollout batch::
 
     ratio_t = π_θ(y_t|s_t) / π_old(y_t|s_t)
-    L_policy = − E_t[ min(ratio_t · A_t, clip(ratio_t, 1 − ε, 1 + ε) · A_t) ]
+    L_policy = − E_t[ min(ratio_t · A_t, clip(ratio_t, 1 − ε_low, 1 + ε_high) · A_t) ]
     L_value  = ½ E_t[ max((V_θ − R_t)², (clip(V_θ, V_old − ε_v, V_old + ε_v) − R_t)²) ]
     L_ptx    = − E_{(x,y)~D_ptx}[ (1/|y|) Σ_t log π_θ(y_t|x, y_<t) ]              (lab.sft.sft_loss)
     loss     = L_policy + vf_coef · L_value + λ · L_ptx
@@ -34,7 +34,8 @@ r_t                         ``rewards`` (B, T), ``shaped_rewards``
 V(s_t)                      ``values`` (B, T), ``lab.modeling.add_value_head``
 γ, λ_GAE                    ``cfg.gamma``, ``cfg.lam``
 A_t, R_t                    ``advantages``, ``returns`` (B, T), ``gae``
-ε, ε_v                      ``cfg.cliprange``, ``cfg.cliprange_value``
+ε_low, ε_high               ``cfg.epsilon_low``, ``cfg.epsilon_high`` (∞ with ``cfg.clip`` off)
+ε_v                         ``cfg.epsilon_value``
 λ (ptx)                     ``cfg.ptx_coef``
 ==========================  ==============================================
 
@@ -49,11 +50,14 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from lab import dist
 from lab.config import BaseConfig, check, opt
-from lab.ops import kl_estimate, masked_mean, masked_var, masked_whiten
+from lab.onpolicy import RatioMeter, check_epsilons, clip_bounds
+from lab.ops import KL_ESTIMATORS, kl_estimate, masked_mean, masked_var, masked_whiten
 from lab.runner import (
     MetricAccumulator,
     Run,
@@ -66,7 +70,7 @@ from lab.runner import (
 )
 from lab.sft import sft_loss
 
-KL_ESTIMATORS = ("k1",)  # k3 is refused in PPOConfig.__post_init__, with the reason
+SAMPLE_ROWS = 4  # completions logged as samples, with their per-token numbers (lab.rollout.sample_rows)
 
 
 @dataclass
@@ -97,9 +101,9 @@ class PPOConfig(BaseConfig):
     kl_estimator: str = opt(
         "k1",
         "per-token KL in the reward: k1 = log π/π_ref, whose fixed point is π* ∝ "
-        "π_ref·e^{r/β} (InstructGPT); k3 = (ρ − 1) − log ρ is refused: as a reward its "
-        "gradient is biased and its fixed point is not π*",
-        choices=KL_ESTIMATORS,
+        "π_ref·e^{r/β} (InstructGPT); k2 and k3 are refused: as a reward their "
+        "gradient is biased and their fixed point is not π*",
+        choices=tuple(KL_ESTIMATORS),
     )
     adaptive_kl: bool = opt(False, "adapt β toward target_kl (Ziegler et al. 2019) instead of keeping it fixed")
     target_kl: float = opt(1.0, "adaptive β: the KL(π_θ‖π_ref) per completion to aim for, in nats", min=1e-3, max=100.0)
@@ -121,8 +125,14 @@ class PPOConfig(BaseConfig):
     # value function's errors to unit size, which tests/test_ppo.py's bandit test avoids by turning it off.
     whiten_advantages: bool = opt(True, "normalize advantages to mean 0, std 1 over the rollout batch")
     # the PPO update
-    cliprange: float = opt(0.2, "ε: the probability ratio is clipped to [1 − ε, 1 + ε]", min=1e-3, max=1.0)
-    cliprange_value: float = opt(0.2, "ε_v: new values stay within ±ε_v of the rollout's values", min=1e-3, max=100.0)
+    epsilon_low: float = opt(0.2, "ε_low: the ratio is clipped below at 1 − ε_low", min=0.0, max=0.999)
+    epsilon_high: float = opt(0.2, "ε_high: the ratio is clipped above at 1 + ε_high", min=0.0, max=10.0)
+    clip: bool = opt(
+        True,
+        "clip the ratio to [1 − ε_low, 1 + ε_high]; false: ε = ∞, plain importance sampling −ρ·A "
+        "(the attempt ladder's attempt 2, lab.ladder)",
+    )
+    epsilon_value: float = opt(0.2, "ε_v: new values stay within ±ε_v of the rollout's values", min=1e-3, max=100.0)
     # The value function has its own adapter and head, and Adam rescales each parameter's gradient, so vf_coef acts
     # mainly through the joint gradient-norm clip (it matters fully only when policy and value share weights).
     vf_coef: float = opt(0.1, "weight of the value loss in the total loss", min=0.0, max=100.0)
@@ -153,17 +163,18 @@ class PPOConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         check(
-            self.kl_estimator != "k3",
-            "kl_estimator",
-            "k3 as a per-token reward biases the policy gradient away from π* (its score-function gradient "
-            "lacks E[∇k3]; with it added k3 becomes k1): use k1",
-        )
-        super().__post_init__()
-        check(
             self.kl_estimator in KL_ESTIMATORS,
             "kl_estimator",
             f"must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}",
         )
+        check(
+            self.kl_estimator == "k1",
+            "kl_estimator",
+            f"{self.kl_estimator} as a per-token reward biases the policy gradient away from π* (its score-function "
+            f"gradient lacks E[∇{self.kl_estimator}]; with it added k3 becomes k1): use k1",
+        )
+        check_epsilons(self)
+        super().__post_init__()
         check(
             self.num_minibatches <= self.batch_size and self.batch_size % self.num_minibatches == 0,
             "num_minibatches",
@@ -268,12 +279,15 @@ def ppo_policy_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     completion_mask: torch.Tensor,
-    cliprange: float,
+    epsilon_low: float,
+    epsilon_high: float,
 ) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate (Schulman et al. 2017, eq. 7), averaged over the real tokens::
+    """Clipped surrogate (Schulman et al. 2017, eq. 7; ε_low = ε_high there), averaged over the real tokens::
 
         ratio_t = exp(log π_θ(y_t) − log π_old(y_t))
-        L = − mean_t min(ratio_t · A_t, clip(ratio_t, 1 − ε, 1 + ε) · A_t)
+        L = − mean_t min(ratio_t · A_t, clip(ratio_t, 1 − ε_low, 1 + ε_high) · A_t)
+
+    ε_low = ε_high = ∞ (``clip`` off) leaves L = − mean_t ratio_t · A_t: importance sampling without a trust region.
 
     The min makes the objective pessimistic: once the ratio has moved past 1 ± ε in the direction the advantage
     favours, the clipped branch is taken and its gradient is 0. At ratio 1 (the first minibatch) the gradient is
@@ -284,7 +298,7 @@ def ppo_policy_loss(
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     unclipped = -advantages * ratio  # (B, T)
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)  # (B, T)
     loss = masked_mean(torch.max(unclipped, clipped), completion_mask)
     with torch.no_grad():
         metrics = {
@@ -303,7 +317,7 @@ def ppo_value_loss(
     old_values: torch.Tensor,
     returns: torch.Tensor,
     completion_mask: torch.Tensor,
-    cliprange_value: float,
+    epsilon_value: float,
 ) -> tuple[torch.Tensor, dict]:
     """Clipped value loss (as in OpenAI's baselines ppo2 and Ziegler et al. 2019's lm-human-preferences)::
 
@@ -312,7 +326,7 @@ def ppo_value_loss(
 
     values (grad), old_values, returns, completion_mask: (B, T). Returns (loss, metrics).
     """
-    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)  # (B, T)
+    values_clipped = old_values + torch.clamp(values - old_values, -epsilon_value, epsilon_value)  # (B, T)
     unclipped = (values - returns) ** 2  # (B, T)
     clipped = (values_clipped - returns) ** 2  # (B, T)
     loss = 0.5 * masked_mean(torch.max(unclipped, clipped), completion_mask)
@@ -382,36 +396,35 @@ class PPOCheckpoint:
         torch.save(self.value_model.head.state_dict(), path / "value_head.pt")
 
 
-def train(
-    cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, record=None, value_model=None
-) -> Iterator[dict]:
-    """One PPO iteration (rollout + PPO epochs) per ``next()``; see :mod:`lab.runner` for the record and stop rules.
+@dataclass
+class PPOSetup:
+    """What PPO holds before its first step: the policy-gradient set-up plus a value model and a ptx stream."""
 
-    ``value_model``: the value function to train, ``lab.modeling.add_value_head(policy)`` when None."""
-    from lab.batching import encode_pairs, token_logprobs
-    from lab.data import prompt_columns
+    task: Any
+    reward_fn: Any
+    batches: Iterator[list[dict]]  # rollout batches of prompt rows
+    ptx_batches: Iterator[list[dict]] | None  # SFT rows for the ptx term, None when ptx_coef = 0
+    policy: Any
+    value_model: Any  # V(s_t): lab.modeling.add_value_head
+    value_active: Any  # a context in which the value adapter is the active one (see ppo_setup)
+    params: list  # policy and value parameters, one optimizer
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    max_new_tokens: int
+    bandit_ref: torch.Tensor | None  # π_ref's next-token log-probs on bandit, for eval/kl_to_optimum
+
+
+def ppo_setup(cfg: PPOConfig, policy=None, value_model=None) -> PPOSetup:
+    """Seed, task, prompt rows and their batches, ptx rows, reward, policy, value model, one optimizer over both."""
     from lab.modeling import add_value_head
     from lab.rewards import make_reward
-    from lab.rollout import (
-        bandit_reference,
-        completion_logprobs,
-        eval_metrics,
-        load_prompt_rows,
-        logprobs_in_chunks,
-        resolve_max_new_tokens,
-        rollout,
-        rollout_tokens,
-        sample_rows,
-        score,
-    )
+    from lab.rollout import bandit_reference, load_prompt_rows, resolve_max_new_tokens
     from lab.tasks import TASKS, get_task
 
     seed_everything(cfg.seed)
     task = get_task(cfg.task) if cfg.task in TASKS else None
     rows = load_prompt_rows(cfg, task)  # {"prompt", **columns}: the columns go to the reward function
-    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
     ptx_rows = _ptx_rows(cfg, task)
-    ptx_batches = shuffled_batches(ptx_rows, cfg.ptx_batch_size, cfg.seed + 1) if ptx_rows else None
     reward_fn = make_reward(cfg.reward, task)
     policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
     value_model = add_value_head(policy) if value_model is None else value_model
@@ -425,144 +438,81 @@ def train(
     with value_active():
         value_params = value_model.trainable_parameters()
     params = policy_params + value_params
-    optimizer = make_optimizer(params, cfg, only_trainable=False)
     # Dropout stays off throughout: the ratio must be exactly 1 on the first minibatch.
     policy.model.eval()
     value_model.eval()
-    device = policy.device
-    max_new_tokens = resolve_max_new_tokens(cfg, task)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return PPOSetup(
+        task=task,
+        reward_fn=reward_fn,
+        batches=shuffled_batches(rows, cfg.batch_size, cfg.seed),
+        ptx_batches=shuffled_batches(ptx_rows, cfg.ptx_batch_size, cfg.seed + 1) if ptx_rows else None,
+        policy=policy,
+        value_model=value_model,
+        value_active=value_active,
+        params=params,
+        optimizer=make_optimizer(params, cfg, only_trainable=False),
+        generator=torch.Generator(device=policy.device).manual_seed(cfg.seed + dist.rank()),  # one stream a process
+        max_new_tokens=resolve_max_new_tokens(cfg, task),
+        bandit_ref=bandit_reference(policy, task),  # π_ref over the vocabulary, for eval/kl_to_optimum on bandit
+    )
+
+
+def train(
+    cfg: PPOConfig, *, policy=None, stop: threading.Event | None = None, record=None, value_model=None
+) -> Iterator[dict]:
+    """One PPO iteration (rollout + PPO epochs) per ``next()``; see :mod:`lab.runner` for the record and stop rules.
+
+    ``value_model``: the value function to train, ``lab.modeling.add_value_head(policy)`` when None."""
+    from lab.data import prompt_columns
+    from lab.evaluate import heldout_metrics
+    from lab.rollout import rollout, rollout_tokens, sample_rows, score
+
+    s = ppo_setup(cfg, policy, value_model)
+    policy, task = s.policy, s.task
     kl_controller = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.horizon) if cfg.adaptive_kl else None
     beta = cfg.beta
-    bandit_ref = bandit_reference(policy, task)  # π_ref over the vocabulary, for eval/kl_to_optimum on bandit
-    minibatch_size = cfg.batch_size // cfg.num_minibatches
 
     def evaluate() -> dict:
         """eval/gold_reward (greedy, held-out prompts); on bandit also eval/exact_reward and eval/kl_to_optimum."""
-        return eval_metrics(
-            policy, task, cfg.eval_size, beta=cfg.beta if cfg.beta > 0 else None, ref_logprobs=bandit_ref
-        )
+        return heldout_metrics(policy, task, cfg.eval_size, beta=cfg.beta or None, ref_logprobs=s.bandit_ref)
 
     def unprefixed(metrics: dict) -> dict:
         return {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
 
-    with Run(cfg, "ppo", policy=policy, stop=stop, record=record, save=PPOCheckpoint(policy, value_model)) as run:
+    save, state = PPOCheckpoint(policy, s.value_model), (s.generator, s.batches, s.ptx_batches, kl_controller)
+    with Run(cfg, "ppo", policy=policy, stop=stop, record=record, save=save, optimizer=s.optimizer, state=state) as run:
         run.summary["before"] = unprefixed(evaluate())
         for step in run.steps():
+            beta = kl_controller.beta if kl_controller is not None else beta  # a resumed run's β is the controller's
             # 1. rollout: one completion per prompt from the current policy π_old
-            batch_rows = next(batches)
-            roll = rollout(policy, [r["prompt"] for r in batch_rows], cfg, generator, max_new_tokens)
-            mask = roll.completion_mask.float()  # (B, T)
-            P, T = roll.prompt_ids.shape[1], roll.completion_ids.shape[1]
-            # passes that fit in memory: the no-grad ones over the whole batch (π_old, π_ref, V_old) in chunks, and
-            # the update's microbatches no larger than gradient_accumulation asks nor than memory allows
-            chunk = auto_microbatch(policy.model, cfg.batch_size, T, context_tokens=P)
-            micro_size = min(
-                minibatch_size // cfg.gradient_accumulation,
-                auto_microbatch(policy.model, minibatch_size, T, context_tokens=P),
-            )
-
+            batch_rows = dist.shard(next(s.batches))  # this process's prompts (all of them on one)
+            roll = rollout(policy, [r["prompt"] for r in batch_rows], cfg, s.generator, s.max_new_tokens)
             # 2. score: r_φ(x, y), minus the missing-EOS penalty
-            raw_scores = score(reward_fn, roll, prompt_columns(batch_rows))  # (B,)
+            raw_scores = score(s.reward_fn, roll, prompt_columns(batch_rows))  # (B,)
             scores = raw_scores - cfg.missing_eos_penalty * roll.truncated.float()  # (B,)
-
-            # 3. reference log-probs & shaped rewards
-            with torch.no_grad():
-                pieces = [
-                    completion_logprobs(
-                        policy.model, roll.select(slice(i, i + chunk)), cfg.temperature, with_entropy=True
-                    )
-                    for i in range(0, len(roll), chunk)
-                ]
-                old_logprobs = torch.cat([lp for lp, _ in pieces])  # (B, T)
-                entropy = torch.cat([h for _, h in pieces])  # (B, T)
-                with policy.reference() as ref:
-                    ref_logprobs = logprobs_in_chunks(ref, roll, cfg.temperature, chunk)  # (B, T)
-            rewards = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)  # (B, T)
-
-            # 4. values & GAE. V(s_t) is read where token t is predicted: the state x, y_<t.
-            with torch.no_grad(), value_active():
-                old_values = torch.cat(
-                    [
-                        value_model(part.input_ids, part.attention_mask)[:, P - 1 : P + T - 1]
-                        for part in (roll.select(slice(i, i + chunk)) for i in range(0, len(roll), chunk))
-                    ]
-                )  # (B, T)
-            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, T), (B, T)
-            if cfg.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)  # (B, T)
-
-            # 5. PPO epochs over minibatches (one optimizer step each), microbatches within
-            update_metrics: list[dict] = []
-            for _epoch in range(cfg.ppo_epochs):
-                order = torch.randperm(cfg.batch_size)  # (B,) on the CPU: it indexes the rollout's tensors and lists
-                for start in range(0, cfg.batch_size, minibatch_size):
-                    minibatch = order[start : start + minibatch_size]  # (B / num_minibatches,)
-                    tokens = mask[minibatch].sum().clamp(min=1)
-                    totals = MetricAccumulator()  # token means of the minibatch, summed on the device
-                    for micro_start in range(0, minibatch_size, micro_size):
-                        idx = minibatch[micro_start : micro_start + micro_size]  # (b,)
-                        micro, m = roll.select(idx), mask[idx]  # b rows, (b, T)
-                        # a microbatch's token mean × its share of the minibatch's tokens = the minibatch token mean
-                        share = m.sum() / tokens
-                        logprobs = completion_logprobs(policy.model, micro, cfg.temperature)  # (b, T)
-                        policy_loss, policy_metrics = ppo_policy_loss(
-                            logprobs, old_logprobs[idx], advantages[idx], m, cfg.cliprange
-                        )
-                        (policy_loss * share).backward()  # the policy adapter is active here
-                        with value_active():
-                            values = value_model(micro.input_ids, micro.attention_mask)[:, P - 1 : P + T - 1]  # (b, T)
-                            value_loss, value_metrics = ppo_value_loss(
-                                values, old_values[idx], returns[idx], m, cfg.cliprange_value
-                            )
-                            (cfg.vf_coef * value_loss * share).backward()  # the value adapter is active here
-                        totals.add({**policy_metrics, **value_metrics}, share)
-
-                    metrics = totals.sums()
-                    # 6. ptx term: λ · LM loss on SFT/pretraining rows, in the same optimizer step
-                    if ptx_batches is not None:
-                        rows = next(ptx_batches)
-                        batch = encode_pairs(
-                            policy.tokenizer,
-                            [r["prompt"] for r in rows],
-                            [r["completion"] for r in rows],
-                            max_length=cfg.max_length,
-                        ).to(device)
-                        ptx_logprobs, ptx_mask = token_logprobs(policy.model, batch)  # (b, L-1), (b, L-1)
-                        ptx, ptx_metrics = sft_loss(ptx_logprobs, ptx_mask)
-                        (cfg.ptx_coef * ptx).backward()
-                        metrics["loss/ptx"] = float(ptx_metrics["loss/sft"])
-                    metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
-                    update_metrics.append(metrics)
-
-            # metrics of this iteration: update metrics averaged over its optimizer steps, then the rollout's
-            with torch.no_grad():
-                kl_seq = (kl_estimate(cfg.kl_estimator, old_logprobs, ref_logprobs) * mask).sum(-1)  # (B,)
-                out = {k: sum(m[k] for m in update_metrics) / len(update_metrics) for k in update_metrics[0]}
-                out.update(
-                    {
-                        "reward/mean": raw_scores.mean(),
-                        "reward/shaped": rewards.sum(-1).mean(),
-                        "kl/ref": kl_seq.mean(),
-                        "entropy": masked_mean(entropy, mask),
-                        "value/explained_var": explained_variance(old_values, returns, mask),
-                        "completion/length": mask.sum(-1).mean(),
-                        "completion/truncated_frac": roll.truncated.float().mean(),
-                        "beta": beta,
-                    }
-                )
-                if task is not None:
-                    gold = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
-                    out["reward/gold"] = sum(gold) / len(gold)
-
-            # 7. adaptive β, from this rollout's KL(π_old‖π_ref) per completion
+            # 3. advantages: π_old, π_ref, the shaped per-token rewards, V_old and GAE
+            batch = ppo_advantages(cfg, s, roll, scores, beta)
+            # 4. update: PPO epochs over minibatches (one optimizer step each), microbatches within
+            out = {**ppo_update(cfg, s, roll, batch), **ppo_rollout_metrics(cfg, task, roll, raw_scores, batch, beta)}
+            # 5. adaptive β, from this rollout's KL(π_old‖π_ref) per completion
             if kl_controller is not None:
-                beta = kl_controller.update(float(out["kl/ref"]), cfg.batch_size)
-
+                beta = kl_controller.update(dist.mean(out["kl/ref"]), cfg.batch_size)  # the same β on every process
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 out.update(evaluate())
             if run.want_samples(step):
-                run.samples(step, sample_rows(roll, raw_scores, n=4))
+                per_token = {"values": batch.old_values, "returns": batch.returns}
+                rows = sample_rows(
+                    roll,
+                    raw_scores,
+                    batch.advantages,
+                    SAMPLE_ROWS,
+                    policy=policy,
+                    temperature=cfg.temperature,
+                    logprobs=batch.old_logprobs,
+                    ref_logprobs=batch.ref_logprobs,
+                    per_token=per_token,
+                )
+                run.samples(step, rows)
             yield run.log(step, out, tokens=rollout_tokens(roll))
             if step == cfg.steps:
                 run.summary["after"] = unprefixed(out)
@@ -570,4 +520,134 @@ def train(
             run.summary["after"] = unprefixed(evaluate())
 
 
-Config = PPOConfig
+@dataclass
+class PPOBatch:
+    """A scored rollout ready for the PPO epochs: every tensor (B, T) and fixed during the update."""
+
+    old_logprobs: torch.Tensor  # log π_old, the policy that sampled
+    ref_logprobs: torch.Tensor  # log π_ref
+    entropy: torch.Tensor  # entropy of π_old at each position
+    rewards: torch.Tensor  # shaped per-token rewards r_t
+    old_values: torch.Tensor  # V_old(s_t)
+    advantages: torch.Tensor  # A_t (whitened when cfg.whiten_advantages)
+    returns: torch.Tensor  # R_t, the value target
+    mask: torch.Tensor  # completion_mask as float
+    chunk: int  # rows per no-grad forward pass
+
+
+@torch.no_grad()
+def ppo_advantages(cfg: PPOConfig, s: PPOSetup, roll, scores: torch.Tensor, beta: float) -> PPOBatch:
+    """3. The no-grad passes over the whole rollout (π_old with its entropy, π_ref, V_old), in chunks that fit in
+    memory, then the shaped rewards and GAE. V(s_t) is read where token t is predicted: the state x, y_<t."""
+    from lab.rollout import completion_logprobs, logprobs_in_chunks
+
+    mask = roll.completion_mask.float()  # (B, T)
+    P, T = roll.prompt_ids.shape[1], roll.completion_ids.shape[1]
+    chunk = auto_microbatch(s.policy.model, cfg.batch_size, T, context_tokens=P)
+    parts = [roll.select(slice(i, i + chunk)) for i in range(0, len(roll), chunk)]
+    pieces = [completion_logprobs(s.policy.model, part, cfg.temperature, with_entropy=True) for part in parts]
+    old_logprobs = torch.cat([lp for lp, _ in pieces])  # (B, T)
+    entropy = torch.cat([h for _, h in pieces])  # (B, T)
+    with s.policy.reference() as ref:
+        ref_logprobs = logprobs_in_chunks(ref, roll, cfg.temperature, chunk)  # (B, T)
+    rewards = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, beta, cfg.kl_estimator)  # (B, T)
+    with s.value_active():
+        old_values = torch.cat(
+            [s.value_model(part.input_ids, part.attention_mask)[:, P - 1 : P + T - 1] for part in parts]
+        )  # (B, T)
+    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, T), (B, T)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)  # (B, T)
+    return PPOBatch(old_logprobs, ref_logprobs, entropy, rewards, old_values, advantages, returns, mask, chunk)
+
+
+def ppo_update(cfg: PPOConfig, s: PPOSetup, roll, batch: PPOBatch) -> dict:
+    """4. ``ppo_epochs`` passes; each pass: shuffled minibatches (one optimizer step each, with the ptx term), of
+    microbatches (one forward/backward each). Returns the token means averaged over the optimizer steps, and the
+    ratio's spread over every update (``kl/old``, ``ratio/*``: ``lab.onpolicy.RatioMeter``)."""
+    minibatch_size = dist.per_process(cfg.batch_size // cfg.num_minibatches, "batch_size / num_minibatches")
+    P, T = roll.prompt_ids.shape[1], roll.completion_ids.shape[1]
+    # microbatches no larger than gradient_accumulation asks nor than memory allows
+    micro_size = min(
+        minibatch_size // cfg.gradient_accumulation,
+        auto_microbatch(s.policy.model, minibatch_size, T, context_tokens=P),
+    )
+    update_metrics, ratios = [], RatioMeter()
+    for _epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(len(roll))  # (B,) on the CPU: it indexes the rollout's tensors and lists
+        for start in range(0, len(roll), minibatch_size):
+            minibatch = order[start : start + minibatch_size]  # (B / num_minibatches,)
+            metrics = ppo_minibatch(cfg, s, roll, batch, minibatch, micro_size, ratios)
+            if s.ptx_batches is not None:  # λ · LM loss on SFT/pretraining rows, in the same optimizer step
+                metrics["loss/ptx"] = ptx_step(cfg, s)
+            metrics["grad/norm"] = clip_and_step(s.optimizer, s.params, cfg.max_grad_norm)
+            update_metrics.append(metrics)
+    out = {k: sum(m[k] for m in update_metrics) / len(update_metrics) for k in update_metrics[0]}
+    return {**out, **ratios.metrics()}
+
+
+def ppo_minibatch(cfg: PPOConfig, s: PPOSetup, roll, batch: PPOBatch, minibatch, micro_size: int, ratios) -> dict:
+    """The gradients of one minibatch, accumulated over its microbatches; returns its token-mean metrics."""
+    from lab.rollout import completion_logprobs
+
+    P, T = roll.prompt_ids.shape[1], roll.completion_ids.shape[1]
+    epsilon_low, epsilon_high = clip_bounds(cfg)
+    tokens = dist.global_sum(batch.mask[minibatch].sum()).clamp(min=1)  # every process's minibatch
+    totals = MetricAccumulator()  # token means of the minibatch, summed on the device
+    for micro_start in range(0, len(minibatch), micro_size):
+        idx = minibatch[micro_start : micro_start + micro_size]  # (b,)
+        micro, m = roll.select(idx), batch.mask[idx]  # b rows, (b, T)
+        # a microbatch's token mean × its share of the minibatch's tokens = the minibatch token mean
+        share = m.sum() / tokens
+        logprobs = completion_logprobs(s.policy.model, micro, cfg.temperature)  # (b, T)
+        old = batch.old_logprobs[idx]  # (b, T)
+        policy_loss, policy_metrics = ppo_policy_loss(
+            logprobs, old, batch.advantages[idx], m, epsilon_low, epsilon_high
+        )
+        (policy_loss * share).backward()  # the policy adapter is active here
+        ratios.add(logprobs, old, m)
+        with s.value_active():
+            values = s.value_model(micro.input_ids, micro.attention_mask)[:, P - 1 : P + T - 1]  # (b, T)
+            value_loss, value_metrics = ppo_value_loss(
+                values, batch.old_values[idx], batch.returns[idx], m, cfg.epsilon_value
+            )
+            (cfg.vf_coef * value_loss * share).backward()  # the value adapter is active here
+        totals.add({**policy_metrics, **value_metrics}, share)
+    return totals.sums()
+
+
+def ptx_step(cfg: PPOConfig, s: PPOSetup) -> float:
+    """The ptx term's gradient, λ · ∇L_ptx on one batch of SFT rows (lab.sft.sft_loss); returns L_ptx."""
+    from lab.batching import encode_pairs, token_logprobs
+
+    rows = next(s.ptx_batches)
+    prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    batch = encode_pairs(s.policy.tokenizer, prompts, completions, max_length=cfg.max_length).to(s.policy.device)
+    ptx_logprobs, ptx_mask = token_logprobs(s.policy.model, batch)  # (b, L-1), (b, L-1)
+    ptx, ptx_metrics = sft_loss(ptx_logprobs, ptx_mask)
+    (cfg.ptx_coef * ptx / dist.world_size()).backward()  # the same rows on every process
+    return float(ptx_metrics["loss/sft"])
+
+
+@torch.no_grad()
+def ppo_rollout_metrics(cfg: PPOConfig, task, roll, raw_scores: torch.Tensor, batch: PPOBatch, beta: float) -> dict:
+    """The rollout's side of a step's metrics: reward, KL to π_ref, entropy, value fit, lengths, diversity."""
+    from lab.diagnostics import diversity_metrics
+
+    mask = batch.mask
+    kl_seq = (kl_estimate(cfg.kl_estimator, batch.old_logprobs, batch.ref_logprobs) * mask).sum(-1)  # (B,)
+    out = {
+        "reward/mean": raw_scores.mean(),
+        "reward/shaped": batch.rewards.sum(-1).mean(),
+        "kl/ref": kl_seq.mean(),
+        "entropy": dist.masked_mean(batch.entropy, mask),
+        "value/explained_var": explained_variance(batch.old_values, batch.returns, mask),
+        "completion/length": mask.sum(-1).mean(),
+        "completion/truncated_frac": roll.truncated.float().mean(),
+        "beta": beta,
+    }
+    if task is not None:
+        gold = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
+        out["reward/gold"] = sum(gold) / len(gold)
+    out.update(diversity_metrics(roll))  # diversity/*: lab.diagnostics
+    return out

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from lab.config import ArgumentParser
 from lab.tasks import get_task
-from lab.tasks.base import Task, builtin_model_dir, sample_completions
+from lab.tasks.base import Task, builtin_model_dir
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]  # ids 0, 1, 2
 
@@ -173,25 +173,24 @@ def lr_at(step: int, recipe: Recipe, steps: int) -> float:
 
 
 # --- 5. report -------------------------------------------------------------------------------------
-def evaluate(task: Task, model, tokenizer, samples_per_prompt: int = 4, seed: int = 0) -> dict[str, float]:
-    """Mean gold reward on the eval prompts, greedy and sampled (temperature 1).
+def report(task: Task, model, tokenizer, samples_per_prompt: int = 4, seed: int = 0) -> dict[str, float]:
+    """Mean gold reward on the eval prompts, greedy and sampled (temperature 1), from ``lab.evaluate.answer``.
 
     For arith, the gold reward is 1/0, so these are greedy and sampling accuracy."""
+    from lab.evaluate import answer
+
     prompts = task.eval_prompts()
     model.eval()
-    greedy, truncated = sample_completions(model, tokenizer, prompts, task.max_new_tokens, greedy=True)
-    greedy_gold = task.gold_rewards(prompts, greedy, truncated)
+    greedy = answer(model, tokenizer, task, prompts)
     many = [p for p in prompts for _ in range(samples_per_prompt)]
-    generator = torch.Generator().manual_seed(seed)
-    sampled, truncated = sample_completions(model, tokenizer, many, task.max_new_tokens, generator=generator)
-    sampled_gold = task.gold_rewards(many, sampled, truncated)
+    sampled = answer(model, tokenizer, task, many, greedy=False, seed=seed)
     return {
-        "greedy/gold": statistics.mean(greedy_gold),
-        "sample/gold": statistics.mean(sampled_gold),
-        "sample/gold_std": statistics.pstdev(sampled_gold),
-        "sample/gold_min": min(sampled_gold),
-        "sample/gold_max": max(sampled_gold),
-        "sample/truncated": sum(truncated) / len(truncated),
+        "greedy/gold": statistics.mean(greedy.rewards),
+        "sample/gold": statistics.mean(sampled.rewards),
+        "sample/gold_std": statistics.pstdev(sampled.rewards),
+        "sample/gold_min": min(sampled.rewards),
+        "sample/gold_max": max(sampled.rewards),
+        "sample/truncated": sum(sampled.truncated) / len(sampled.truncated),
     }
 
 
@@ -250,7 +249,7 @@ def _pretrain(task: Task, recipe: Recipe, steps: int, seed: int, out_dir: Path, 
         for path in task.regenerate_data(out_dir):
             print(f"rebuilt {path}")
 
-    metrics = evaluate(task, model, tokenizer)
+    metrics = report(task, model, tokenizer)
     size_mb = (out_dir / "model.safetensors").stat().st_size / 1e6
     print(
         f"pretrained {task_name} in {train_seconds:.0f}s wall, {cpu_seconds:.0f}s CPU ({steps} steps) "

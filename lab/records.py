@@ -6,7 +6,9 @@
                              "checkpoints", "error"?, "summary"?}
         metrics.jsonl       one JSON object per logged step: {"step": 3, "loss/policy": 0.41, ...}
         samples.jsonl       {"step", "prompt", "completion", "reward/...": ...} rows every few steps
-        checkpoints/<tag>/  save_pretrained() output, plus the tokenizer
+        checkpoints/<tag>/  save_pretrained() output, plus the tokenizer, and what a resumed run needs:
+                            trainer_state.pt (the trained tensors, the optimizer, the random states, the
+                            position in the data) and trainer_state.json ({"step": k})
 
 status is one of "running", "completed", "stopped" (Ctrl-C, a stop request, a closed trainer
 generator) or "failed" (an exception; "error" holds its one-line text).
@@ -21,6 +23,10 @@ Why the files are written the way they are:
 - JSON has no NaN or Infinity. A non-finite metric is written as null, so the files stay strict JSON
   that any parser reads, and a warning names the metric the first time it happens, so a diverging
   loss is not hidden.
+
+A run is resumed (``--resume``, see `find_resume_point` and `RunRecord.reopen`) from its newest checkpoint
+that holds a trainer state: the same folder goes on, metrics and samples logged after that checkpoint's
+step (by a run killed later) are dropped, and status.json's "resumed" lists the steps it went on from.
 """
 
 from __future__ import annotations
@@ -45,9 +51,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lab.errors import UserError
+from lab.errors import ConfigError, UserError
 
 STATUSES = ("running", "completed", "stopped", "failed")
+TRAINER_STATE = "trainer_state.pt"  # in a checkpoint folder: what resuming needs besides the weights
 FINAL_STATUSES = ("completed", "stopped", "failed")
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -62,6 +69,11 @@ class RunTargetError(UserError, ValueError):
 
 class RunNotFound(UserError, FileNotFoundError):
     """No run folder where one was asked for."""
+
+
+class ResumeError(ConfigError):
+    """A run that cannot be resumed: unknown, without a checkpoint to go on from, still running, or trained with
+    other settings."""
 
 
 class DiskFull(UserError, OSError):
@@ -130,6 +142,8 @@ class RunRecord:
         self._status = status
         self._steps = 0  # metrics rows logged
         self._warned_nonfinite: set[str] = set()
+        self._trackers: list = []  # lab.trackers: each gets every metrics row after metrics.jsonl has it
+        self.last_metrics: dict = {}  # the last row logged (of a resumed run: the last row it kept)
 
     @classmethod
     def create(
@@ -209,6 +223,45 @@ class RunRecord:
             raise
         return cls(path, status)
 
+    @classmethod
+    def reopen(cls, path: str | os.PathLike, step: int, config: dict | Any = None) -> RunRecord:
+        """Go on writing the run in `path` from its checkpoint at `step` (see `find_resume_point`).
+
+        Metrics and samples rows after `step` are dropped (a run killed after its checkpoint logged them), each file
+        rewritten atomically; config.json gets `config` (a resumed run may change its step count and how often it
+        logs) with its "meta" kept, and status.json says "running" again, for this process, with
+        ``"resumed": [..., {"from_step": step, "at": time}]``.
+        """
+        path = Path(path)
+        status = _read_json(path / "status.json") or {}
+        kept = _keep_rows_until(path / "metrics.jsonl", step)
+        _keep_rows_until(path / "samples.jsonl", step)
+        old_config = _read_json(path / "config.json") or {}
+        meta = dict(old_config.get("meta") or {})
+        now = _now()
+        meta["resumed"] = [*meta.get("resumed", []), {"from_step": int(step), "at": now, "argv": list(sys.argv)}]
+        config_dict = _config_dict(config) if config is not None else {k: v for k, v in old_config.items()}
+        _write_json_atomic(path / "config.json", {**config_dict, "meta": meta})
+        for key in ("error", "summary"):
+            status.pop(key, None)
+        status.update(
+            status="running",
+            run_id=path.name,
+            ended=None,
+            steps=len(kept),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            resumed=[*status.get("resumed", []), {"from_step": int(step), "at": now}],
+        )
+        status.setdefault("started", meta.get("created", now))
+        status.setdefault("checkpoints", [])
+        status.setdefault("latest_checkpoint", None)
+        _write_json_atomic(path / "status.json", status)
+        record = cls(path, status)
+        record._steps = len(kept)
+        record.last_metrics = kept[-1] if kept else {}
+        return record
+
     # ---- state ---------------------------------------------------------------------------------
 
     @property
@@ -241,6 +294,10 @@ class RunRecord:
                 row[key] = _jsonable(value, key, strict=True, on_nonfinite=nonfinite.setdefault)
         _append_jsonl(self.path / "metrics.jsonl", [row])
         self._steps += 1
+        self.last_metrics = row
+        if self._trackers:
+            numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self._report({**numbers, **nonfinite}, step)
         for key, value in nonfinite.items():
             if key not in self._warned_nonfinite:  # once per metric: a NaN loss stays NaN
                 self._warned_nonfinite.add(key)
@@ -248,17 +305,40 @@ class RunRecord:
                 warnings.warn(message, stacklevel=2)
         return row
 
+    def add_tracker(self, tracker: Any) -> None:
+        """Send every metrics row logged from now on to `tracker` too (``log(metrics, step)``, ``close()``; see
+        lab.trackers), after metrics.jsonl has it: the file stays the record. `finish` closes it."""
+        self._trackers.append(tracker)
+
+    def _report(self, metrics: dict, step: int) -> None:
+        """A tracker that fails mid-run (a lost connection) is dropped with one warning; the run goes on."""
+        for tracker in list(self._trackers):
+            try:
+                tracker.log({k: v for k, v in metrics.items() if k != "step"}, int(step))
+            except Exception as err:  # noqa: BLE001 - metrics.jsonl has the row; training goes on
+                self._trackers.remove(tracker)
+                warnings.warn(f"stopped reporting to {tracker!r}: {_one_line(err)}", stacklevel=3)
+
+    def _close_trackers(self) -> None:
+        for tracker in self._trackers:
+            try:
+                tracker.close()
+            except Exception as err:  # noqa: BLE001 - the run's own record is complete
+                warnings.warn(f"closing {tracker!r} failed: {_one_line(err)}", stacklevel=3)
+        self._trackers = []
+
     def log_samples(self, step: int, rows: list[dict]) -> None:
         """Append one {"step": step, **row} line per row (prompt, completion, rewards...) to samples.jsonl."""
         self._check_running()
         lines = [{"step": int(step), **_jsonable(dict(row), "sample", strict=True)} for row in rows]
         _append_jsonl(self.path / "samples.jsonl", lines)
 
-    def save_checkpoint(self, obj: Any, tag: str, tokenizer: Any = None) -> Path:
+    def save_checkpoint(self, obj: Any, tag: str, tokenizer: Any = None, state: dict | None = None) -> Path:
         """Save `obj` to `<run>/checkpoints/<tag>/` and record `tag` as the latest checkpoint.
 
         `obj` needs `save_pretrained(dir)` (a transformers/peft model) or `save(dir)` (lab's Policy).
-        The tokenizer (the argument, else `obj.tokenizer`) is saved next to it. The checkpoint is
+        The tokenizer (the argument, else `obj.tokenizer`) is saved next to it. `state`, a trainer's state
+        with its "step" (lab.runner), goes to trainer_state.pt, and {"step"} to trainer_state.json. The checkpoint is
         written to a temporary folder and renamed into place, so a run killed while saving never
         leaves a half-written checkpoint under the tag; saving the same tag again replaces it.
         """
@@ -279,6 +359,12 @@ class RunRecord:
         tokenizer = tokenizer if tokenizer is not None else getattr(obj, "tokenizer", None)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(tmp))
+        if state is not None:
+            import torch
+
+            with _disk_full_is_user_error(tmp / TRAINER_STATE):
+                torch.save(state, tmp / TRAINER_STATE)
+            _write_json_atomic(tmp / "trainer_state.json", {"step": int(state["step"])})
 
         if final.exists():
             final.rename(old)
@@ -305,6 +391,16 @@ class RunRecord:
         if summary is not None:
             self._status["summary"] = _jsonable(summary, "summary", strict=False)
         _write_json_atomic(self.path / "status.json", self._status)
+        self._close_trackers()
+
+    def discard(self) -> None:
+        """Remove the folder of a run that never started (no metrics, no checkpoint), as if it had not been made:
+        a trainer that fails while loading leaves no run behind."""
+        if self._steps or self._status["checkpoints"]:
+            raise RuntimeError(f"run {self.run_id} has a record to keep; finish it instead")
+        self._close_trackers()
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._status["status"] = "stopped"  # nothing more can be written to it
 
     def __enter__(self) -> RunRecord:
         return self
@@ -375,8 +471,24 @@ class RunData:
         status.json still says 0)."""
         return max(int((self.status or {}).get("steps") or 0), len(self.metrics))
 
+    @property
+    def checkpoint_step(self) -> int | None:
+        """The step of the newest checkpoint a resumed run can go on from (one with a trainer state), or None."""
+        steps = checkpoint_steps(self.path)
+        return max(steps.values()) if steps else None
+
+    @property
+    def resumable(self) -> bool:
+        """Stopped, interrupted or failed, with a checkpoint to go on from and steps left: ``--resume`` continues it."""
+        status = "interrupted" if self.interrupted else (self.status or {}).get("status")
+        step = self.checkpoint_step
+        steps = self.config.get("steps")
+        left = isinstance(steps, int) and step is not None and step < steps
+        return status in ("stopped", "interrupted", "failed") and left
+
     def summary_row(self) -> dict:
-        """One row of the `runs` listing: id, method, task, status, steps, started, last metrics.
+        """One row of the `runs` listing: id, method, task, status, steps, started, last metrics, and whether
+        ``--resume`` can continue it (``resumable``, from the checkpoint at ``checkpoint_step``).
 
         Its status is "interrupted" for a run that `interrupted` says is dead, so a listing does not
         show killed runs as running ("status" in the RunData itself keeps what the file says).
@@ -391,6 +503,8 @@ class RunData:
             "steps": self.steps,
             "started": self.started,
             "metrics": {key: value for key, value in last.items() if key != "step"},
+            "resumable": self.resumable,
+            "checkpoint_step": self.checkpoint_step,
         }
 
 
@@ -438,6 +552,90 @@ def list_runs(out: str | os.PathLike = "runs") -> list[RunData]:
     # ISO-8601 UTC timestamps of one fixed width sort correctly as strings
     runs.sort(key=lambda run: (run.started or "", run.run_id))
     return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_steps(path: str | os.PathLike) -> dict[str, int]:
+    """``{tag: step}`` of a run's checkpoints that hold a trainer state (those a resumed run can go on from)."""
+    root = Path(path) / "checkpoints"
+    steps = {}
+    if root.is_dir():
+        for folder in sorted(root.iterdir()):
+            if folder.name.startswith(".") or not (folder / TRAINER_STATE).is_file():
+                continue
+            step = (_read_json(folder / "trainer_state.json") or {}).get("step")
+            if isinstance(step, int):
+                steps[folder.name] = step
+    return steps
+
+
+@dataclass
+class ResumePoint:
+    """Where `--resume` goes on from: the run folder, its newest checkpoint with a trainer state and its step."""
+
+    path: Path
+    tag: str
+    step: int
+    config: dict  # the run's config.json (with "method" and "meta")
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoints" / self.tag
+
+
+def find_resume_point(
+    resume: str | os.PathLike, out: str | os.PathLike = "runs", *, check_running: bool = True
+) -> ResumePoint:
+    """The run that `resume` names, a run id under `out` or a run folder, and its newest checkpoint with a
+    trainer state (``latest``, ``final`` or ``last``: the one of the highest step). Raises ResumeError, one line:
+    no such run, no checkpoint to go on from, or (with `check_running`) the run is still running."""
+    text = os.fspath(resume) if isinstance(resume, os.PathLike) else resume
+    if not isinstance(text, str) or not text.strip():
+        raise ResumeError(f"resume: give a run id (under --out) or a run folder, got {resume!r}")
+    candidates = [Path(out) / text] if _SAFE_NAME.fullmatch(text) and not text.startswith(".") else []
+    candidates.append(Path(text))
+    path = next(
+        (
+            c
+            for c in candidates
+            if c.is_dir() and not c.is_symlink() and ((c / "status.json").exists() or (c / "config.json").exists())
+        ),
+        None,
+    )
+    if path is None:
+        raise ResumeError(f"resume: no run {text!r} in {out}/, nor a run folder at {text}; see: python -m lab runs")
+    status = _read_json(path / "status.json") or {}
+    run = RunData(path.name, path, _read_json(path / "config.json") or {}, [], [], status)
+    alive = status.get("status") == "running" and status.get("pid") != os.getpid() and not run.interrupted
+    if check_running and alive:
+        raise ResumeError(f"resume: run {path.name} is still running (pid {status.get('pid')}); stop it first")
+    steps = checkpoint_steps(path)
+    if not steps:
+        raise ResumeError(
+            f"resume: run {path.name} has no checkpoint to go on from (one is saved every --save-every steps and "
+            "when a run stops); start a new run"
+        )
+    tag = max(steps, key=lambda t: (steps[t], t == "final"))
+    return ResumePoint(path=path, tag=tag, step=steps[tag], config=run.config)
+
+
+def _keep_rows_until(path: Path, step: int) -> list[dict]:
+    """Keep the rows of a .jsonl file whose "step" is at most `step` (rewriting it atomically); returns them."""
+    rows, _ = _read_jsonl_tolerant(path)
+    kept = [row for row in rows if isinstance(row.get("step"), int) and row["step"] <= step]
+    if path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in kept)
+        with _disk_full_is_user_error(path), open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,50 +40,33 @@ from dataclasses import dataclass
 
 import torch
 
-from lab.config import BaseConfig, check, opt
+from lab import dist
+from lab.config import OnPolicyConfig, check, opt
 from lab.data import prompt_columns
+from lab.evaluate import heldout_metrics
+from lab.onpolicy import setup
 from lab.ops import kl_k1, masked_mean
-from lab.rewards import make_reward
 from lab.rollout import (
-    bandit_reference,
     completion_logprobs,
     correct_mask,
-    eval_metrics,
     kl_due,
-    load_prompt_rows,
     logprobs_in_chunks,
-    resolve_max_new_tokens,
     rollout,
     rollout_metrics,
     rollout_tokens,
     sample_rows,
     score,
 )
-from lab.runner import (
-    MetricAccumulator,
-    Run,
-    auto_microbatch,
-    clip_and_step,
-    load_for,
-    make_optimizer,
-    seed_everything,
-    shuffled_batches,
-)
+from lab.runner import MetricAccumulator, Run, auto_microbatch, clip_and_step
 
 BASELINES = ("none", "batch", "ema")
+SAMPLE_ROWS = 8  # completions logged as samples, with their per-token numbers (lab.rollout.sample_rows)
 
 
 @dataclass
-class ReinforceConfig(BaseConfig):
+class ReinforceConfig(OnPolicyConfig):
     """REINFORCE: policy gradient on sampled completions, with an optional baseline and KL penalty."""
 
-    lr: float | None = opt(
-        None,
-        "AdamW learning rate; default: 1e-3 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
-        min=1e-7,
-        max=1.0,
-        builtin=1e-3,
-    )
     steps: int = opt(60, "optimizer steps; each samples a fresh batch", min=1, max=1_000_000)
     batch_size: int = opt(64, "prompts per step (one completion each)", min=1, max=4096)
     baseline: str = opt(
@@ -96,26 +79,8 @@ class ReinforceConfig(BaseConfig):
         min=0.0,
         max=100.0,
     )
-    reward: str = opt("gold", "reward: gold (the task's), a reward-model path, or python:module:function")
-    microbatch_size: int | None = opt(
-        None,
-        "completions per forward/backward (gradients accumulate over the batch); "
-        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
-        min=1,
-        max=1_000_000,
-    )
     eval_every: int = opt(
         20, "greedy held-out evaluation every N steps (0: only before and after)", min=0, max=1_000_000
-    )
-    eval_size: int = opt(200, "held-out prompts per evaluation", min=1, max=100_000)
-    # at β > 0 π_ref's log-probs are needed anyway and kl/ref is logged every step; at β = 0 the diagnostic costs
-    # one no-grad forward pass of π_ref over the batch (a fifth to a third of a step without sampling)
-    kl_every: int = opt(
-        1,
-        "at β = 0, log kl/ref every N steps from one extra no-grad π_ref pass over the batch "
-        "(0: never, and π_ref is never computed); at β > 0 it is logged every step for free",
-        min=0,
-        max=1_000_000,
     )
 
     def __post_init__(self) -> None:
@@ -181,27 +146,18 @@ def ema_baseline(previous: float | None, returns: torch.Tensor, decay: float) ->
 
 def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = None, record=None) -> Iterator[dict]:
     """One rollout and one optimizer step per ``next()``; see :mod:`lab.runner` for the record and stop rules."""
-    from lab.tasks import TASKS, get_task
+    s = setup(cfg, policy)
+    policy, task, reward_fn, optimizer, params = s.policy, s.task, s.reward_fn, s.optimizer, s.params
+    batches, generator, max_new_tokens, bandit_ref = s.batches, s.generator, s.max_new_tokens, s.bandit_ref
+    carry: dict = {"ema": None}  # the running-mean baseline b, carried from step to step
+    state = (generator, batches, carry)  # what a resumed run puts back, with the optimizer
 
-    seed_everything(cfg.seed)
-    task = get_task(cfg.task) if cfg.task in TASKS else None
-    reward_fn = make_reward(cfg.reward, task)
-    rows = load_prompt_rows(cfg, task)  # {"prompt", **columns}: the columns go to the reward function
-    policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
-    params = policy.trainable_parameters()
-    optimizer = make_optimizer(params, cfg)
-    generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
-    max_new_tokens = resolve_max_new_tokens(cfg, task)
-    bandit_ref = bandit_reference(policy, task) if cfg.beta > 0 else None  # π_ref only when β > 0
-    ema: float | None = None
-
-    with Run(cfg, "reinforce", policy=policy, stop=stop, record=record) as run:
+    with Run(cfg, "reinforce", policy=policy, stop=stop, record=record, optimizer=optimizer, state=state) as run:
         run.summary["reward"] = reward_fn.name
-        run.summary["before"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
+        run.summary["before"] = heldout_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
         for step in run.steps():
             # 1. rollout: one completion per prompt, no gradients
-            batch = next(batches)
+            batch = dist.shard(next(batches))  # this process's prompts (all of them on one)
             roll = rollout(policy, [r["prompt"] for r in batch], cfg, generator, max_new_tokens)
             # 2. score
             rewards = score(reward_fn, roll, prompt_columns(batch))  # (B,)
@@ -222,42 +178,46 @@ def train(cfg: ReinforceConfig, *, policy=None, stop: threading.Event | None = N
                 with policy.reference() as ref:
                     ref_logprobs = logprobs_in_chunks(ref, roll, cfg.temperature, microbatch)  # (B, T)
                 returns = kl_penalized_rewards(rewards, sampled_logprobs, ref_logprobs, mask, cfg.beta)  # (B,)
-                metrics["kl/ref"] = masked_mean(kl_k1(sampled_logprobs, ref_logprobs), mask)
+                metrics["kl/ref"] = dist.masked_mean(kl_k1(sampled_logprobs, ref_logprobs), mask)  # all processes
             # 4. advantages: R − b
             if cfg.baseline == "none":
                 baseline = torch.zeros(())
             elif cfg.baseline == "batch":
-                baseline = batch_baseline(returns)
+                baseline = batch_baseline(dist.gather(returns))  # of the global batch
             else:
-                b, ema = ema_baseline(ema, returns, cfg.baseline_decay)
+                b, carry["ema"] = ema_baseline(carry["ema"], dist.gather(returns), cfg.baseline_decay)
                 baseline = torch.tensor(b)
             advantages = returns - baseline.to(returns.device)  # (B,)
             # 5. update: microbatches of b rows; each loss is a mean over b, so × b/B makes the sum the batch mean
             policy.model.train()
-            totals = MetricAccumulator()
+            all_tokens = dist.global_sum(mask.sum()).clamp(min=1)  # every process's completion tokens
+            totals, sampled = MetricAccumulator(), []  # sampled: log π_old of the rows logged as samples
             for start in range(0, len(roll), microbatch):
                 rows_ = slice(start, start + microbatch)
                 part = roll.select(rows_)
                 logprobs, entropy = completion_logprobs(
                     policy.model, part, cfg.temperature, with_entropy=True
                 )  # (b, T), entropy without grad
-                share = len(part) / len(roll)
+                share = len(part) / cfg.batch_size  # of the global batch (every process's rows)
                 loss, loss_metrics = reinforce_loss(logprobs, advantages[rows_], mask[rows_])
                 (loss * share).backward()
+                if start < SAMPLE_ROWS:  # before the one optimizer step: the policy that sampled
+                    sampled.append(logprobs.detach())
                 loss_metrics["entropy"] = masked_mean(entropy, mask[rows_])
                 if kl_only:  # before the one optimizer step, π_θ here is the policy that sampled: as with β > 0
                     loss_metrics["kl/ref"] = masked_mean(kl_k1(logprobs.detach(), ref_logprobs[rows_]), mask[rows_])
-                tokens_share = mask[rows_].sum() / mask.sum().clamp(min=1)  # a tensor: no sync per microbatch
+                tokens_share = mask[rows_].sum() / all_tokens  # a tensor: no sync per microbatch
                 totals.add(loss_metrics, tokens_share, {"loss/policy": share})  # a row mean, the rest token means
             metrics.update(totals.sums())
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
             metrics["reward/baseline"] = float(baseline)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                metrics.update(eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref))
+                metrics.update(heldout_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref))
             if run.want_samples(step):
-                run.samples(step, sample_rows(roll, rewards, advantages))
+                logged = dict(logprobs=torch.cat(sampled), ref_logprobs=ref_logprobs)
+                rows = sample_rows(
+                    roll, rewards, advantages, SAMPLE_ROWS, policy=policy, temperature=cfg.temperature, **logged
+                )
+                run.samples(step, rows)
             yield run.log(step, metrics, tokens=rollout_tokens(roll))
-        run.summary["after"] = eval_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)
-
-
-Config = ReinforceConfig
+        run.summary["after"] = heldout_metrics(policy, task, cfg.eval_size, cfg.beta or None, bandit_ref)

@@ -145,9 +145,7 @@ class FunctionReward:
     """
 
     def __init__(self, fn: Callable, name: str | None = None):
-        if not callable(fn):
-            raise RewardSpecError(f"reward function {fn!r} is not callable")
-        self.fn = fn
+        self.fn = fn  # callable: make_reward checks it before it builds one
         self.name = name or getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
         try:
             self._params = dict(inspect.signature(fn).parameters)

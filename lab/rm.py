@@ -46,8 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab.batching import PairBatch, encode_pairs
-from lab.config import BaseConfig, check, opt
+from lab import dist
+from lab.batching import encode_completions, encode_preference_batch
+from lab.config import PreferenceDataConfig, check, opt
+from lab.data import load_preference_rows
 from lab.runner import (
     Run,
     clip_and_step,
@@ -59,14 +61,9 @@ from lab.runner import (
 
 
 @dataclass
-class RewardConfig(BaseConfig):
+class RewardConfig(PreferenceDataConfig):
     """Train a Bradley–Terry reward model on preference pairs."""
 
-    task: str = opt(
-        "reviews",
-        "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of "
-        "{prompt, chosen, rejected} rows",
-    )
     reward_model: str | None = opt(
         None,
         "base of the reward model (builtin name, local path, hub id, or an "
@@ -76,16 +73,7 @@ class RewardConfig(BaseConfig):
         0.0, "η: weight of the centering term η·mean((r_w + r_l)²); 0 disables", min=0.0, max=10.0
     )
     mode: str = opt("full", "full (all weights), lora (peft adapters) or qlora (4-bit nf4 base + adapters)")
-    lr: float | None = opt(
-        None,
-        "AdamW learning rate; default: 3e-4 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
-        min=1e-7,
-        max=1.0,
-        builtin=3e-4,
-    )
     steps: int = opt(300, "optimizer steps", min=1, max=1_000_000)
-    batch_size: int = opt(32, "preference pairs per step", min=1, max=4096)
-    max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
     lr_decay: bool = opt(
         True,
         "decay the learning rate linearly to 0 over the run (the HF Trainer default); "
@@ -93,10 +81,6 @@ class RewardConfig(BaseConfig):
     )
     eval_every: int = opt(100, "held-out accuracy / Spearman every N steps (0: at the end only)", min=0, max=1_000_000)
     eval_pairs: int = opt(500, "held-out pairs used for eval/* metrics", min=1, max=1_000_000)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.task != "arith", "task", "arith has no preference pairs; use reviews, bandit or jsonl:PATH")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -126,33 +110,7 @@ def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, ce
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# encoding text for scoring
-
-
-def encode_completions(
-    tokenizer, prompts: list, completions: list, ended: list[bool] | None = None, *, max_length: int | None = None
-) -> PairBatch:
-    """``encode_pairs`` with eos appended only to the completions that ended.
-
-    A completion that hit the length cap (truncated) never emitted eos, and a graded task penalizes exactly
-    that, so a model that scores or imitates it must see it without one. ``ended=None``: every row ended.
-    Naive equivalent: encode each row alone with ``add_eos=ended[i]`` and right-pad them together.
-    """
-    if ended is None or all(ended):
-        return encode_pairs(tokenizer, prompts, completions, add_eos=True, max_length=max_length)
-    without = encode_pairs(tokenizer, prompts, completions, add_eos=False, max_length=max_length)
-    if not any(ended):
-        return without
-    with_eos = encode_pairs(tokenizer, prompts, completions, add_eos=True, max_length=max_length)
-    L = with_eos.input_ids.shape[1]  # ≥ the width without eos
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    grow = L - without.input_ids.shape[1]
-    keep = torch.tensor(ended, dtype=torch.bool)[:, None]  # (B, 1)
-    return PairBatch(
-        torch.where(keep, with_eos.input_ids, F.pad(without.input_ids, (0, grow), value=pad)),  # (B, L)
-        torch.where(keep, with_eos.attention_mask, F.pad(without.attention_mask, (0, grow))),  # (B, L)
-        torch.where(keep, with_eos.completion_mask, F.pad(without.completion_mask, (0, grow))),  # (B, L)
-    )
+# scoring preference pairs
 
 
 def _score_rows(
@@ -160,12 +118,7 @@ def _score_rows(
 ) -> tuple[torch.Tensor, ...]:
     """r_φ of chosen and rejected for preference rows: one forward pass over 2B sequences -> (B,), (B,)
     (``with_tokens``: and the number of real tokens scored)."""
-    prompts = [r["prompt"] for r in rows]
-    completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-    ended = [not r.get("chosen_truncated", False) for r in rows] + [
-        not r.get("rejected_truncated", False) for r in rows
-    ]
-    batch = encode_completions(tokenizer, prompts + prompts, completions, ended, max_length=max_length).to(device)
+    batch = encode_preference_batch(tokenizer, rows, max_length).to(device)  # (2B, L) chosen rows first
     scores = model.score(batch.input_ids, batch.attention_mask)  # (2B,)
     chosen, rejected = scores.chunk(2)  # (B,), (B,)
     return (chosen, rejected, int(batch.attention_mask.sum())) if with_tokens else (chosen, rejected)
@@ -240,8 +193,7 @@ def load_reward_backbone(cfg: RewardConfig, task=None, prompts: list | None = No
     """A fresh (or continued) reward model for ``cfg``: a ScalarModel, or a SequenceClassifierReward when
     ``cfg.reward_model`` is a sequence classifier. Given the data's ``prompts``, chat messages without a chat
     template fail in one line before the model loads."""
-    from lab.modeling import load_scalar_model, load_tokenizer, resolve_model_path
-    from lab.runner import check_prompts_fit_tokenizer
+    from lab.modeling import check_prompts_fit_tokenizer, load_scalar_model, load_tokenizer, resolve_model_path
 
     name = cfg.reward_model or cfg.model or (task.model if task is not None else None)
     if name is None:
@@ -445,8 +397,6 @@ def evaluate_reward_model(model, tokenizer, rows: list[dict], *, max_length: int
 def _heldout_rows(cfg: RewardConfig, rows: list[dict], task) -> tuple[list[dict], list[dict]]:
     """(train, held-out) rows: a built-in task's eval split, or else the last 10% of a seeded shuffle."""
     if task is not None:
-        from lab.dpo import load_preference_rows
-
         return rows, load_preference_rows(cfg, "eval")[: cfg.eval_pairs]
     shuffled = rows[:]
     random.Random(cfg.seed).shuffle(shuffled)
@@ -463,7 +413,6 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
 
     ``policy``: an already built reward model (anything with ``score``, ``tokenizer``, ``save``) to train instead
     of loading ``cfg.reward_model``."""
-    from lab.dpo import load_preference_rows
     from lab.tasks import TASKS, get_task
 
     seed_everything(cfg.seed)
@@ -486,11 +435,11 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / cfg.steps if cfg.lr_decay else 1.0)
     batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
 
-    with Run(cfg, "rm", save=model, stop=stop, record=record) as run:
+    with Run(cfg, "rm", save=model, stop=stop, record=record, optimizer=optimizer, state=(schedule, batches)) as run:
         run.summary["rows"] = len(rows)
         for step in run.steps():
             # 1. batch: B pairs from shuffled epochs of the data
-            batch_rows = next(batches)
+            batch_rows = dist.shard(next(batches))  # this process's pairs (all of them on one)
             # 2. score chosen and rejected in one forward pass
             model.train()
             chosen_rewards, rejected_rewards, tokens = _score_rows(
@@ -499,7 +448,7 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
             # 3. loss
             loss, metrics = reward_loss(chosen_rewards, rejected_rewards, cfg.center_weight)
             # 4. update
-            loss.backward()
+            (loss / dist.world_size()).backward()  # a mean over equal shares: the summed gradients average them
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
             schedule.step()
             # 5. held-out accuracy, Spearman with the gold reward, and the Bayes limit
@@ -508,6 +457,3 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
                 metrics.update(heldout)
                 run.summary["eval"] = heldout
             yield run.log(step, metrics, tokens=tokens)
-
-
-Config = RewardConfig

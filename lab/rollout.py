@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from lab.ops import masked_mean, sequence_logprobs, sequence_logprobs_and_entropy
+from lab import dist
+from lab.ops import completion_token_logprobs, completion_token_logprobs_and_entropy, masked_mean
 from lab.sampling import Rollout, format_prompt, generate
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -112,8 +113,8 @@ def completion_logprobs(
     """
     T = roll.completion_ids.shape[1]
     if with_entropy:
-        return sequence_logprobs_and_entropy(model, roll.input_ids, roll.attention_mask, T, temperature)
-    return sequence_logprobs(model, roll.input_ids, roll.attention_mask, T, temperature)  # (B, T)
+        return completion_token_logprobs_and_entropy(model, roll.input_ids, roll.attention_mask, T, temperature)
+    return completion_token_logprobs(model, roll.input_ids, roll.attention_mask, T, temperature)  # (B, T)
 
 
 @torch.no_grad()
@@ -149,18 +150,23 @@ def rollout_metrics(roll: Rollout, rewards: torch.Tensor, correct: torch.Tensor 
     """``reward/mean``, ``reward/std``, ``completion/length`` (tokens, EOS included) and, when ``correct`` (B,) bool is
     given (verifiable tasks), ``length/correct`` and ``length/incorrect`` (left out when that side is empty)."""
     lengths = roll.completion_mask.sum(-1).float()  # (B,)
+    # on several processes (lab.dist): the statistics of the global batch, every process's rows gathered
+    rewards, lengths, truncated = dist.gather(rewards), dist.gather(lengths), dist.gather(roll.truncated.float())
     out = {
         "reward/mean": rewards.mean(),
         "reward/std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
         "completion/length": lengths.mean(),
-        "completion/truncated_frac": roll.truncated.float().mean(),
+        "completion/truncated_frac": truncated.mean(),
     }
     if correct is not None:
-        correct = correct.to(lengths.device)
+        correct = dist.gather(correct.to(lengths.device).float()).bool()
         if correct.any():
             out["length/correct"] = masked_mean(lengths, correct)
         if (~correct).any():
             out["length/incorrect"] = masked_mean(lengths, ~correct)
+    from lab.diagnostics import diversity_metrics
+
+    out.update(diversity_metrics(roll))  # diversity/distinct_1, diversity/distinct_2, diversity/entropy
     return out
 
 
@@ -170,112 +176,6 @@ def correct_mask(task, roll: Rollout) -> torch.Tensor | None:
         return None
     gold = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
     return torch.tensor([g >= 1.0 for g in gold])
-
-
-def eval_metrics(
-    policy,
-    task,
-    n: int,
-    beta: float | None = None,
-    ref_logprobs: torch.Tensor | None = None,
-    fixed_point: torch.Tensor | None = None,
-) -> dict:
-    """Greedy answers on ``n`` held-out prompts scored by the gold reward: ``eval/accuracy`` (verifiable tasks) or
-    ``eval/gold_reward``; on ``bandit`` also the exact ``eval/exact_reward`` and, given β and π_ref's next-token
-    log-probs, ``eval/kl_to_optimum`` = KL(π* ‖ π_θ); given the log-probs of the method's own fixed point (B, V),
-    ``eval/kl_to_fixed_point`` = KL(π_fixed ‖ π_θ) (lab.fixed_points)."""
-    from lab.evaluate import bandit_exact, evaluate
-
-    if task is None:
-        return {}
-    with torch.no_grad():
-        result = evaluate(policy, task, n=n)
-    out = {"eval/accuracy": result["accuracy"]} if "accuracy" in result else {"eval/gold_reward": result["gold_reward"]}
-    if task.kind == "bandit":
-        with torch.no_grad():
-            exact = bandit_exact(policy.model, policy.tokenizer, task, beta=beta, ref_logprobs=ref_logprobs)
-        out["eval/exact_reward"] = exact["exact_reward"]
-        if "kl_to_optimum" in exact:
-            out["eval/kl_to_optimum"] = exact["kl_to_optimum"]
-        if fixed_point is not None:
-            from lab.fixed_points import kl_to_fixed_point
-
-            out["eval/kl_to_fixed_point"] = kl_to_fixed_point(policy.model, policy.tokenizer, task, fixed_point)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# kl/ref of the methods that do not sample: fresh completions of π_θ (DPO, SFT on preferred, SFT)
-
-
-@torch.no_grad()
-def sample_heldout(policy, prompts: list[str], *, max_new_tokens: int, samples: int = 8, seed: int = 0):
-    """``samples`` temperature-1 completions per held-out prompt from π_θ: a ``lab.sampling.Rollout``."""
-    from lab.evaluate import generation_batch
-
-    gen = torch.Generator().manual_seed(seed)
-    repeated = [p for p in prompts for _ in range(samples)]
-    # in batches that fit: 64 prompts × 8 samples at once would hold 512 KV caches and 512 × V logits per step
-    return generate(
-        policy.model,
-        policy.tokenizer,
-        repeated,
-        max_new_tokens,
-        temperature=1.0,
-        generator=gen,
-        batch_size=generation_batch(policy, repeated, max_new_tokens) if repeated else None,
-    )
-
-
-@torch.no_grad()
-def sampled_kl(policy, roll, reference=None) -> float:
-    """kl/ref: KL(π_θ ‖ π_ref) by the k1 estimate over completions y ~ π_θ (a rollout from ``sample_heldout``)::
-
-        KL ≈ mean over y of  Σ_t [ log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t) ]
-
-    (sequence level: the sum runs over the completion's tokens, eos included). ``reference``: a model to use as
-    π_ref instead of ``policy.reference()``.
-    """
-    from contextlib import nullcontext
-
-    from lab.ops import masked_sum
-    from lab.runner import auto_microbatch
-
-    rows = auto_microbatch(
-        policy.model, len(roll), roll.completion_ids.shape[1], context_tokens=roll.prompt_ids.shape[1]
-    )
-    logprobs = logprobs_in_chunks(policy.model, roll, 1.0, rows)  # (B, T)
-    with nullcontext(reference) if reference is not None else policy.reference() as ref:
-        ref_logprobs = logprobs_in_chunks(ref, roll, 1.0, rows)  # (B, T)
-    kl = masked_sum(logprobs - ref_logprobs, roll.completion_mask, dim=-1)  # (B,) k1 per sequence
-    return kl.mean().item()
-
-
-@torch.no_grad()
-def step_kl(policy, task, cfg, prompts: list | None, seed: int) -> float:
-    """The per-step ``kl/ref`` of DPO, SFT on preferred and SFT: KL(π_θ ‖ π_ref) per completion, as held out.
-
-    The training rows' log-ratios are at hand every step, but those rows are not samples of π_θ, so their mean is
-    no KL estimate. Instead, one fresh temperature-1 completion of π_θ for each of the first ``cfg.kl_prompts`` held-out
-    prompts (the task's, else ``prompts``), scored by ``sampled_kl`` (k1 summed over the completion). On an
-    enumerable task it is exact, over the whole vocabulary and every held-out prompt, the number ``heldout_metrics``
-    logs. ``seed`` picks the samples (the step number: fresh ones each step)."""
-    from lab.tasks.enumerable import kl, next_token_logprobs
-
-    was_training = policy.model.training
-    policy.model.eval()
-    try:
-        if task is not None and task.kind == "bandit":
-            eval_prompts = task.eval_prompts()
-            logprobs = next_token_logprobs(policy.model, policy.tokenizer, eval_prompts)  # (B, V)
-            with policy.reference() as ref:
-                ref_logprobs = next_token_logprobs(ref, policy.tokenizer, eval_prompts)  # (B, V)
-            return kl(logprobs, ref_logprobs).mean().item()
-        prompts = (task.eval_prompts() if task is not None else prompts)[: cfg.kl_prompts]
-        roll = sample_heldout(policy, prompts, max_new_tokens=resolve_max_new_tokens(cfg, task), samples=1, seed=seed)
-        return sampled_kl(policy, roll)
-    finally:
-        policy.model.train(was_training)
 
 
 def bandit_reference(policy, task) -> torch.Tensor | None:
@@ -288,17 +188,82 @@ def bandit_reference(policy, task) -> torch.Tensor | None:
         return next_token_logprobs(ref, policy.tokenizer, task.eval_prompts())
 
 
-def sample_rows(roll: Rollout, rewards: torch.Tensor, advantages: torch.Tensor | None = None, n: int = 8) -> list[dict]:
-    """The first ``n`` completions of a rollout as records for samples.jsonl."""
+def sample_rows(
+    roll: Rollout,
+    rewards: torch.Tensor,
+    advantages: torch.Tensor | None = None,
+    n: int = 8,
+    *,
+    policy=None,
+    temperature: float = 1.0,
+    logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    per_token: dict[str, torch.Tensor] | None = None,
+) -> list[dict]:
+    """The first ``n`` completions of a rollout as records for samples.jsonl, with what the step inspector needs.
+
+    Every row holds ``prompt``, ``completion`` (text), ``reward`` (float: r(x, y), the score before any KL) and
+    ``truncated`` (bool), plus ``advantage`` (float) when ``advantages`` is one per completion (B,).
+
+    Given ``policy`` (call it after the step's update), every row also holds lists over the completion's real tokens
+    (EOS included), all of the same length L = the row's ``completion_mask`` sum:
+
+    ==================  ===================================================================================
+    ``tokens``          each token decoded on its own (str)
+    ``logprobs``        log π_old(y_t | x, y_<t): the policy that sampled (``logprobs``, (B, T) or (n, T))
+    ``ref_logprobs``    log π_ref(y_t | x, y_<t), only when the step computed it
+    ``logprobs_after``  log π_θ(y_t | x, y_<t) after this step's update: one no-grad forward over these n rows
+    ``advantages``      Â_t: the completion's advantage on every token (REINFORCE, GRPO), or per token as given
+                        (B, T) (PPO's GAE, GRPO's process advantages)
+    ``<name>``          each (B, T) tensor of ``per_token`` (PPO: ``values``, ``returns``)
+    ==================  ===================================================================================
+
+    The ratio of the method's equation is exp(logprobs_after − logprobs); ε_low, ε_high (∞ with ``clip`` off) and
+    β are in the run's config.json. Cost: one forward pass over n ≤ 2G rows, at the steps that log samples.
+    """
+    n = min(n, len(roll))
+    head = roll.select(slice(0, n))
+    lists: dict[str, torch.Tensor] = {}
+    if policy is not None:
+        was_training = policy.model.training
+        policy.model.eval()  # no dropout: the same function of θ as the sampler's
+        from lab.runner import auto_microbatch  # the runner sits above the rollout helpers
+
+        rows_per_pass = auto_microbatch(
+            policy.model, n, head.completion_ids.shape[1], context_tokens=head.prompt_ids.shape[1]
+        )  # the same memory budget as the step's own scoring passes
+        with torch.no_grad():
+            lists["logprobs_after"] = logprobs_in_chunks(policy.model, head, temperature, rows_per_pass)  # (n, T)
+        policy.model.train(was_training)
+        if logprobs is not None:
+            lists["logprobs"] = logprobs[:n]
+        if ref_logprobs is not None:
+            lists["ref_logprobs"] = ref_logprobs[:n]
+        if advantages is not None:
+            per_row = advantages[:n, None] if advantages.dim() == 1 else advantages[:n]  # (n, 1) or (n, T)
+            lists["advantages"] = per_row.expand(n, head.completion_ids.shape[1])  # (n, T)
+        lists.update({name: values[:n] for name, values in (per_token or {}).items()})
+        tokens = decode_tokens(policy.tokenizer, head)
     rows = []
-    for i in range(min(n, len(roll))):
+    for i in range(n):
         row = {
             "prompt": roll.prompts[i],
             "completion": roll.completions[i],
             "reward": float(rewards[i]),
             "truncated": bool(roll.truncated[i]),
         }
-        if advantages is not None:
+        if advantages is not None and advantages.dim() == 1:
             row["advantage"] = float(advantages[i])
+        if policy is not None:
+            length = len(tokens[i])
+            row["tokens"] = tokens[i]
+            row.update({name: values[i, :length].float().tolist() for name, values in lists.items()})
         rows.append(row)
     return rows
+
+
+def decode_tokens(tokenizer, roll: Rollout) -> list[list[str]]:
+    """Each row's real completion tokens (EOS included), each decoded on its own: B lists of strings."""
+    lengths = roll.completion_mask.sum(-1).tolist()  # (B,)
+    ids = roll.completion_ids.cpu().tolist()
+    return [[tokenizer.decode([token]) for token in row[:length]] for row, length in zip(ids, lengths)]

@@ -3,7 +3,7 @@
 Trainers are generators. Each ``next()`` runs one optimizer step and yields its metrics, so a notebook, the CLI
 or the app can show the step as soon as it exists, and can stop between steps. A trainer's body looks like::
 
-    with Run(cfg, "grpo", policy=policy, stop=stop) as run:
+    with Run(cfg, "grpo", policy=policy, stop=stop, optimizer=optimizer, state=(generator, batches)) as run:
         for step in run.steps():
             ...one step...
             yield run.log(step, metrics)
@@ -12,17 +12,26 @@ or the app can show the step as soon as it exists, and can stop between steps. A
 every ``save_every`` steps (to ``checkpoints/latest``, replaced each time) and at the end (``final``), and a final
 status: ``completed``, ``stopped`` (stop event set, SIGTERM, or the generator closed) or ``failed`` (an exception,
 which is re-raised after the record is closed). The number of bad data rows skipped under ``skip_bad_rows`` goes into
-the status's summary as ``skipped_rows``.
+the status's summary as ``skipped_rows``. With ``cfg.report_to`` the rows also go to a tracker (``lab.trackers``).
+
+Each checkpoint also holds what ``cfg.resume`` needs to go on exactly where the run was: the optimizer and the
+``state`` the trainer gave, with the random states (see ``Run``). ``start(method, cfg)`` makes the record before the
+trainer starts, so the caller has the run's id and folder before the first step (``Training``).
 
 Two things are never silently wrong:
 - a loss or gradient norm that turns NaN or inf stops the run as ``failed`` (`Diverged`), rather than training on
   NaN weights to a ``completed`` status;
 - SIGTERM (``kill``, a scheduler's preemption) is handled like Ctrl-C: the current step finishes, the weights are
   saved and the status is ``stopped``. A second SIGTERM kills at once.
+
+Under ``torchrun`` or ``accelerate launch`` (``lab.dist``) rank 0 alone writes the record, the metrics are reduced
+over the processes before they are logged, a stop (event, SIGTERM or SIGINT) on any process stops all of them after
+the same step, and ``clip_and_step`` sums the gradients over the processes first.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -31,12 +40,16 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from lab import dist
 from lab.config import ConfigError
-from lab.records import RunRecord
+from lab.methods import METHODS, get_method
+from lab.records import TRAINER_STATE, ResumePoint, RunRecord, find_resume_point
+from lab.trackers import open_tracker
 
 
 class Diverged(ConfigError):
@@ -68,6 +81,7 @@ def make_optimizer(params, cfg, only_trainable: bool = True) -> torch.optim.Opti
     params = [p for p in params if p.requires_grad or not only_trainable]
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters (check --mode)")
+    dist.broadcast_parameters(params)  # several processes: every replica starts from rank 0's weights, as in DDP
     optim = getattr(cfg, "optim", "adamw")
     if optim == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -164,10 +178,17 @@ class MetricAccumulator:
             self._weights[key] = self._weights.get(key, 0.0) + w
 
     def sums(self) -> dict:
-        return {key: float(value) for key, value in self._sums.items()}
+        """Σ w·value, over every process of a multi-process run (``lab.dist``: each adds its own rows)."""
+        return self._global()[0]
 
     def means(self) -> dict:
-        return {key: float(self._sums[key] / self._weights[key]) for key in self._sums if float(self._weights[key]) > 0}
+        """Σ w·value / Σ w, both summed over every process: a token-weighted mean of the global batch."""
+        sums, weights = self._global()
+        return {key: sums[key] / weights[key] for key in sums if weights[key] > 0}
+
+    def _global(self) -> tuple[dict, dict]:
+        sums = {key: float(value) for key, value in self._sums.items()}
+        return dist.weighted_sums(sums, {key: float(value) for key, value in self._weights.items()})
 
 
 def memory_metrics(device: torch.device) -> dict:
@@ -184,6 +205,8 @@ def memory_metrics(device: torch.device) -> dict:
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params, max_grad_norm: float) -> float:
     """Clip the global gradient norm, take the step, clear the gradients. Returns the norm before clipping."""
+    params = list(params)
+    dist.sync_gradients(params)  # several processes: each gradient becomes its sum over them (lab.dist)
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     optimizer.step()
@@ -191,21 +214,64 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params, max_grad_norm: float
     return float(norm)
 
 
-def shuffled_batches(rows: list, batch_size: int, seed: int):
+class ShuffledBatches:
     """Endless batches of ``rows``, walking through shuffled epochs: a fresh permutation is appended whenever
     fewer than ``batch_size`` indices are left, so every row is seen once per epoch and batches stay full.
-    Naive equivalent: ``random.shuffle(rows)`` each epoch and slice, dropping nothing at epoch ends."""
-    if not rows:
-        raise ValueError("no rows to batch")
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        while len(order) < batch_size:
-            fresh = list(range(len(rows)))
-            rng.shuffle(fresh)
-            order += fresh
-        yield [rows[i] for i in order[:batch_size]]
-        del order[:batch_size]
+    Naive equivalent: ``random.shuffle(rows)`` each epoch and slice, dropping nothing at epoch ends.
+
+    ``state_dict()`` is the seed and the number of batches drawn; ``load_state_dict()`` replays the shuffles up to
+    there (without building the batches), so a resumed run draws the batches the uninterrupted run would have drawn,
+    and saving the position costs nothing however large the data."""
+
+    def __init__(self, rows: list, batch_size: int, seed: int):
+        if not rows:
+            raise ValueError("no rows to batch")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self._start(0)
+
+    def _start(self, drawn: int) -> None:
+        self._rng = random.Random(self.seed)
+        self._order: list[int] = []
+        self._next = 0  # index in _order of the next batch's first row
+        self.drawn = drawn
+        while drawn > 0:  # skip whole runs of batches at once: the replay costs one shuffle an epoch
+            self._refill()
+            skipped = min(drawn, (len(self._order) - self._next) // self.batch_size)
+            self._next += skipped * self.batch_size
+            drawn -= skipped
+
+    def _refill(self) -> None:
+        if len(self._order) - self._next < self.batch_size:
+            self._order, self._next = self._order[self._next :], 0
+            while len(self._order) < self.batch_size:
+                fresh = list(range(len(self.rows)))
+                self._rng.shuffle(fresh)
+                self._order += fresh
+
+    def _take(self) -> list[int]:
+        self._refill()
+        taken = self._order[self._next : self._next + self.batch_size]
+        self._next += self.batch_size
+        self.drawn += 1
+        return taken
+
+    def __iter__(self) -> ShuffledBatches:
+        return self
+
+    def __next__(self) -> list:
+        return [self.rows[i] for i in self._take()]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = state["seed"]
+        self._start(state["drawn"])
+
+
+def shuffled_batches(rows: list, batch_size: int, seed: int) -> ShuffledBatches:
+    """See `ShuffledBatches`."""
+    return ShuffledBatches(rows, batch_size, seed)
 
 
 def load_for(cfg, task=None, prompts: list | None = None):
@@ -235,17 +301,6 @@ def load_for(cfg, task=None, prompts: list | None = None):
     return policy
 
 
-def check_prompts_fit_tokenizer(prompts: list, tokenizer, name: str) -> None:
-    """Conversational prompts (message lists) need the tokenizer's chat template: say so in one line."""
-    from lab.config import ConfigError
-
-    if not getattr(tokenizer, "chat_template", None) and any(isinstance(p, list) for p in prompts):
-        raise ConfigError(
-            f"model: the data holds chat messages but the tokenizer of {name!r} has no chat template; "
-            "use an instruct model with a template, or give plain-text prompts"
-        )
-
-
 def use_one_thread_for_tiny_models(policy, max_params: int = 20_000_000) -> None:
     """On the CPU, a model of a few million parameters runs faster on one thread: at that size the threads
     spend more time synchronising than computing (a GRPO step on arith ran many times slower on two busy cores).
@@ -257,8 +312,90 @@ def use_one_thread_for_tiny_models(policy, max_params: int = 20_000_000) -> None
             torch.set_num_threads(1)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Resuming: what a checkpoint holds besides the weights, so that a resumed run goes on as the uninterrupted one would
+
+
+def random_states() -> dict:
+    """The process-wide random states: python's ``random``, numpy's, torch's CPU one and every CUDA device's."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "gauss": (has_gauss, cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict) -> None:
+    """Put back what `random_states` returned."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = states["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(numpy["pos"]), int(numpy["gauss"][0]), float(numpy["gauss"][1])))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def state_of(obj):
+    """What a trainer's stateful object holds now: a torch.Generator's state, a ``state_dict()`` (the data order,
+    an LR schedule), a dict's items, or a plain object's attributes (PPO's adaptive β)."""
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if hasattr(obj, "state_dict"):
+        return copy.deepcopy(obj.state_dict())
+    return copy.deepcopy(dict(obj) if isinstance(obj, dict) else vars(obj))
+
+
+def load_state(obj, state) -> None:
+    """Put back what `state_of` returned, in place."""
+    if isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    elif hasattr(obj, "load_state_dict"):
+        obj.load_state_dict(state)
+    elif isinstance(obj, dict):
+        obj.clear()
+        obj.update(state)
+    else:
+        vars(obj).update(state)
+
+
+def trained_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors the optimizer steps, in its order: the adapters (or every weight), PPO's value head too."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _optimizer_steps(optimizer: torch.optim.Optimizer) -> float:
+    """Σ of the per-parameter step counts: it grows with every optimizer step, so it tells whether the weights moved."""
+    return sum(float(s["step"]) for s in optimizer.state.values() if "step" in s)
+
+
+def open_record(cfg, method: str) -> RunRecord | None:
+    """The record a run of ``method`` with ``cfg`` writes: a new folder under ``cfg.out``, or with ``cfg.resume``
+    the resumed run's folder, reopened at its checkpoint's step (`RunRecord.reopen`). None on a process other than
+    rank 0 (``lab.dist``: the trainer's Run gets rank 0's folder)."""
+    if not dist.is_main():
+        return None
+    config = {"method": method, **(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))}
+    if getattr(cfg, "resume", None):
+        point = find_resume_point(cfg.resume, cfg.out)
+        return RunRecord.reopen(point.path, point.step, config)
+    return RunRecord.create(out=cfg.out, run_id=cfg.run_id, config=config, prefix=method)
+
+
 class Run:
-    """The record and stop logic shared by all trainers (see the module docstring)."""
+    """The record and stop logic shared by all trainers (see the module docstring).
+
+    To be resumable (``cfg.resume``) a trainer gives its ``optimizer`` and its other ``state``: its torch.Generators,
+    its batch iterators (`ShuffledBatches`), an LR schedule, a dict or plain object it carries across steps.
+    Checkpoints then hold them with the trained tensors and the process's random states (as of the end of the step
+    they follow), and a resumed run puts them all back as its first step starts: after the trainer's set-up and
+    its "before" evaluation, which therefore see the same model as the run's first start did.
+    """
 
     def __init__(
         self,
@@ -269,17 +406,41 @@ class Run:
         stop: threading.Event | None = None,
         record: RunRecord | None = None,
         save=None,
+        optimizer: torch.optim.Optimizer | None = None,
+        state: tuple = (),
     ):
         self.cfg = cfg
         self.method = method
         self.stop = stop or threading.Event()
         self.policy = policy
         self.save = save if save is not None else policy  # what checkpoints hold (a policy or a reward model)
+        self.optimizer = optimizer
+        self.state = tuple(obj for obj in state if obj is not None)  # e.g. PPO's ptx batches exist only with ptx
+        self._resume: ResumePoint | None = None
+        if getattr(cfg, "resume", None):
+            self._resume = find_resume_point(cfg.resume, cfg.out, check_running=False)
+        self._restored = False
+        self._snapshot: dict | None = None  # random states and `state` at the end of the last logged step
         config = {"method": method, **(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))}
-        self.record = record or RunRecord.create(out=cfg.out, run_id=cfg.run_id, config=config, prefix=method)
-        self.step = 0
-        self.summary: dict = {}
-        self.started = time.time()
+        for name in ("batch_size", "minibatch_size"):  # several processes: each takes an equal share (lab.dist)
+            if dist.world_size() > 1 and config.get(name):
+                dist.per_process(config[name], name)
+        if record is None and not dist.is_main():  # several processes: rank 0 alone writes the record
+            record = dist.NoRecord(dist.broadcast_object(None))
+        self.record = record or open_record(cfg, method)
+        if self._resume is not None and Path(self.record.path).resolve() != self._resume.path.resolve():
+            raise ConfigError(f"resume: the record given writes to {self.record.path}, not to {self._resume.path}")
+        if dist.world_size() > 1 and dist.is_main():
+            dist.broadcast_object(self.record.path)
+        if dist.is_main():  # the same rows, also to TensorBoard, trackio or W&B (lab.trackers)
+            resumed_from = self._resume.step if self._resume is not None else None
+            tracker = open_tracker(getattr(cfg, "report_to", "none"), self.record, config, resumed_from)
+            if tracker is not None:
+                self.record.add_tracker(tracker)
+        self.step = self._resume.step if self._resume is not None else 0
+        self.summary: dict = {"processes": dist.world_size()} if dist.world_size() > 1 else {}
+        last = getattr(self.record, "last_metrics", None)  # a resumed run's clock goes on from its last row
+        self.started = time.time() - (float(last.get("time/elapsed", 0.0)) if isinstance(last, dict) else 0.0)
         self._step_started = self.started
         self._skipped_rows = _take_skipped_rows()  # loaded before the run started
         self._previous_sigterm = None
@@ -292,18 +453,23 @@ class Run:
         # only the main thread may install a handler (the app trains in a worker thread; its stop button sets `stop`)
         if threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+            if dist.world_size() > 1:  # a launcher passes Ctrl-C to every rank: all stop after the same step
+                self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigterm)
         return self
 
     def _on_sigterm(self, signum, frame) -> None:
         """First SIGTERM: stop after this step (the record ends as ``stopped``, with a checkpoint). Second: the
         handler that was there before (by default, terminate now)."""
+        if self.stop.is_set() and dist.world_size() > 1:
+            return  # torchrun forwards the signal it got (a second one); its SIGKILL after 30 s is the hard stop
         if self.stop.is_set():
             signal.signal(signal.SIGTERM, self._previous_sigterm or signal.SIG_DFL)
             signal.raise_signal(signal.SIGTERM)
             return
         self.stop.set()
         print(
-            f"SIGTERM: stopping after step {self.step}, then saving (send it again to stop at once)",
+            f"{signal.Signals(signum).name}: stopping after step {self.step}, then saving"
+            + (" (send it again to stop at once)" if dist.world_size() == 1 else ""),
             file=sys.stderr,
             flush=True,
         )
@@ -312,11 +478,17 @@ class Run:
         if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
+        if getattr(self, "_previous_sigint", None) is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def steps(self):
-        """Step numbers 1..cfg.steps, ending early once a stop was asked for (after the current step)."""
-        for step in range(1, self.cfg.steps + 1):
-            if self.stop.is_set():
+        """Step numbers 1..cfg.steps, ending early once a stop was asked for (after the current step). A resumed run
+        puts its checkpoint's state back first and starts after its step."""
+        first = self._restore() + 1 if self._resume is not None else 1
+        for step in range(first, self.cfg.steps + 1):
+            if dist.any_set(self.stop.is_set()):  # a stop on any process stops them all
+                self.stop.set()
                 return
             self.step = step
             self._step_started = time.time()  # the step's time excludes the evaluation before the first step
@@ -333,11 +505,13 @@ class Run:
             "time/elapsed": now - self.started,
             "time/step_s": step_s,
         }
+        tokens = dist.global_sum(tokens) if tokens is not None else None  # every process's tokens
         if tokens is not None and step_s > 0:
             metrics["time/tokens_per_s"] = tokens / step_s
         device = self._device()
         if device is not None:
             metrics.update(memory_metrics(device))
+        metrics = dist.reduce_metrics(metrics)  # as one process on the global batch (lab.dist)
         bad = {k: v for k, v in metrics.items() if _watched(k) and isinstance(v, numbers.Real) and not math.isfinite(v)}
         if step % self.cfg.log_every == 0 or step == self.cfg.steps or bad:
             self.record.log_metrics(step, metrics)
@@ -347,11 +521,69 @@ class Run:
                 f"step {step}: {what}; the run diverged: lower lr, or check that the rewards are finite and "
                 "of a sane scale"
             )
+        if self.optimizer is not None:  # what a checkpoint after this step needs to resume from it
+            self._snapshot = {
+                "step": step,
+                "random": random_states(),
+                "state": [state_of(obj) for obj in self.state],
+                "optimizer_steps": _optimizer_steps(self.optimizer),
+            }
         # the final step is saved as "final" on exit; a periodic save replaces the last one (one extra copy on disk)
         every = self.cfg.save_every
         if every and step % every == 0 and step < self.cfg.steps and self.save is not None:
-            self.record.save_checkpoint(self.save, "latest")
+            self._checkpoint("latest")
         return metrics
+
+    def _checkpoint(self, tag: str) -> None:
+        """Save the weights under ``tag``, with the trainer state when it matches them (see `_trainer_state`)."""
+        self.record.save_checkpoint(self.save, tag, state=self._trainer_state())
+
+    def _trainer_state(self) -> dict | None:
+        """What resuming needs besides the weights: the trained tensors, the optimizer, the random states and the
+        trainer's ``state`` as of the last logged step. None without an optimizer, or when the weights moved since
+        that step (a run stopped or failed mid-step): a resumed run would not go on from where they are."""
+        snap = self._snapshot
+        if self.optimizer is None or snap is None or _optimizer_steps(self.optimizer) != snap["optimizer_steps"]:
+            return None
+        return {
+            "format": 1,
+            "method": self.method,
+            "step": snap["step"],
+            "params": [p.detach() for p in trained_tensors(self.optimizer)],
+            "optimizer": self.optimizer.state_dict(),
+            "random": snap["random"],
+            "state": snap["state"],
+        }
+
+    def _restore(self) -> int:
+        """Put the resumed checkpoint's weights, optimizer, ``state`` and random states back; returns its step."""
+        point = self._resume
+        where = f"checkpoint {point.tag} of run {point.path.name}"
+        if self.optimizer is None:
+            raise ConfigError(f"resume: the {self.method} trainer gives Run no optimizer, so it cannot be resumed")
+        saved = torch.load(point.checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
+        tensors = trained_tensors(self.optimizer)
+        if len(saved["params"]) != len(tensors) or any(a.shape != b.shape for a, b in zip(saved["params"], tensors)):
+            raise ConfigError(f"resume: {where} holds other tensors than this model trains (another model or mode?)")
+        if len(saved["state"]) != len(self.state):
+            raise ConfigError(f"resume: {where} was saved by a trainer that kept other state; resume it with its own")
+        with torch.no_grad():
+            for param, value in zip(tensors, saved["params"]):
+                param.copy_(value)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        for obj, value in zip(self.state, saved["state"]):
+            load_state(obj, value)
+            if isinstance(obj, torch.Generator) and dist.rank() > 0:  # rank 0's stream: each process draws its own
+                obj.manual_seed(int(torch.randint(2**62, (1,), generator=obj, device=obj.device)) + dist.rank())
+        set_random_states(saved["random"])
+        self._restored = True
+        self._snapshot = {
+            "step": saved["step"],
+            "random": saved["random"],
+            "state": saved["state"],
+            "optimizer_steps": _optimizer_steps(self.optimizer),
+        }
+        return int(saved["step"])
 
     def _device(self) -> torch.device | None:
         """Where the trained model lives: the policy's device, or the saved model's (a reward model)."""
@@ -362,7 +594,8 @@ class Run:
 
     def want_samples(self, step: int) -> bool:
         every = self.cfg.sample_every
-        return step == 1 or step == self.cfg.steps or (every > 0 and step % every == 0)
+        # a step during which Stop came is the run's last: its samples are logged too
+        return step == 1 or step == self.cfg.steps or self.stop.is_set() or (every > 0 and step % every == 0)
 
     def samples(self, step: int, rows: list[dict]) -> None:
         self.record.log_samples(step, rows)
@@ -375,12 +608,14 @@ class Run:
             status = "stopped"
         else:
             status = "failed"
-        if status != "failed" and self.save is not None:
-            self.record.save_checkpoint(self.save, "final")
-        elif self.save is not None and self.step >= 1 and not issubclass(exc_type, Diverged):
+        # a resumed run that ended before its weights were put back has nothing newer than its checkpoints to save
+        saving = self.save is not None and (self._resume is None or self._restored)
+        if status != "failed" and saving:
+            self._checkpoint("final")
+        elif saving and self.step >= 1 and not issubclass(exc_type, Diverged):
             # the weights of a run that failed after training (in its last evaluation, say) are still worth having
             try:
-                self.record.save_checkpoint(self.save, "last")
+                self._checkpoint("last")
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 pass
         self.summary.setdefault("steps", self.step)
@@ -391,3 +626,93 @@ class Run:
         error = None if status != "failed" else f"{exc_type.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         self.record.finish(status, summary=self.summary, error=error)
         return False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Starting a trainer with its record made first
+
+
+class Training:
+    """A trainer whose run record exists before its first step, so a caller knows where it writes at once::
+
+        training = start("grpo", GRPOConfig(steps=20))
+        training.run_id, training.path     # the folder already holds config.json and status.json
+        for metrics in training:           # one step per item, as the trainer yields them
+            ...
+
+    ``stop`` (a threading.Event, made when not given) ends the run after the current step; ``close()`` (or the end
+    of a ``with`` block) stops it at once and finishes the record. A new run whose trainer fails before it starts
+    (a model that does not load) leaves no folder, as a record that was never written to; a resumed one is finished
+    as "failed", and stays resumable.
+    """
+
+    def __init__(self, train, cfg, method: str, *, stop: threading.Event | None = None, **kwargs):
+        self.cfg, self.method = cfg, method
+        self.stop = stop or threading.Event()
+        self.record = open_record(cfg, method)
+        self._gen = train(cfg, stop=self.stop, record=self.record, **kwargs)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.record.run_id if self.record is not None else None
+
+    @property
+    def path(self) -> Path | None:
+        return self.record.path if self.record is not None else None
+
+    @property
+    def resumed_from(self) -> int | None:
+        """The step of the checkpoint a resumed run goes on from; None for a new run."""
+        if self.record is None or not getattr(self.cfg, "resume", None):
+            return None
+        return self.record.status["resumed"][-1]["from_step"]
+
+    def __iter__(self) -> Training:
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            return next(self._gen)
+        except StopIteration:
+            self._settle("completed")
+            raise
+        except BaseException as err:
+            self._settle("stopped" if isinstance(err, KeyboardInterrupt) else "failed", err)
+            raise
+
+    def close(self) -> None:
+        self._gen.close()
+        self._settle("stopped")
+
+    def __enter__(self) -> Training:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def _settle(self, status: str, error: BaseException | None = None) -> None:
+        """Finish a record that the trainer's Run never took over (it ended before its Run started)."""
+        record = self.record
+        if not isinstance(record, RunRecord) or record.finished:
+            return
+        if getattr(self.cfg, "resume", None) is None and record.steps == 0 and not record.status["checkpoints"]:
+            record.discard()
+        else:
+            record.finish(status, error=error)
+
+
+def method_name(train) -> str:
+    """The registry's name of a train function (``lab.grpo.train`` → "grpo"), else its module's last part."""
+    for name, (module, _, function) in METHODS.items():
+        if getattr(train, "__module__", None) == module and getattr(train, "__name__", None) == function:
+            return name
+    return str(getattr(train, "__module__", "run")).rsplit(".", 1)[-1]
+
+
+def start(method, cfg, *, stop: threading.Event | None = None, **kwargs) -> Training:
+    """Start ``method`` (a name from ``lab.methods.METHODS``, or a train function) on ``cfg``, its run record made
+    now: ``.run_id`` and ``.path`` are known before the first step. ``kwargs`` go to the train function
+    (``policy=``, PPO's ``value_model=``). With ``cfg.resume`` the resumed run's folder is reopened instead."""
+    train = get_method(method)[1] if isinstance(method, str) else method
+    return Training(train, cfg, method if isinstance(method, str) else method_name(train), stop=stop, **kwargs)

@@ -45,7 +45,7 @@ class Rollout:
     """A batch of prompts and the completions sampled for them.
 
     The token tensors are laid out so `input_ids` / `attention_mask` can go straight into a
-    forward pass (e.g. `lab.ops.sequence_logprobs(model, r.input_ids, r.attention_mask,
+    forward pass (e.g. `lab.ops.completion_token_logprobs(model, r.input_ids, r.attention_mask,
     r.completion_ids.shape[1])`):
 
         [pad pad x1 x2 x3 | y1 y2 EOS pad]

@@ -28,11 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from lab import dist
 from lab.batching import encode_pairs, token_logprobs
-from lab.config import BaseConfig, check, opt
+from lab.config import MicrobatchConfig, OfflineConfig, SampledKLConfig, check, opt
 from lab.data import unique_prompts
+from lab.evaluate import evaluate, greedy_samples, step_kl
 from lab.ops import masked_mean
-from lab.rollout import kl_due, step_kl
+from lab.rollout import kl_due
 from lab.runner import (
     MetricAccumulator,
     Run,
@@ -46,37 +48,14 @@ from lab.runner import (
 
 
 @dataclass
-class SFTConfig(BaseConfig):
-    lr: float | None = opt(
-        None,
-        "AdamW learning rate; default: 1e-3 on the built-in models, 2e-5 (LoRA/QLoRA) or 1e-6 (full) on your own",
-        min=1e-7,
-        max=1.0,
-        builtin=1e-3,
-    )
+class SFTConfig(OfflineConfig, MicrobatchConfig, SampledKLConfig):
+    """Supervised fine-tuning on demonstrations (prompt, completion), the loss on completion tokens only."""
+
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "rows per step", min=1, max=4096)
-    max_length: int = opt(256, "truncate prompt+completion to this many tokens (prompt cut first)", min=2, max=65536)
     per_sequence: bool = opt(
         False, "average the loss per sequence first (every row weighs the same) instead of over all completion tokens"
     )
-    microbatch_size: int | None = opt(
-        None,
-        "rows per forward/backward (gradients accumulate over the batch); "
-        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
-        min=1,
-        max=4096,
-    )
-    # the demonstrations are not samples of π_θ, so kl/ref needs fresh ones: kl_prompts generations and two no-grad
-    # passes over them every kl_every steps (a few % of a step on the built-in models, more on large ones)
-    kl_every: int = opt(
-        1,
-        "log kl/ref = KL(π_θ‖π_ref) every N steps, from one fresh sample of π_θ on each of "
-        "kl_prompts held-out prompts, before the step's update (0: never)",
-        min=0,
-        max=1_000_000,
-    )
-    kl_prompts: int = opt(8, "held-out prompts sampled (one completion each) for kl/ref", min=1, max=4096)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -153,11 +132,11 @@ def train(cfg: SFTConfig, *, policy=None, stop: threading.Event | None = None, r
     batches = shuffled_batches(rows, cfg.batch_size, cfg.seed)
     kl_prompts = None if task is not None else unique_prompts(rows)[: cfg.kl_prompts]  # own data: training prompts
 
-    with Run(cfg, "sft", policy=policy, stop=stop, record=record) as run:
+    with Run(cfg, "sft", policy=policy, stop=stop, record=record, optimizer=optimizer, state=(batches,)) as run:
         run.summary["rows"] = len(rows)
         for step in run.steps():
             # 1. batch: the next B rows of shuffled epochs of the data
-            batch_rows = next(batches)
+            batch_rows = dist.shard(next(batches))  # this process's rows (all of them on one)
             batch = encode_pairs(
                 policy.tokenizer,
                 [r["prompt"] for r in batch_rows],
@@ -171,7 +150,8 @@ def train(cfg: SFTConfig, *, policy=None, stop: threading.Event | None = None, r
             policy.model.train()
             B, L = batch.input_ids.shape
             micro = cfg.microbatch_size or auto_microbatch(policy.model, B, L)
-            accumulator = SFTAccumulator(batch.completion_mask[:, 1:].sum().clamp(min=1), B, cfg.per_sequence)
+            tokens = dist.global_sum(batch.completion_mask[:, 1:].sum()).clamp(min=1)  # of every process's rows
+            accumulator = SFTAccumulator(tokens, cfg.batch_size, cfg.per_sequence)
             for start in range(0, B, micro):
                 part = batch.select(slice(start, start + micro)).to(policy.device)
                 logprobs, mask = token_logprobs(policy.model, part)  # (b, L-1), (b, L-1)
@@ -182,21 +162,7 @@ def train(cfg: SFTConfig, *, policy=None, stop: threading.Event | None = None, r
             # 3. update
             metrics["grad/norm"] = clip_and_step(optimizer, params, cfg.max_grad_norm)
             if run.want_samples(step) and task is not None:
-                run.samples(step, _greedy_samples(policy, task, cfg))
+                run.samples(step, greedy_samples(policy, task, cfg.max_new_tokens))
             yield run.log(step, metrics, tokens=int(batch.attention_mask.sum()))
         if task is not None:
-            from lab.evaluate import evaluate
-
             run.summary["eval"] = evaluate(policy, task, n=cfg.eval_size)
-
-
-def _greedy_samples(policy, task, cfg, n: int = 4) -> list[dict]:
-    from lab.evaluate import answer
-
-    ans = answer(policy.model, policy.tokenizer, task, task.eval_prompts()[:n], max_new_tokens=cfg.max_new_tokens)
-    return [
-        {"prompt": p, "completion": c, "gold_reward": r} for p, c, r in zip(ans.prompts, ans.completions, ans.rewards)
-    ]
-
-
-Config = SFTConfig

@@ -151,6 +151,13 @@ def qwen_tokenizer_file() -> str | None:
     return path if os.path.exists(path) else None
 
 
+# What the fallback BPE's corpus is made of: the built-in tasks' words and symbols, and the pieces of pseudo-words.
+CORPUS_WORDS = "review of the movie book room story chapter food : i liked hated it was lovely great solid okay amazing average disappointing terrible really pretty quite and . , + - * = ? ! the a an is of to in what how why answer question user assistant system hello world".split()
+ONSETS = [""] + "b c d f g h k l m n p r s t v w st tr ch sh th pl gr br cl".split()
+VOWELS = "a e i o u ai ea ou io y".split()
+CODAS = [""] + "n r s t l m nd st ng ck rt x".split()
+
+
 def synthetic_corpus(seed: int, n_words: int = 120_000) -> list[str]:
     """Seeded text for the fallback BPE: the built-in tasks' vocabulary, digits, code-ish symbols and pseudo-words.
 
@@ -158,92 +165,8 @@ def synthetic_corpus(seed: int, n_words: int = 120_000) -> list[str]:
     vocabulary reaches 32k (a corpus of a few hundred real words would stop far earlier).
     """
     rng = random.Random(seed)
-    base = [
-        "review",
-        "of",
-        "the",
-        "movie",
-        "book",
-        "room",
-        "story",
-        "chapter",
-        "food",
-        ":",
-        "i",
-        "liked",
-        "hated",
-        "it",
-        "was",
-        "lovely",
-        "great",
-        "solid",
-        "okay",
-        "amazing",
-        "average",
-        "disappointing",
-        "terrible",
-        "really",
-        "pretty",
-        "quite",
-        "and",
-        ".",
-        ",",
-        "+",
-        "-",
-        "*",
-        "=",
-        "?",
-        "!",
-        "the",
-        "a",
-        "an",
-        "is",
-        "of",
-        "to",
-        "in",
-        "what",
-        "how",
-        "why",
-        "answer",
-        "question",
-        "user",
-        "assistant",
-        "system",
-        "hello",
-        "world",
-    ]
-    onsets = [
-        "",
-        "b",
-        "c",
-        "d",
-        "f",
-        "g",
-        "h",
-        "k",
-        "l",
-        "m",
-        "n",
-        "p",
-        "r",
-        "s",
-        "t",
-        "v",
-        "w",
-        "st",
-        "tr",
-        "ch",
-        "sh",
-        "th",
-        "pl",
-        "gr",
-        "br",
-        "cl",
-    ]
-    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "io", "y"]
-    codas = ["", "n", "r", "s", "t", "l", "m", "nd", "st", "ng", "ck", "rt", "x"]
-    lexicon = base + [
-        "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.randint(1, 4)))
+    lexicon = CORPUS_WORDS + [
+        "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(rng.randint(1, 4)))
         for _ in range(40_000)
     ]
     weights = [1.0 / (i + 1) ** 0.8 for i in range(len(lexicon))]

@@ -249,6 +249,92 @@ def worker_lab(args) -> dict:
     return {"times": times[1:], "rss_mb": _peak_rss_mb()}
 
 
+def _trl_common_args(args) -> dict:
+    """The TrainingArguments both TRL trainers get: the lab's settings (constant lr, clipping at 1, no logging, no
+    saving) and, on a GPU, the lab's dtype: bf16 where native, 4-bit nf4 with double quantization for qlora."""
+    import torch
+
+    gpu = args.device == "cuda"
+    bf16 = gpu and torch.cuda.is_bf16_supported()
+    common = {
+        "output_dir": args.out,
+        "learning_rate": 1e-5,
+        "max_steps": args.steps + 1,
+        "use_cpu": not gpu,
+        "bf16": bf16,
+        "fp16": False,
+        "report_to": "none",
+        "logging_steps": 10_000,
+        "save_strategy": "no",
+        "seed": 0,
+        "disable_tqdm": True,
+        "gradient_accumulation_steps": 1,
+        "dataloader_num_workers": 0,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 1.0,
+        "weight_decay": 0.0,
+        "gradient_checkpointing": False,
+    }
+    if gpu:  # as lab.modeling loads the base
+        init = {"dtype": torch.bfloat16 if bf16 else torch.float16}
+        if args.mode == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            init["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=init["dtype"],
+            )
+        common["model_init_kwargs"] = init
+    return common
+
+
+def _trl_trainer(args, data, tok, peft_config, callbacks: list):
+    """TRL's GRPOTrainer or DPOTrainer, set up as the lab's run it is compared with."""
+    common = _trl_common_args(args)
+    if args.method == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        cfg = GRPOConfig(
+            per_device_train_batch_size=args.prompts * args.group_size,
+            num_generations=args.group_size,
+            max_completion_length=args.completion_len,
+            temperature=1.0,
+            top_p=1.0,
+            beta=0.0,
+            loss_type="dapo",
+            num_iterations=1,
+            **common,
+        )
+        return GRPOTrainer(
+            model=args.model_dir,
+            reward_funcs=reward_len,
+            args=cfg,
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = DPOConfig(
+        per_device_train_batch_size=args.pairs_per_step,
+        beta=0.1,
+        loss_type="sigmoid",
+        max_length=4 * (args.prompt_len + args.completion_len),
+        **common,
+    )
+    return DPOTrainer(
+        model=args.model_dir,
+        args=cfg,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
 def worker_trl(args) -> dict:
     import torch
 
@@ -277,82 +363,8 @@ def worker_trl(args) -> dict:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    gpu = args.device == "cuda"
-    bf16 = gpu and torch.cuda.is_bf16_supported()
-    common = {
-        "output_dir": args.out,
-        "learning_rate": 1e-5,
-        "max_steps": args.steps + 1,
-        "use_cpu": not gpu,
-        "bf16": bf16,
-        "fp16": False,
-        "report_to": "none",
-        "logging_steps": 10_000,
-        "save_strategy": "no",
-        "seed": 0,
-        "disable_tqdm": True,
-        "gradient_accumulation_steps": 1,
-        "dataloader_num_workers": 0,
-        "lr_scheduler_type": "constant",
-        "max_grad_norm": 1.0,
-        "weight_decay": 0.0,
-        "gradient_checkpointing": False,
-    }
-    if gpu:  # the lab's dtype: bf16 where native; 4-bit nf4 with double quantization for qlora, as lab.modeling
-        init = {"dtype": torch.bfloat16 if bf16 else torch.float16}
-        if args.mode == "qlora":
-            from transformers import BitsAndBytesConfig
-
-            init["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=init["dtype"],
-            )
-        common["model_init_kwargs"] = init
     timer = StepTimes()
-    if args.method == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
-
-        cfg = GRPOConfig(
-            per_device_train_batch_size=args.prompts * args.group_size,
-            num_generations=args.group_size,
-            max_completion_length=args.completion_len,
-            temperature=1.0,
-            top_p=1.0,
-            beta=0.0,
-            loss_type="dapo",
-            num_iterations=1,
-            **common,
-        )
-        trainer = GRPOTrainer(
-            model=args.model_dir,
-            reward_funcs=reward_len,
-            args=cfg,
-            train_dataset=data,
-            processing_class=tok,
-            peft_config=peft_config,
-            callbacks=[timer],
-        )
-    else:
-        from trl import DPOConfig, DPOTrainer
-
-        cfg = DPOConfig(
-            per_device_train_batch_size=args.pairs_per_step,
-            beta=0.1,
-            loss_type="sigmoid",
-            max_length=4 * (args.prompt_len + args.completion_len),
-            **common,
-        )
-        trainer = DPOTrainer(
-            model=args.model_dir,
-            args=cfg,
-            train_dataset=data,
-            processing_class=tok,
-            peft_config=peft_config,
-            callbacks=[timer],
-        )
-    trainer.train()
+    _trl_trainer(args, data, tok, peft_config, [timer]).train()
     return {"times": timer.times[1:], "rss_mb": _peak_rss_mb()}
 
 

@@ -140,7 +140,7 @@ def figure(runs: dict, path: Path) -> None:
     fig.write_html(path, include_plotlyjs="directory")  # plotly.min.js once, beside the figures, offline
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rm", default=None, help="a trained reward model (run folder); default: train one")
     parser.add_argument("--rm-steps", type=int, default=150, help="reward-model optimizer steps")
@@ -151,32 +151,25 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "runs" / "overoptimization"), help="folder for run records")
     parser.add_argument("--results", default=str(ROOT / "results"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out, results = Path(args.out), Path(args.results)
-    if args.rm is not None and Path(args.rm).resolve().is_relative_to(out.resolve()):
-        parser.error(f"--rm {args.rm} lies inside --out {out}, which is cleared first; copy it elsewhere")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    results.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    if args.rm is not None and Path(args.rm).resolve().is_relative_to(Path(args.out).resolve()):
+        parser.error(f"--rm {args.rm} lies inside --out {args.out}, which is cleared first; copy it elsewhere")
+    return args
 
-    rm_path, rm_eval = args.rm, {}
-    if rm_path is None:
-        print(f"1. reward model: {args.rm_steps} steps on the reviews preference pairs", flush=True)
-        for m in train_rm(RewardConfig(task="reviews", steps=args.rm_steps, out=str(out), run_id="rm")):  # noqa: B007 - the last step's metrics are read below
-            pass
-        rm_path = str(out / "rm")
-        rm_eval = {k.removeprefix("eval/"): v for k, v in m.items() if k.startswith("eval/")}
-        print("   held-out " + "  ".join(f"{k}={v:.3f}" for k, v in rm_eval.items()))
 
-    runs, samples = {}, {}
-    for beta in (0.0, args.beta):
-        for seed in args.seeds:
-            print(f"2. PPO against r_φ, β = {beta:g}, seed {seed}, {args.steps} steps", flush=True)
-            runs[beta, seed], samples[beta, seed] = run_ppo(rm_path, beta, seed, args.steps, out)
-    elapsed = time.time() - started
-    figure(runs, results / "overoptimization.html")
+def reward_model(args, out: Path) -> tuple[str, dict]:
+    """--rm, or a reward model trained for --rm-steps; its path and held-out metrics (empty for --rm)."""
+    if args.rm is not None:
+        return args.rm, {}
+    print(f"1. reward model: {args.rm_steps} steps on the reviews preference pairs", flush=True)
+    for m in train_rm(RewardConfig(task="reviews", steps=args.rm_steps, out=str(out), run_id="rm")):  # noqa: B007 - the last step's metrics are read below
+        pass
+    rm_eval = {k.removeprefix("eval/"): v for k, v in m.items() if k.startswith("eval/")}
+    print("   held-out " + "  ".join(f"{k}={v:.3f}" for k, v in rm_eval.items()))
+    return str(out / "rm"), rm_eval
 
+
+def summarize(runs: dict, betas: tuple[float, ...]) -> tuple[list[dict], list[dict]]:
+    """Per run, and per β averaged over seeds: r_φ, gold, gap and KL over the early and the final windows."""
     per_run = []
     for (beta, seed), curve in runs.items():
         last = curve[-1]["step"]
@@ -189,7 +182,7 @@ def main(argv=None) -> int:
         row["tokens_final"] = window(curve, "completion/length", last - TAIL + 1, last)
         per_run.append(row)
     table = []
-    for beta in (0.0, args.beta):
+    for beta in betas:
         rows = [r for r in per_run if r["beta"] == beta]
         table.append(
             {
@@ -198,9 +191,11 @@ def main(argv=None) -> int:
                 "gaps_final": [round(r["gap_final"], 2) for r in rows],
             }
         )
-    command = (
-        "python scripts/overoptimization.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    )
+    return per_run, table
+
+
+def report(args, command: str, elapsed: float, rm_eval: dict, table: list[dict], samples: dict) -> list[str]:
+    """results/overoptimization.md, line by line."""
     lines = [
         "# Reward over-optimization on reviews\n",
         f"Command: `{command}` ({elapsed:.0f} s on this machine). Figure: results/overoptimization.html\n",
@@ -228,6 +223,32 @@ def main(argv=None) -> int:
         for s in samples[beta, args.seeds[0]][:2]:
             gold = get_task("reviews").gold_reward(s["prompt"], s["completion"], s.get("truncated", False))
             lines.append(f"- β={beta:g}: `{s['completion']}` (r_φ {s['reward']:+.1f}, gold {gold:+.1f})")
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out, results = Path(args.out), Path(args.results)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    results.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    rm_path, rm_eval = reward_model(args, out)
+    runs, samples = {}, {}
+    for beta in (0.0, args.beta):
+        for seed in args.seeds:
+            print(f"2. PPO against r_φ, β = {beta:g}, seed {seed}, {args.steps} steps", flush=True)
+            runs[beta, seed], samples[beta, seed] = run_ppo(rm_path, beta, seed, args.steps, out)
+    elapsed = time.time() - started
+    figure(runs, results / "overoptimization.html")
+
+    per_run, table = summarize(runs, (0.0, args.beta))
+    command = (
+        "python scripts/overoptimization.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    )
+    lines = report(args, command, elapsed, rm_eval, table, samples)
     (results / "overoptimization.md").write_text("\n".join(lines) + "\n")
     (results / "overoptimization.json").write_text(
         json.dumps(

@@ -67,7 +67,29 @@ def held_out(policy, task, reward_fn, samples: int, seed: int = 0) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+CURVE_KEYS = (
+    "step",
+    "reward/mean",
+    "reward/gold",
+    "kl/ref",
+    "entropy",
+    "value/explained_var",
+    "clip/frac",
+    "kl/approx",
+    "completion/length",
+    "completion/truncated_frac",
+)
+# the before/after table: (label, sampled or greedy, key, format)
+ROWS = [
+    ("held-out gold reward, sampled", "sampled", "gold_reward", "{:+.2f}"),
+    ("held-out RM score, sampled", "sampled", "rm_score", "{:+.2f}"),
+    ("held-out gold reward, greedy", "greedy", "gold_reward", "{:+.2f}"),
+    ("no-EOS fraction, sampled", "sampled", "no_eos_frac", "{:.3f}"),
+    ("words per completion, sampled", "sampled", "words", "{:.1f}"),
+]
+
+
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rm-steps", type=int, default=150, help="reward-model optimizer steps")
     parser.add_argument("--steps", type=int, default=60, help="PPO iterations")
@@ -77,7 +99,56 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the tiny models run fastest on one)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "ppo_reviews"), help="folder for run records")
     parser.add_argument("--results", default=str(ROOT / "results"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run_ppo(args, policy, rm_path: Path, out: Path) -> tuple[PPOConfig, list[dict]]:
+    """PPO against the reward model; returns its config and the per-step curve of CURVE_KEYS."""
+    cfg = PPOConfig(
+        task="reviews",
+        reward=str(rm_path),
+        steps=args.steps,
+        beta=args.beta,
+        seed=args.seed,
+        out=str(out),
+        run_id="ppo",
+        eval_every=0,
+    )
+    curve = []
+    for m in train_ppo(cfg, policy=policy):
+        curve.append({k: m.get(k) for k in CURVE_KEYS})
+        if m["step"] % 10 == 0 or m["step"] == 1:
+            print(
+                f"   step {m['step']:>3}  rm {m['reward/mean']:+.2f}  gold {m['reward/gold']:+.2f}  "
+                f"kl {m['kl/ref']:.2f}  clip {m['clip/frac']:.3f}  ev {m['value/explained_var']:+.2f}"
+            )
+    return cfg, curve
+
+
+def report(args, cfg, command: str, elapsed: float, rm_eval: dict, before: dict, after: dict) -> list[str]:
+    """results/ppo_reviews.md, line by line."""
+    lines = [
+        "# PPO on reviews with a learned reward model\n",
+        f"Command: `{command}` ({elapsed:.0f} s on this machine)\n",
+        f"Reward model: {args.rm_steps} steps; held-out "
+        + ", ".join(f"{k} {v:.3f}" for k, v in rm_eval.items())
+        + "\n",
+        f"PPO: {args.steps} iterations × {cfg.batch_size} prompts, β = {args.beta}, "
+        f"{cfg.ppo_epochs} epochs × {cfg.num_minibatches} minibatches, lr {cfg.lr}. "
+        f"Held-out: {len(get_task('reviews').eval_prompts())} prompts × {args.samples} samples (temperature 1) "
+        "and greedy.\n",
+        "| metric | before | after |",
+        "|---|---:|---:|",
+    ]
+    for label, mode, key, fmt in ROWS:
+        lines.append(f"| {label} | {fmt.format(before[mode][key])} | {fmt.format(after[mode][key])} |")
+    lines += ["", "Sampled completions after PPO:", ""]
+    lines += [f"- `{e['prompt']}` → `{e['completion']}` (gold {e['gold']:+.1f})" for e in after["sampled"]["examples"]]
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out, results = Path(args.out), Path(args.results)
     shutil.rmtree(out, ignore_errors=True)
@@ -96,69 +167,13 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     policy = load_policy("reviews", mode="lora")
     before = held_out(policy, task, reward_fn, args.samples, args.seed)
-
     print(f"2. PPO against the reward model: {args.steps} iterations, β = {args.beta}")
-    cfg = PPOConfig(
-        task="reviews",
-        reward=str(rm_path),
-        steps=args.steps,
-        beta=args.beta,
-        seed=args.seed,
-        out=str(out),
-        run_id="ppo",
-        eval_every=0,
-    )
-    curve = []
-    for m in train_ppo(cfg, policy=policy):
-        curve.append(
-            {
-                k: m.get(k)
-                for k in (
-                    "step",
-                    "reward/mean",
-                    "reward/gold",
-                    "kl/ref",
-                    "entropy",
-                    "value/explained_var",
-                    "clip/frac",
-                    "kl/approx",
-                    "completion/length",
-                    "completion/truncated_frac",
-                )
-            }
-        )
-        if m["step"] % 10 == 0 or m["step"] == 1:
-            print(
-                f"   step {m['step']:>3}  rm {m['reward/mean']:+.2f}  gold {m['reward/gold']:+.2f}  "
-                f"kl {m['kl/ref']:.2f}  clip {m['clip/frac']:.3f}  ev {m['value/explained_var']:+.2f}"
-            )
+    cfg, curve = run_ppo(args, policy, rm_path, out)
     after = held_out(policy, task, reward_fn, args.samples, args.seed)
     elapsed = time.time() - started
 
-    rows = [
-        ("held-out gold reward, sampled", "sampled", "gold_reward", "{:+.2f}"),
-        ("held-out RM score, sampled", "sampled", "rm_score", "{:+.2f}"),
-        ("held-out gold reward, greedy", "greedy", "gold_reward", "{:+.2f}"),
-        ("no-EOS fraction, sampled", "sampled", "no_eos_frac", "{:.3f}"),
-        ("words per completion, sampled", "sampled", "words", "{:.1f}"),
-    ]
     command = "python scripts/ppo_reviews.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    lines = [
-        "# PPO on reviews with a learned reward model\n",
-        f"Command: `{command}` ({elapsed:.0f} s on this machine)\n",
-        f"Reward model: {args.rm_steps} steps; held-out "
-        + ", ".join(f"{k} {v:.3f}" for k, v in rm_eval.items())
-        + "\n",
-        f"PPO: {args.steps} iterations × {cfg.batch_size} prompts, β = {args.beta}, "
-        f"{cfg.ppo_epochs} epochs × {cfg.num_minibatches} minibatches, lr {cfg.lr}. "
-        f"Held-out: {len(task.eval_prompts())} prompts × {args.samples} samples (temperature 1) and greedy.\n",
-        "| metric | before | after |",
-        "|---|---:|---:|",
-    ]
-    for label, mode, key, fmt in rows:
-        lines.append(f"| {label} | {fmt.format(before[mode][key])} | {fmt.format(after[mode][key])} |")
-    lines += ["", "Sampled completions after PPO:", ""]
-    lines += [f"- `{e['prompt']}` → `{e['completion']}` (gold {e['gold']:+.1f})" for e in after["sampled"]["examples"]]
+    lines = report(args, cfg, command, elapsed, rm_eval, before, after)
     (results / "ppo_reviews.md").write_text("\n".join(lines) + "\n")
     (results / "ppo_reviews.json").write_text(
         json.dumps(

@@ -1,4 +1,5 @@
-"""Take docs/screenshot.png from the real app: serve it, run a short GRPO run in Chromium, capture the page.
+"""Take docs/screenshot.png from the real app: serve it, run a short GRPO run in Chromium, capture the page (the
+live charts with reward against KL, the samples, before/after, the per-token view and the step inspector).
 
     python scripts/screenshot.py                       # docs/screenshot.png
     python scripts/screenshot.py --steps 30 --out /tmp/app.png
@@ -80,12 +81,16 @@ def main(argv: list[str] | None = None) -> int:
             app.WARM_UP.join()  # as for a user who reads the page first: the model libraries are imported
             clicked = time.time()
             page.click("#launch")
-            page.wait_for_selector("#plot .js-plotly-plot .scatterlayer .trace", timeout=120_000)
+            page.wait_for_selector("#charts svg polyline", timeout=120_000)
             print(f"first chart {time.time() - clicked:.1f} s after Launch")
             page.wait_for_function(
                 "document.querySelector('#before-after-summary')?.innerText.includes('after')", timeout=600_000
             )
             print(f"run and before/after done {time.time() - clicked:.1f} s after Launch")
+            page.click("#inspect")  # the step inspector on the last logged step, and one token's equation
+            page.wait_for_selector("#inspector [data-tok]", timeout=60_000)
+            page.locator("#inspector [data-tok]").nth(1).click()
+            page.wait_for_function("document.querySelector('#equation')?.innerText.includes('ρ = exp')")
             page.click("#show-tokens")
             page.wait_for_function("document.querySelector('#tokens')?.innerText.trim().length > 0", timeout=60_000)
             page.wait_for_timeout(500)

@@ -7,6 +7,7 @@ sample picker (the tab's state is not sent to API callers).
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -73,14 +74,15 @@ def test_short_run_returns_metrics_samples_and_before_after(short_run, served):
     run_dir = next(p for p in served[1].iterdir() if p.name.startswith("grpo"))
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
-    # the plot holds one trace per logged metric (plotly JSON as sent to the browser)
-    plot = json.loads(short_run[PLOT]["plot"])
-    names = {trace["name"] for trace in plot["data"]}
-    assert {"reward/mean", "loss/policy", "entropy"} <= names
+    # the charts (SVG, as sent to the browser) hold one line per logged metric, and reward against KL
+    charts = short_run[PLOT]
+    for name in ("reward/mean", "loss/policy", "entropy", "kl/ref", "reward against KL"):
+        assert f">{name}<" in charts or f"> {name}<" in charts, name
     # the sample table shows the last sampled step with its rewards
-    table = short_run[SAMPLES]
-    assert {"prompt", "completion", "reward"} <= set(table["headers"])
-    assert table["data"] and all(row[0] == 2 for row in table["data"])
+    table = short_run[SAMPLES]  # an HTML table: step, prompt, completion, then the logged numbers
+    assert all(f"<th>{name}</th>" in table for name in ("step", "prompt", "completion", "reward"))
+    steps = re.findall(r"<tr>\s*<td>(\d+)</td>", table)
+    assert steps and set(steps) == {"2"}
     # before/after: 8 held-out prompts, each with both rewards; the summary's difference is after − before
     ba = short_run[BA_TABLE]
     assert len(ba["data"]) == 8
@@ -173,15 +175,17 @@ def test_stop_ends_the_run_as_stopped_and_the_next_tab_waits_its_turn(client, ot
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until the first step is on screen
         outs = job.outputs()
-        if outs and isinstance(outs[-1][METRICS], list) and outs[-1][METRICS]:
+        if any(isinstance(o[PLOT], str) and "<svg" in o[PLOT] for o in outs):  # metrics travel as charts
             break
         time.sleep(0.1)
     waiting = other_client.submit(**SHORT_GRPO, api_name="/launch")
     time.sleep(1.0)
     assert waiting.status().code == Status.IN_QUEUE and waiting.status().rank == 0
-    assert client.predict(api_name="/stop") == "Stopping after the current step…"
+    ack = client.predict(api_name="/stop")
+    assert ack.startswith("Stopping after the current step (step ")
     result = job.result(timeout=60)
     steps = len(result[METRICS])
+    assert 0 <= steps - int(re.search(r"step (\d+)", ack).group(1)) <= 1  # the step it was in, or the next one
     assert f"stopped after {steps} steps" in result[STATUS] and 1 <= steps < 200
     statuses = [json.loads((p / "status.json").read_text()) for p in served[1].iterdir()]
     assert any(s["status"] == "stopped" and s["steps"] == steps for s in statuses)
@@ -192,8 +196,8 @@ def test_past_runs_overlay(client, short_run):
     choices, table = client.predict([], api_name="/runs")
     assert table["data"], "the short run is listed"
     run_id = next(row[0] for row in table["data"] if row[1] == "grpo")
-    plot = json.loads(client.predict([run_id], api_name="/overlay")["plot"])
-    assert any(run_id in trace["name"] for trace in plot["data"])
+    overlay, diff, answers = client.predict([run_id], api_name="/overlay")
+    assert run_id in overlay and "<svg" in overlay
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -274,3 +278,44 @@ def test_every_widget_starts_at_its_config_default(tmp_path):
         for name in names:
             assert getattr(built, name) == getattr(expected, name), (method, name)
             assert type(getattr(built, name)) is type(getattr(expected, name)), (method, name)
+
+
+def test_step_inspector_shows_the_last_step_token_by_token(client, short_run):
+    """/inspect on the short run: its last step's completions, each token a clickable span with its numbers."""
+    run_id = re.search(r"record `[^`]*/([^/`]+)`", short_run[STATUS]).group(1)
+    html, note = client.predict(run_id, "", api_name="/inspect")
+    assert "<b>step 2</b>" in html and html.count("data-tok='0'") >= 4, note  # 2 prompts × 2 completions
+    assert "ratio" in html and "Click a token" in note
+    html, note = client.predict(run_id, "7", api_name="/inspect")
+    assert html == "" and "step: run" in note and "not 7" in note
+
+
+def test_runs_filter_compare_and_delete(client, short_run, served):
+    _, table = client.predict([], "grpo", "arith", "all", api_name="/runs")
+    headers = table["headers"]
+    assert {"reward", "gold", "kl/ref"} <= set(headers) and all(row[1] == "grpo" for row in table["data"])
+    run_ids = [row[0] for row in table["data"]][:2]
+    overlay, diff, answers = client.predict(run_ids, api_name="/overlay")
+    assert "reward against KL" in overlay and "<svg" in overlay
+    assert answers["data"] and len(answers["headers"]) >= 3  # prompt, π_ref, then one column per run
+    _, table = client.predict([], "all", "all", "failed", api_name="/runs")
+    failed = [row[0] for row in table["data"]]
+    if failed:  # the out-of-memory run of another test
+        note, _, table = client.predict(failed, "all", "all", "failed", api_name="/delete_runs")
+        assert "Deleted" in note and not table["data"]
+        assert not (served[1] / failed[0]).exists()
+
+
+def test_experiment_runs_its_runs_and_overlays_them(client, monkeypatch):
+    """A one-click experiment (here a tiny one in the place of reinforce-vs-grpo) trains each run in turn and
+    overlays them."""
+    import app
+    from lab.experiments import Experiment, RunSpec
+
+    tiny = {"task": "arith", "steps": 1, "batch_size": 2, "group_size": 2, "eval_size": 4, "eval_every": 0}
+    runs = (RunSpec("GRPO β=0", "grpo", {**tiny, "beta": 0.0}), RunSpec("GRPO β=0.1", "grpo", {**tiny, "beta": 0.1}))
+    tiny_experiment = Experiment("reinforce-vs-grpo", "two tiny runs", "Look. Then look.", runs)
+    monkeypatch.setitem(app.EXPERIMENTS, "reinforce-vs-grpo", tiny_experiment)
+    text, charts = client.predict("reinforce-vs-grpo", api_name="/experiment")
+    assert text.startswith("Done: GRPO β=0, GRPO β=0.1") and "Look." in text
+    assert "GRPO β=0 ·" in charts and "GRPO β=0.1 ·" in charts

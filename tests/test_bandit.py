@@ -202,3 +202,22 @@ def test_the_builtin_bandit_is_an_enumerable_task():
     assert task.rewards == REWARDS and task.non_answer_reward == NON_ANSWER_REWARD
     assert task.gold_reward("pick a drink :", " water ") == 1.0 and task.gold_reward("pick a drink :", "red") == -1.0
     assert task.sft_rows()[:3] == task.sft_rows()[:3] and len(task.sft_rows()) == 50 * len(PROMPTS)
+
+
+def test_grpo_logs_the_exact_kl_to_the_reference_at_beta_zero(tmp_path):
+    """At β = 0 GRPO keeps no KL term, yet on bandit it logs ``eval/kl_ref``: the exact KL(π_θ‖π_ref) of the
+    trained policy, equal to the sum over the vocabulary computed here from its next-token log-probs."""
+    from lab.grpo import GRPOConfig, train
+    from lab.rollout import bandit_reference
+    from lab.runner import load_for
+
+    cfg = GRPOConfig(
+        task="bandit", steps=2, batch_size=2, group_size=4, lr=0.05, beta=0.0, eval_every=1, out=str(tmp_path)
+    )
+    policy = load_for(cfg, get_task("bandit"))
+    task = get_task("bandit")
+    metrics = list(train(cfg, policy=policy))
+    logprobs = next_token_logprobs(policy.model, policy.tokenizer, task.eval_prompts())  # (B, V)
+    expected = kl(logprobs, bandit_reference(policy, task)).mean().item()
+    assert metrics[-1]["eval/kl_ref"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert expected > 1e-4  # lr 0.05 moved the policy, so the check is not 0 = 0

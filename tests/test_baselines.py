@@ -59,8 +59,7 @@ def test_best_of_n_keeps_the_highest_scoring_sample(reviews_policy):
 
 def test_preferred_sft_ignores_the_rejected_answers():
     """The loss and its gradient are the same whatever the rejected answers say (only y_w is imitated)."""
-    from lab.batching import token_logprobs
-    from lab.dpo import encode_preference_batch
+    from lab.batching import encode_preference_batch, token_logprobs
     from lab.modeling import load_policy
     from lab.sft import sft_loss
     from lab.tasks import get_task

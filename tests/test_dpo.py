@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lab.batching import encode_preference_batch, pair_logprobs
 from lab.config import ConfigError
 from lab.dpo import (
     LOSS_TYPES,
@@ -18,14 +19,12 @@ from lab.dpo import (
     DPOConfig,
     PairLogprobs,
     dpo_loss,
-    encode_preference_batch,
     ipo_loss,
     length_normalized_dpo_loss,
-    pair_logprobs,
-    sampled_kl,
     simpo_loss,
     train,
 )
+from lab.evaluate import sample_heldout, sampled_kl
 
 REPO = Path(__file__).resolve().parents[1]
 t = torch.tensor
@@ -295,7 +294,6 @@ def test_sampled_kl_is_the_exact_kl_on_bandit(bandit_setup):
     (bandit: one-token completions), within 4 standard errors."""
     from types import SimpleNamespace
 
-    from lab.dpo import sample_heldout
     from lab.tasks import bandit
 
     model, tokenizer, _, index, ref_logprobs, _ = bandit_setup
@@ -313,12 +311,12 @@ def test_sampled_kl_is_the_exact_kl_on_bandit(bandit_setup):
     roll = sample_heldout(policy, bandit.PROMPTS, max_new_tokens=1, samples=500, seed=0)
     estimate = sampled_kl(policy, roll)
     with torch.no_grad():
-        from lab.ops import sequence_logprobs
+        from lab.ops import completion_token_logprobs
 
         T = roll.completion_ids.shape[1]
         per = (
-            sequence_logprobs(trained, roll.input_ids, roll.attention_mask, T)
-            - sequence_logprobs(model, roll.input_ids, roll.attention_mask, T)
+            completion_token_logprobs(trained, roll.input_ids, roll.attention_mask, T)
+            - completion_token_logprobs(model, roll.input_ids, roll.attention_mask, T)
         ).sum(-1)
     stderr = per.std().item() / math.sqrt(len(per))
     assert exact > 0.02
@@ -411,9 +409,8 @@ def test_bandit_run_reports_exact_heldout_metrics(tmp_path):
         bandit.kl_to_optimum(policy.model, policy.tokenizer, 0.5, ref_logprobs), rel=1e-4
     )
     rewards = bandit.reward_tables(bandit.PROMPTS, policy.tokenizer)
-    assert last["eval/sample_reward"] == pytest.approx(
-        bandit.expected_reward(logprobs, rewards).mean().item(), rel=1e-4
-    )
+    assert "eval/sample_reward" not in last  # on bandit the expected reward is exact, under its own name
+    assert last["eval/exact_reward"] == pytest.approx(bandit.expected_reward(logprobs, rewards).mean().item(), rel=1e-4)
 
 
 def test_cli_run_in_a_subprocess(tmp_path):
@@ -470,7 +467,7 @@ def test_cli_bad_hyperparameter_is_one_line(tmp_path, capsys, flags, message):
 def test_sampled_off_support_hand_computed():
     """Prompt a has support {x, y}: samples x, z, " y " → 1 of 3 off (whitespace ignored). Prompt b is in no pair,
     so its samples are not counted; prompt c's sample w is off: 2 of 4 = 0.5. No prompt in the pairs → None."""
-    from lab.dpo import sampled_off_support
+    from lab.evaluate import sampled_off_support
     from lab.tasks.enumerable import pair_support
 
     support = pair_support(
@@ -534,8 +531,8 @@ def test_dpo_logs_kl_ref_every_step_from_fresh_samples(tmp_path):
 def test_dpo_step_kl_on_bandit_is_the_exact_kl(tmp_path):
     """On bandit the per-step kl/ref is exact: 0 at step 1, and at step 2 it equals bandit.kl of the policy after
     step 1's update (measured while the run waits between the two steps), > 0."""
+    from lab.evaluate import step_kl
     from lab.modeling import load_policy
-    from lab.rollout import step_kl
     from lab.tasks import bandit, get_task
 
     policy = load_policy(task="bandit", mode="lora", lora_r=4, lora_alpha=8)
@@ -565,3 +562,40 @@ def test_simpo_logs_no_kl_ref_between_evaluations(tmp_path):
         task="bandit", loss_type="simpo", steps=2, batch_size=8, sample_every=0, out=str(tmp_path), run_id="s"
     )
     assert not any("kl/ref" in r for r in train(cfg))
+
+
+def test_is_eval_step_hand_computed():
+    """steps 10, eval_every 4: steps 4, 8 and the last, 10; eval_every 0: the last only."""
+    from types import SimpleNamespace
+
+    from lab.preference import is_eval_step
+
+    cfg = SimpleNamespace(steps=10, eval_every=4)
+    assert [s for s in range(1, 11) if is_eval_step(cfg, s)] == [4, 8, 10]
+    cfg.eval_every = 0
+    assert [s for s in range(1, 11) if is_eval_step(cfg, s)] == [10]
+
+
+def test_heldout_metrics_on_bandit_are_exact_and_named_once():
+    """At π_θ = π_ref (a fresh LoRA adapter): eval/exact_reward = E_{π_ref}[r], kl/ref = 0 and eval/kl_to_optimum =
+    KL(π*‖π_ref), all exact; no eval/sample_reward on an enumerable task, and without the reference neither kl/ref
+    nor eval/kl_to_optimum."""
+    from lab.evaluate import heldout_metrics
+    from lab.modeling import load_policy
+    from lab.tasks import bandit, get_task
+
+    policy = load_policy(task="bandit", mode="lora", lora_r=4, lora_alpha=8)
+    task = get_task("bandit")
+    with torch.no_grad():
+        logprobs = bandit.next_token_logprobs(policy.model, policy.tokenizer, bandit.PROMPTS)
+    rewards = bandit.reward_tables(bandit.PROMPTS, policy.tokenizer)
+    full = heldout_metrics(policy, task, 8, 0.5, kl_ref=True, samples=4)
+    assert {"eval/gold_reward", "eval/exact_reward", "eval/kl_to_optimum", "kl/ref"} <= set(full)
+    assert "eval/sample_reward" not in full and "eval/accuracy" not in full
+    assert full["eval/exact_reward"] == pytest.approx(bandit.expected_reward(logprobs, rewards).mean().item(), rel=1e-5)
+    assert full["kl/ref"] == pytest.approx(0.0, abs=1e-6)
+    star = bandit.pi_star(logprobs, rewards, 0.5)
+    assert full["eval/kl_to_optimum"] == pytest.approx(bandit.kl(star, logprobs).mean().item(), rel=1e-4)
+    plain = heldout_metrics(policy, task, 8, 0.5)
+    assert {"eval/gold_reward", "eval/exact_reward"} <= set(plain)
+    assert "kl/ref" not in plain and "eval/kl_to_optimum" not in plain

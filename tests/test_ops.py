@@ -9,6 +9,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from lab.ops import (
     KL_ESTIMATORS,
     completion_mask,
+    completion_token_logprobs,
+    completion_token_logprobs_and_entropy,
     entropy_from_logits,
     kl_estimate,
     kl_estimator,
@@ -21,8 +23,6 @@ from lab.ops import (
     masked_whiten,
     position_ids_from_mask,
     selective_logprobs,
-    sequence_logprobs,
-    sequence_logprobs_and_entropy,
 )
 
 
@@ -90,7 +90,7 @@ def test_entropy_matches_naive(dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# sequence_logprobs on a tiny Llama, vs one unpadded forward pass per sequence
+# completion_token_logprobs on a tiny Llama, vs one unpadded forward pass per sequence
 # --------------------------------------------------------------------------------------------
 
 
@@ -182,7 +182,7 @@ def test_sequence_logprobs_matches_unpadded_loop(tiny_model, padded_batch, tempe
     input_ids, attention_mask, T = padded_batch
     P = input_ids.shape[1] - T
     with torch.no_grad():
-        got = sequence_logprobs(tiny_model, input_ids, attention_mask, T, temperature=temperature, chunk_size=3)
+        got = completion_token_logprobs(tiny_model, input_ids, attention_mask, T, temperature=temperature, chunk_size=3)
     assert got.shape == (3, T) and got.dtype == torch.float32
     expected, _ = naive_sequence_logprobs(tiny_model, input_ids, attention_mask, T, temperature)
     for b in range(3):
@@ -192,12 +192,12 @@ def test_sequence_logprobs_matches_unpadded_loop(tiny_model, padded_batch, tempe
     assert (got[attention_mask[:, P:].bool()] - math.log(1 / 50)).abs().max() > 0.5
 
 
-def test_sequence_logprobs_and_entropy_matches_unpadded_loop(tiny_llama, padded_batch):
+def test_completion_token_logprobs_and_entropy_matches_unpadded_loop(tiny_llama, padded_batch):
     input_ids, attention_mask, T = padded_batch
     P = input_ids.shape[1] - T
     with torch.no_grad():
-        logprobs, entropy = sequence_logprobs_and_entropy(tiny_llama, input_ids, attention_mask, T)
-        plain = sequence_logprobs(tiny_llama, input_ids, attention_mask, T)
+        logprobs, entropy = completion_token_logprobs_and_entropy(tiny_llama, input_ids, attention_mask, T)
+        plain = completion_token_logprobs(tiny_llama, input_ids, attention_mask, T)
     torch.testing.assert_close(logprobs, plain)
     expected_logprobs, expected_entropy = naive_sequence_logprobs(tiny_llama, input_ids, attention_mask, T)
     for b in range(3):
@@ -219,15 +219,15 @@ def test_sequence_logprobs_without_logits_to_keep(tiny_llama, padded_batch):
 
     input_ids, attention_mask, T = padded_batch
     with torch.no_grad():
-        fast = sequence_logprobs(tiny_llama, input_ids, attention_mask, T)
-        plain = sequence_logprobs(PlainForward(tiny_llama), input_ids, attention_mask, T)
+        fast = completion_token_logprobs(tiny_llama, input_ids, attention_mask, T)
+        plain = completion_token_logprobs(PlainForward(tiny_llama), input_ids, attention_mask, T)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 
 def test_sequence_logprobs_gradient_flows(tiny_llama, padded_batch):
     input_ids, attention_mask, T = padded_batch
     tiny_llama.zero_grad()
-    sequence_logprobs(tiny_llama, input_ids, attention_mask, T).sum().backward()
+    completion_token_logprobs(tiny_llama, input_ids, attention_mask, T).sum().backward()
     assert tiny_llama.lm_head.weight.grad.abs().sum() > 0
     tiny_llama.zero_grad()
 
@@ -235,7 +235,7 @@ def test_sequence_logprobs_gradient_flows(tiny_llama, padded_batch):
 def test_sequence_logprobs_rejects_bad_lengths(tiny_llama, padded_batch):
     input_ids, attention_mask, _ = padded_batch
     with pytest.raises(ValueError, match="completion_len"):
-        sequence_logprobs(tiny_llama, input_ids, attention_mask, input_ids.shape[1])
+        completion_token_logprobs(tiny_llama, input_ids, attention_mask, input_ids.shape[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,8 +415,10 @@ def grouped_batch(padded_batch):
 def test_shared_prompt_logprobs_match_plain(tiny_model, grouped_batch, temperature):
     input_ids, attention_mask, T = grouped_batch
     with torch.no_grad():
-        shared, shared_entropy = sequence_logprobs_and_entropy(tiny_model, input_ids, attention_mask, T, temperature)
-        plain, plain_entropy = sequence_logprobs_and_entropy(
+        shared, shared_entropy = completion_token_logprobs_and_entropy(
+            tiny_model, input_ids, attention_mask, T, temperature
+        )
+        plain, plain_entropy = completion_token_logprobs_and_entropy(
             tiny_model, input_ids, attention_mask, T, temperature, share_prompts=False
         )
     mask = attention_mask[:, -T:].bool()
@@ -430,7 +432,7 @@ def test_shared_prompt_runs_each_prompt_once(tiny_llama, grouped_batch):
     hook = tiny_llama.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
     try:
         with torch.no_grad():
-            sequence_logprobs(tiny_llama, input_ids, attention_mask, T)
+            completion_token_logprobs(tiny_llama, input_ids, attention_mask, T)
     finally:
         hook.remove()
     P = input_ids.shape[1] - T
@@ -455,7 +457,7 @@ def test_shared_prompt_gradients_match_plain(grouped_batch):
                 initializer_range=0.2,
             )
         )
-        logprobs = sequence_logprobs(model, input_ids, attention_mask, T, share_prompts=share)  # (B, T)
+        logprobs = completion_token_logprobs(model, input_ids, attention_mask, T, share_prompts=share)  # (B, T)
         weights = torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)
         (logprobs * weights * attention_mask[:, -T:]).sum().backward()
         grads[share] = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -469,8 +471,8 @@ def test_shared_prompt_single_token_completions(tiny_llama, grouped_batch):
     ids, mask = input_ids[:, :L], attention_mask[:, :L].clone()
     mask[:, -1] = 1
     with torch.no_grad():
-        shared = sequence_logprobs(tiny_llama, ids, mask, 1)
-        plain = sequence_logprobs(tiny_llama, ids, mask, 1, share_prompts=False)
+        shared = completion_token_logprobs(tiny_llama, ids, mask, 1)
+        plain = completion_token_logprobs(tiny_llama, ids, mask, 1, share_prompts=False)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
 
 

@@ -84,7 +84,7 @@ def test_policy_loss_gradient_and_clip_fraction_match_trl(seed, epsilon):
     logps, old, advantages, mask = _tensors(seed)
     ours_logps = logps.clone().requires_grad_(True)
     trl_logps = logps.clone().requires_grad_(True)
-    loss, metrics = ppo_policy_loss(ours_logps, old, advantages, mask, epsilon)
+    loss, metrics = ppo_policy_loss(ours_logps, old, advantages, mask, epsilon, epsilon)
     trl_loss, trl_metrics = _trl_loss(trl_logps, old, advantages, mask, epsilon)
     loss.backward()
     trl_loss.backward()

@@ -133,7 +133,7 @@ def test_policy_gradient_at_ratio_one_is_vanilla_policy_gradient():
     advantages = torch.randn(3, 4, generator=g)
 
     logprobs = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)  # (B, T)
-    loss, metrics = ppo_policy_loss(logprobs, logprobs.detach(), advantages, mask, cliprange=0.2)
+    loss, metrics = ppo_policy_loss(logprobs, logprobs.detach(), advantages, mask, 0.2, 0.2)
     (grad_ppo,) = torch.autograd.grad(loss, logits)
     logprobs = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
     pg = -((advantages * logprobs) * mask).sum() / mask.sum()
@@ -156,7 +156,7 @@ def test_clipping_zeroes_the_gradient_only_where_the_ratio_left_the_trust_region
     advantages = torch.tensor([[1.0, -1.0, -1.0, 1.0, 2.0]])
     old = torch.full((1, 5), -1.0)
     logprobs = (old + ratio.log()).requires_grad_(True)
-    loss, metrics = ppo_policy_loss(logprobs, old, advantages, torch.ones(1, 5), cliprange=0.2)
+    loss, metrics = ppo_policy_loss(logprobs, old, advantages, torch.ones(1, 5), 0.2, 0.2)
     loss.backward()
     torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 0.3, 0.0, -0.1, -0.44]]))
     # loss = mean(max(−A·ratio, −A·clip(ratio))) = (−1.2 + 1.5 + 0.8 − 0.5 − 2.2)/5 = −0.32
@@ -211,12 +211,14 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target():
 @pytest.mark.parametrize(
     "changes,field,text",
     [
-        ({"cliprange": 0.0}, "cliprange", "[0.001, 1.0]"),
+        ({"epsilon_low": 1.0}, "epsilon_low", "[0, 1) so the lower clip bound"),
+        ({"epsilon_value": 0.0}, "epsilon_value", "[0.001, 100.0]"),
         ({"gamma": 1.5}, "gamma", "[0.0, 1.0]"),
         ({"lam": -0.1}, "lam", "[0.0, 1.0]"),
         ({"beta": -1.0}, "beta", "[0.0, 10.0]"),
         ({"ppo_epochs": 0}, "ppo_epochs", "[1, 100]"),
-        ({"kl_estimator": "k2"}, "kl_estimator", "must be one of k1"),
+        ({"kl_estimator": "k5"}, "kl_estimator", "must be one of k1, k2, k3"),
+        ({"kl_estimator": "k2"}, "kl_estimator", "biases the policy gradient away from π*"),
         ({"kl_estimator": "k3"}, "kl_estimator", "biases the policy gradient away from π*"),
         ({"batch_size": 32, "num_minibatches": 3}, "num_minibatches", "divide batch_size (32)"),
         ({"batch_size": 8, "num_minibatches": 2, "gradient_accumulation": 3}, "gradient_accumulation", "= 4"),
@@ -415,9 +417,9 @@ def test_cli_trains_ppo_and_rejects_bad_values_in_one_line(tmp_path, capsys):
 
     from lab.cli import main
 
-    assert main(["train", "ppo", "--cliprange", "5"]) == 2
+    assert main(["train", "ppo", "--epsilon-high", "50"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: cliprange: must be in [0.001, 1.0], got 5.0"
+    assert err == "error: epsilon_high: must be in [0.0, 10.0], got 50.0"
     with pytest.raises(SystemExit) as done:  # every field's help text renders
         main(["train", "ppo", "--help"])
     assert done.value.code == 0 and "--kl-estimator" in capsys.readouterr().out

@@ -50,11 +50,11 @@ def reward_module(tmp_path, monkeypatch):
 def test_entropy_is_a_metric_outside_the_graph(tiny_model_dir):
     """The entropy comes from the same forward pass but must not keep a (B, T, V) float32 copy in autograd."""
     from lab.modeling import load_policy
-    from lab.ops import sequence_logprobs_and_entropy
+    from lab.ops import completion_token_logprobs_and_entropy
 
     policy = load_policy(tiny_model_dir, mode="lora")
     ids = torch.randint(3, 64, (2, 6))
-    logprobs, entropy = sequence_logprobs_and_entropy(policy.model, ids, torch.ones_like(ids), 3)
+    logprobs, entropy = completion_token_logprobs_and_entropy(policy.model, ids, torch.ones_like(ids), 3)
     assert logprobs.requires_grad and not entropy.requires_grad and entropy.grad_fn is None
 
 
@@ -313,12 +313,12 @@ def test_step_metrics_carry_memory_and_throughput(tmp_path):
 
 def test_a_failing_last_evaluation_keeps_the_trained_weights(tmp_path, monkeypatch):
     """DPO evaluates inside its last step; when that fails, the run is 'failed' but the weights are saved."""
-    import lab.dpo
+    import lab.preference
     from lab.dpo import DPOConfig, train
     from lab.records import load_run
 
     calls = {"n": 0}
-    real = lab.dpo.heldout_metrics
+    real = lab.preference.preference_heldout
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -326,7 +326,7 @@ def test_a_failing_last_evaluation_keeps_the_trained_weights(tmp_path, monkeypat
             raise RuntimeError("out of memory in the evaluation")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lab.dpo, "heldout_metrics", failing)
+    monkeypatch.setattr(lab.preference, "preference_heldout", failing)
     gen = train(
         DPOConfig(
             task="reviews", steps=2, batch_size=4, eval_size=2, kl_samples=1, out=str(tmp_path), run_id="dpo-fails"
@@ -432,7 +432,7 @@ def test_dtype_follows_the_hardware(monkeypatch):
 
 def test_gradient_checkpointing_gives_the_same_gradients(zoo_model):
     from lab.modeling import load_policy
-    from lab.ops import sequence_logprobs
+    from lab.ops import completion_token_logprobs
 
     grads = []
     for checkpointing in (False, True):
@@ -444,7 +444,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(zoo_model):
                     torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
         policy.model.train()
         ids = torch.arange(10, 22).view(2, 6)
-        sequence_logprobs(policy.model, ids, torch.ones_like(ids), 3).sum().backward()
+        completion_token_logprobs(policy.model, ids, torch.ones_like(ids), 3).sum().backward()
         grads.append({n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
@@ -491,13 +491,13 @@ def test_dropout_is_off_so_training_and_sampling_log_probs_agree(zoo_model):
     """GPT-2's config has dropout 0.1; in train mode the log-probs must still equal eval mode's, or PPO's and
     GRPO's ratio is not 1 on the first update."""
     from lab.modeling import load_policy
-    from lab.ops import sequence_logprobs
+    from lab.ops import completion_token_logprobs
 
     policy = load_policy(zoo_model("gpt2"), mode="lora")
     ids = torch.arange(100, 116).view(2, 8)
     with torch.no_grad():
         policy.model.eval()
-        sampled = sequence_logprobs(policy.model, ids, torch.ones_like(ids), 4)
+        sampled = completion_token_logprobs(policy.model, ids, torch.ones_like(ids), 4)
         policy.model.train()
-        training = sequence_logprobs(policy.model, ids, torch.ones_like(ids), 4)
+        training = completion_token_logprobs(policy.model, ids, torch.ones_like(ids), 4)
     torch.testing.assert_close(training, sampled)

@@ -85,6 +85,8 @@ def test_create_log_finish_round_trip(tmp_path):
         "steps": 2,
         "started": run.status["started"],
         "metrics": {"loss/policy": 0.25, "kl/ref": [1, 2], "n": 3},
+        "resumable": False,  # completed, and no checkpoint
+        "checkpoint_step": None,
     }
     with pytest.raises(RuntimeError, match="already finished"):
         record.log_metrics(3, {"loss/policy": 0.1})
@@ -296,3 +298,103 @@ def test_list_runs(tmp_path):
     assert runs[0].summary_row()["method"] == "sft" and runs[0].summary_row()["task"] == "reviews"
     assert runs[1].summary_row()["status"] == "running"
     assert second.path.exists()
+
+
+# ---- resuming ------------------------------------------------------------------------------------
+
+
+def _checkpoint(record, tag, step):
+    """A checkpoint folder with a trainer state at ``step``, as lab.runner.Run saves it."""
+    from lab.records import TRAINER_STATE
+
+    class Weights:
+        def save(self, path):
+            Path(path).mkdir(parents=True)
+            (Path(path) / "weights.bin").write_bytes(b"w")
+
+    record.save_checkpoint(Weights(), tag, state={"step": step})
+    assert (record.path / "checkpoints" / tag / TRAINER_STATE).is_file()
+
+
+def test_reopen_drops_the_rows_after_the_checkpoint_and_goes_on(tmp_path):
+    """Four steps logged, checkpoints at steps 2 (latest) and 3 (last, newer), a torn line at the end: the resume
+    point is "last" at 3; reopening keeps rows 1-3 of metrics and samples and logs step 4 after them."""
+    from lab.records import find_resume_point
+
+    record = RunRecord.create(out=tmp_path, run_id="r", config=GRPOConfig(steps=6))
+    for step in (1, 2, 3, 4):
+        record.log_metrics(step, {"loss/policy": step / 10})
+        record.log_samples(step, [{"prompt": "p", "completion": str(step)}])
+        if step in (2, 3):
+            _checkpoint(record, "latest" if step == 2 else "last", step)
+    with open(record.path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss/po')  # killed mid-line
+    record.finish("failed", error="boom")
+
+    point = find_resume_point("r", tmp_path)
+    assert (point.tag, point.step, point.config["steps"]) == ("last", 3, 6)
+    assert load_run(record.path).resumable and load_run(record.path).checkpoint_step == 3
+    again = RunRecord.reopen(point.path, point.step, {"task": "arith", "steps": 8})
+    assert again.status["status"] == "running" and again.status["pid"] == os.getpid()
+    assert "error" not in again.status and again.status["resumed"] == [{"from_step": 3, "at": ANY_TIME}]
+    again.log_metrics(4, {"loss/policy": 0.9})
+    again.finish("completed")
+    run = load_run(record.path)
+    assert [(m["step"], m["loss/policy"]) for m in run.metrics] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.9)]
+    assert [s["completion"] for s in run.samples] == ["1", "2", "3"]
+    assert run.config["steps"] == 8 and run.config["meta"]["resumed"][0]["from_step"] == 3
+    assert run.status["checkpoints"] == ["latest", "last"] and run.status["started"] == record.status["started"]
+
+
+class _AnyTime(str):
+    def __eq__(self, other):
+        return isinstance(other, str) and bool(re.fullmatch(r"\d{4}-\d\d-\d\dT.*", other))
+
+
+ANY_TIME = _AnyTime()
+
+
+def test_a_live_run_cannot_be_resumed(tmp_path):
+    from lab.records import ResumeError, find_resume_point
+
+    record = RunRecord.create(out=tmp_path, run_id="r")
+    _checkpoint(record, "latest", 1)
+    status = json.loads((record.path / "status.json").read_text())
+    (record.path / "status.json").write_text(json.dumps({**status, "pid": os.getppid()}))  # alive, not us
+    with pytest.raises(ResumeError, match=r"^resume: run r is still running \(pid \d+\); stop it first$"):
+        find_resume_point("r", tmp_path)
+
+
+def test_a_stopped_run_logs_samples_for_its_last_step(tmp_path, monkeypatch):
+    """Stop clicked during step 2 of 6 (sample_every 0: only steps 1 and 6 would log samples): step 2 finishes and
+    is the run's last, and its samples are in the record, as the app's per-token view needs."""
+    import threading
+
+    import lab.grpo
+    from lab.grpo import GRPOConfig, train
+    from lab.records import load_run
+
+    stop = threading.Event()
+    calls = []
+
+    def score_then_stop(*args, **kwargs):  # the stop arrives while step 2 is scoring its rollout
+        calls.append(1)
+        if len(calls) == 2:
+            stop.set()
+        return lab.rollout.score(*args, **kwargs)
+
+    monkeypatch.setattr(lab.grpo, "score", score_then_stop)
+    cfg = GRPOConfig(
+        task="arith",
+        steps=6,
+        batch_size=2,
+        group_size=2,
+        sample_every=0,
+        eval_every=0,
+        out=str(tmp_path),
+        run_id="stopped",
+    )
+    assert [m["step"] for m in train(cfg, stop=stop)] == [1, 2]
+    run = load_run(tmp_path / "stopped")
+    assert run.status["status"] == "stopped"
+    assert sorted({row["step"] for row in run.samples}) == [1, 2]

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from lab.batching import encode_completions
 from lab.config import ConfigError
 from lab.rm import (
     RewardConfig,
     bayes_accuracy,
-    encode_completions,
     evaluate_reward_model,
     load_reward_model,
     reward_loss,

@@ -13,7 +13,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lab.ops import sequence_logprobs
+from lab.ops import completion_token_logprobs
 from lab.sampling import Rollout, format_prompt, generate, top_p_filter
 
 V = 50
@@ -319,11 +319,11 @@ def test_rollout_layout_select_and_to(llama, tokenizer):
 
 
 def test_sampled_tokens_are_scored_consistently(llama, tokenizer):
-    """The rollout layout feeds straight into sequence_logprobs; greedy tokens are each step's argmax."""
+    """The rollout layout feeds straight into completion_token_logprobs; greedy tokens are each step's argmax."""
     r = generate(llama, tokenizer, PROMPTS, max_new_tokens=6, greedy=True)
     T = r.completion_ids.shape[1]
     with torch.no_grad():
-        logprobs = sequence_logprobs(llama, r.input_ids, r.attention_mask, T)  # (B, T)
+        logprobs = completion_token_logprobs(llama, r.input_ids, r.attention_mask, T)  # (B, T)
         P = r.prompt_ids.shape[1]
         logits = llama(input_ids=r.input_ids, attention_mask=r.attention_mask).logits[:, P - 1 : -1]
     best = logits.float().log_softmax(-1).max(-1).values  # (B, T)

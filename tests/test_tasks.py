@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lab.sampling import generate
 from lab.tasks import TASKS, UnknownTaskError, get_task
 from lab.tasks.arith import CARRY_DROP_RATE, ArithTask, dropped_carry_answer, has_carry, parse_prompt
-from lab.tasks.base import builtin_model_dir, sample_completions
+from lab.tasks.base import builtin_model_dir
 from lab.tasks.reviews import ReviewsTask, bayes_accuracy, gold_reward, reward_terms
 
 NAMES = ["arith", "reviews", "bandit"]
@@ -173,7 +174,8 @@ def test_arith_base_policy_greedy_accuracy_and_sampling_headroom(arith_model):
     model, tokenizer = arith_model
     task = get_task("arith")
     prompts = task.eval_prompts()
-    completions, truncated = sample_completions(model, tokenizer, prompts, task.max_new_tokens, greedy=True)
+    roll = generate(model, tokenizer, prompts, task.max_new_tokens, greedy=True)
+    completions, truncated = roll.completions, roll.truncated.tolist()
     rewards = task.gold_rewards(prompts, completions, truncated)
     accuracy = sum(rewards) / len(rewards)
     assert 0.30 <= accuracy <= 0.70

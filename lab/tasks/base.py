@@ -16,15 +16,13 @@ A task is everything the methods need to know about a problem except the policy:
     "bandit"      one-token responses, r known for every token   -> exact optimum π*, checked in closed form
 
 Each built-in task ships a tiny policy in Hugging Face format under lab/models/<task.model>/, built by
-`python -m lab.pretrain TASK`. This module also holds a minimal sampler used to build task data and to
-check those models; the methods use the full sampler in lab/sampling.py.
+`python -m lab.pretrain TASK`. Task data sampled from those models (the reviews pairs) comes from the one
+sampler, `lab.sampling.generate`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
 
 # Held-out split names: "eval" is canonical, "test" is accepted because data files often use it.
 SPLITS = {"train": "train", "eval": "eval", "test": "eval"}
@@ -124,58 +122,3 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.name} ({self.kind}): {self.description}>"
-
-
-@torch.no_grad()
-def sample_completions(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    *,
-    greedy: bool = False,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-    batch_size: int = 512,
-) -> tuple[list[str], list[bool]]:
-    """Minimal batched sampler: returns (completions without eos, truncated flags).
-
-    Plain loop without a KV cache: our completions are at most ~16 tokens, so recomputing the
-    whole sequence each step is cheap and keeps the code obviously correct. Prompts are left-padded
-    and positions are counted from each row's first real token, so a padded row computes exactly
-    what it would alone.
-    """
-    device = next(model.parameters()).device
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    completions: list[str] = []
-    truncated: list[bool] = []
-    for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, padding_side="left")
-        input_ids = enc["input_ids"].to(device)  # (B, P)
-        attention_mask = enc["attention_mask"].to(device)  # (B, P)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)  # (B,)
-        new_tokens = []
-        for _ in range(max_new_tokens):
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P+t)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-            logits = logits[:, -1, :].float()  # (B, V)
-            if greedy:
-                next_ids = logits.argmax(-1)  # (B,)
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
-                next_ids = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)  # (B,)
-            # rows that already ended keep producing pad, masked out of attention
-            next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
-            new_tokens.append(next_ids)
-            input_ids = torch.cat([input_ids, next_ids[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=1)
-            done = done | (next_ids == eos_id)
-            if done.all():
-                break
-        completion_ids = torch.stack(new_tokens, dim=1).tolist()  # (B, T)
-        for row in completion_ids:
-            ended = eos_id in row
-            row = row[: row.index(eos_id)] if ended else row
-            completions.append(tokenizer.decode(row, skip_special_tokens=True))
-            truncated.append(not ended)
-    return completions, truncated

@@ -45,6 +45,8 @@ from collections.abc import Callable
 
 import torch
 
+from lab.ops import position_ids_from_mask
+
 from .base import Task, normalize_split
 
 NON_ANSWER_REWARD = -1.0  # default r(x, y) for every token that is not one of x's answers
@@ -62,7 +64,7 @@ def next_token_logprobs(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     input_ids = enc["input_ids"].to(device)  # (B, P)
     attention_mask = enc["attention_mask"].to(device)  # (B, P)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    position_ids = position_ids_from_mask(attention_mask)  # (B, P)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     return torch.log_softmax(logits[:, -1, :].float(), dim=-1)  # (B, V)
 

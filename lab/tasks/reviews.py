@@ -41,7 +41,9 @@ from pathlib import Path
 
 import torch
 
-from .base import DATA_DIR, Task, builtin_model_dir, load_builtin, normalize_split, sample_completions
+from lab.sampling import generate
+
+from .base import DATA_DIR, Task, builtin_model_dir, load_builtin, normalize_split
 
 # --- the gold reward -----------------------------------------------------------------------------
 MAX_WORDS = 12  # longer completions pay LENGTH_PENALTY per extra word
@@ -247,7 +249,8 @@ def make_preference_rows(
     while len(rows) < n_pairs:
         prompts = [rng.choice(prompts_pool) for _ in range(n_pairs - len(rows))]
         doubled = [p for p in prompts for _ in range(2)]  # (2B,) y1, y2 of a pair are neighbours
-        completions, truncated = sample_completions(model, tokenizer, doubled, task.max_new_tokens, generator=generator)
+        roll = generate(model, tokenizer, doubled, task.max_new_tokens, generator=generator, batch_size=512)
+        completions, truncated = roll.completions, roll.truncated.tolist()
         for i, prompt in enumerate(prompts):
             y1, y2 = completions[2 * i], completions[2 * i + 1]
             t1, t2 = truncated[2 * i], truncated[2 * i + 1]

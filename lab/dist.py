@@ -1,0 +1,292 @@
+"""Training on several processes: data parallel over ranks, set up by accelerate.
+
+``torchrun --nproc_per_node N -m lab train …`` and ``accelerate launch -m lab train …`` start N copies of the same
+command and tell each, through the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``), which one
+it is. Every trainer then runs unchanged; the few places where one process differs from N go through this module:
+
+* **data**: every rank draws the same global batch (same seed, same shuffle) and keeps its contiguous share
+  (``shard``). A GRPO rank shards the prompts and samples G completions of each of its own, so a group never
+  straddles two ranks;
+* **losses** that normalize by a count (tokens, sequences, pairs) divide by the count of the *global* batch
+  (``global_sum``), so the per-rank gradients add up to the gradient of one process on the whole batch;
+* **gradients** are summed over the ranks before clipping (``sync_gradients``, called by
+  ``lab.runner.clip_and_step``): every rank then takes the same optimizer step and the replicas stay equal. This is
+  the all-reduce that DDP does; it is done here on the trainable parameters alone (the LoRA adapters, or every
+  weight in full fine-tuning), so the model stays an ordinary module that ``generate``, peft's adapter switching and
+  the reference context keep working on, and the sum is exact (DDP averages, which is the sum only when every rank
+  normalizes by its own share of the batch);
+* **metrics** are reduced as one process would compute them: the trainers' ``MetricAccumulator`` sums its weighted
+  sums and its weights over the ranks (token- and sequence-weighted means), rollout metrics are computed on the
+  gathered rewards, and ``Run.log`` averages what is left (means over equally sized shards);
+* **the record**: rank 0 alone writes config, metrics, samples and checkpoints (``NoRecord`` on the others);
+* **stopping**: a stop event, SIGTERM or SIGINT on any rank is or-reduced over the ranks before each step, so all
+  of them end after the same step.
+
+accelerate's ``PartialState`` reads the launcher's environment, initializes the process group (gloo on the CPU;
+nccl for CUDA tensors, with gloo beside it for the small host-side tensors) and picks the GPU of the local rank;
+its ``reduce``, ``gather`` and ``gather_object`` do the collectives. On one process (no launcher) every function here
+is the identity and nothing is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lab.errors import ConfigError
+
+
+def world_size() -> int:
+    """Number of processes of this run (``WORLD_SIZE`` from torchrun / accelerate launch; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0")) if world_size() > 1 else 0
+
+
+def local_rank() -> int:
+    """This process's index on its machine: the GPU it uses."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if world_size() > 1 else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the process that writes the run record and prints."""
+    return rank() == 0
+
+
+def _state():
+    """accelerate's process state, made on first use: the process group and the device of this rank."""
+    from accelerate import PartialState
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return PartialState()
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    ):
+        raise ConfigError(
+            "accelerate config: FSDP and DeepSpeed are not supported by lab's trainers; every process holds the "
+            "whole model (data parallel): choose 'multi-GPU' (DDP) in `accelerate config`, or use torchrun"
+        )
+    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() != "true":
+        return PartialState(backend="cuda:nccl,cpu:gloo")  # gloo carries the host-side scalars and objects
+    return PartialState(cpu=True, backend="gloo")
+
+
+def init() -> None:
+    """Join the process group now (the first collective would otherwise do it); nothing on one process."""
+    if world_size() > 1:
+        _state()
+
+
+def device() -> torch.device:
+    """The GPU of this rank (``cuda:LOCAL_RANK``) when it has one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def shard(rows: list, what: str = "batch_size") -> list:
+    """This rank's contiguous share of a global batch: rows ``[r·B/N, (r+1)·B/N)``. Naive equivalent (one process):
+    ``rows``. Rank r's rows come before rank r+1's, so the ranks' shards in order are the global batch."""
+    n = world_size()
+    if n == 1:
+        return rows
+    if len(rows) % n:
+        raise ConfigError(f"{what}: {len(rows)} rows do not split evenly over {n} processes; use a multiple of {n}")
+    size = len(rows) // n
+    return rows[rank() * size : (rank() + 1) * size]
+
+
+def per_process(n: int, what: str) -> int:
+    """``n / N``: a global size (a minibatch) as each process's share; one line if it does not split evenly."""
+    if n % world_size():
+        raise ConfigError(f"{what}: {n} does not split evenly over {world_size()} processes; use a multiple of it")
+    return n // world_size()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reductions
+
+
+def _host(value) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float64).reshape(-1).cpu()
+
+
+def global_sum(value):
+    """Σ over the ranks of ``value`` (a number or a tensor, returned as the same kind): the global batch's count
+    of tokens, sequences or pairs. Naive equivalent (one process): ``value``."""
+    if world_size() == 1:
+        return value
+    from accelerate.utils import reduce
+
+    _state()
+    if torch.is_tensor(value):
+        return reduce(value.detach(), "sum")
+    total = float(reduce(_host(value), "sum")[0])
+    return int(total) if isinstance(value, int) else total
+
+
+def mean(value: float) -> float:
+    """The mean over the ranks of a number that each rank computed on its equal share."""
+    return global_sum(float(value)) / world_size()
+
+
+def global_max(value: torch.Tensor) -> torch.Tensor:
+    """The largest of the ranks' ``value`` (elementwise). Naive equivalent (one process): ``value``."""
+    if world_size() == 1:
+        return value
+    from accelerate.utils import reduce
+
+    _state()
+    return reduce(value.detach(), "max")
+
+
+def any_set(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any of them (a stop asked for on one rank stops all)."""
+    if world_size() == 1:
+        return flag
+    from accelerate.utils import reduce
+
+    _state()
+    return bool(reduce(_host(float(flag)), "max")[0] > 0)
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """The ranks' tensors concatenated along dim 0, in rank order (equal shapes): for one rank's (b,) rewards, the
+    (N·b,) rewards of the global batch. Naive equivalent (one process): ``tensor``."""
+    if world_size() == 1:
+        return tensor
+    from accelerate.utils import gather as gather_
+
+    _state()
+    return gather_(tensor.contiguous())
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ x·m / Σ m over the tokens of every rank (a token-weighted metric). Naive equivalent: ``ops.masked_mean``."""
+    mask = mask.to(x.dtype)
+    both = global_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    return both[0] / both[1].clamp(min=1)
+
+
+def weighted_sums(sums: dict, weights: dict) -> tuple[dict, dict]:
+    """(Σ w·value, Σ w) per metric, summed over the ranks (a metric missing on a rank counts as zero there)."""
+    if world_size() == 1:
+        return sums, weights
+    from accelerate.utils import gather_object
+
+    _state()
+    parts = gather_object([(sums, weights)])
+    keys = list(dict.fromkeys(k for s, _ in parts for k in s))
+    return (
+        {k: sum(s.get(k, 0.0) for s, _ in parts) for k in keys},
+        {k: sum(w.get(k, 0.0) for _, w in parts) for k in keys},
+    )
+
+
+def reduce_metrics(metrics: dict) -> dict:
+    """One step's metrics as one process reports them: numbers averaged over the ranks (means over equal shards, or
+    values that are already global and equal everywhere), ``memory/*`` the largest, ``time/*`` and anything not a
+    number rank 0's. Keys keep rank 0's order; a key only some ranks have is averaged over those."""
+    if world_size() == 1:
+        return metrics
+    from accelerate.utils import gather_object
+
+    _state()
+    parts = gather_object([metrics])
+    out = {}
+    for key in dict.fromkeys(k for part in parts for k in part):
+        values = [part[key] for part in parts if key in part]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if key.startswith("time/") or len(numbers) != len(values):
+            out[key] = metrics.get(key, values[0])
+        elif key.startswith("memory/"):
+            out[key] = max(numbers)
+        elif all(v == numbers[0] for v in numbers):
+            out[key] = numbers[0]  # equal everywhere: exactly that number, not a rounded mean of copies
+        else:
+            out[key] = sum(numbers) / len(numbers)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (the run folder's path, say)."""
+    if world_size() == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    _state()
+    return broadcast_object_list([obj], from_process=0)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gradients
+
+
+@torch.no_grad()
+def sync_gradients(params) -> None:
+    """Replace every parameter's gradient by its sum over the ranks: what DDP's all-reduce does, as a sum.
+
+    The losses divide by global counts, so the sum is the gradient of the global batch. A parameter without a
+    gradient on some rank counts as zero there, and keeps ``grad = None`` only if no rank has one (AdamW skips
+    those). One flat buffer per device and dtype, one all-reduce each. Naive equivalent:
+    ``for p in params: dist.all_reduce(p.grad)``."""
+    if world_size() == 1:
+        return
+    from accelerate.utils import reduce
+
+    _state()
+    params = [p for p in params if p.requires_grad or p.grad is not None]
+    has_grad = reduce(_host([p.grad is not None for p in params]), "sum") > 0  # (n,)
+    groups: dict = {}
+    for p, has in zip(params, has_grad.tolist()):
+        if has:
+            groups.setdefault((p.device, p.dtype), []).append(p)
+    for group in groups.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        flat = reduce(flat, "sum")
+        offset = 0
+        for p in group:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+
+@torch.no_grad()
+def broadcast_parameters(params) -> None:
+    """Rank 0's values of ``params`` on every rank, before training starts (DDP does the same when it wraps a
+    model): the replicas then stay equal, since every rank takes the same steps."""
+    if world_size() == 1:
+        return
+    _state()
+    for p in params:
+        torch.distributed.broadcast(p.data, src=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the record
+
+
+class NoRecord:
+    """The run record of a rank other than 0: the same calls, none of which writes anything. ``path`` is rank 0's
+    run folder."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self.run_id = getattr(path, "name", None)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def close() -> None:
+    """Leave the process group at the end of a run (torch warns about one left open); nothing on one process."""
+    if world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState().destroy_process_group()

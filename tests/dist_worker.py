@@ -1,0 +1,152 @@
+"""Runs of tests/test_distributed.py: under ``torchrun --nproc_per_node 2`` (gloo, CPU), and in the test's own
+process as the one-process reference.
+
+``python tests/dist_worker.py OUT`` writes, for GRPO and DPO, the gradients of every optimizer step, the trained
+weights and the logged metrics of one step on a fixed global batch (``OUT/<method>-rank<r>.pt``); then a 3-step SFT
+run that rank 1 interrupts with SIGINT after its first step; then ``python -m lab train rm`` through the CLI.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def fixed_rollout(policy, prompts, cfg, generator=None, max_new_tokens=None):
+    """The rollout of the global batch, sampled from a fixed seed identically on every process, then cut to this
+    process's rows: one process and two then train on the same completions. (A real run samples each process's
+    prompts from its own stream, ``seed + rank``.)"""
+    from accelerate.utils import gather_object
+
+    from lab import dist
+    from lab.rollout import rollout
+
+    everyone = gather_object(list(prompts)) if dist.world_size() > 1 else list(prompts)
+    gen = torch.Generator(device=policy.device).manual_seed(1234)
+    roll = rollout(policy, everyone, cfg, gen, max_new_tokens)
+    n = len(prompts)
+    return roll.select(slice(dist.rank() * n, (dist.rank() + 1) * n))
+
+
+class GradientTap:
+    """Keeps the gradients each optimizer step used (after the all-reduce and clipping), read at ``zero_grad``."""
+
+    def __init__(self):
+        self.steps: list[list[torch.Tensor]] = []
+        self._original = torch.optim.AdamW.zero_grad
+        tap = self
+
+        def zero_grad(optimizer, set_to_none: bool = True):
+            grads = [p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                tap.steps.append(grads)
+            tap._original(optimizer, set_to_none)
+
+        torch.optim.AdamW.zero_grad = zero_grad
+
+    def close(self) -> None:
+        torch.optim.AdamW.zero_grad = self._original
+
+
+def trained(policy) -> dict:
+    return {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+
+
+def run_grpo(out: Path) -> dict:
+    import lab.grpo
+    from lab.runner import load_for, seed_everything
+    from lab.tasks import get_task
+
+    cfg = lab.grpo.GRPOConfig(
+        task="arith",
+        steps=1,
+        batch_size=4,  # 2 prompts a process, 2 completions each: the groups stay whole
+        group_size=2,
+        loss_norm="token",  # divides by the global token count
+        num_iterations=2,  # a second optimizer step on the same rollout: ratio ≠ 1, clipping and ratio/* metrics
+        beta=0.05,  # k1_reward: π_old and π_ref shape the reward; kl/ref is a token mean over both processes
+        max_new_tokens=6,
+        temperature=1.0,
+        eval_every=0,
+        eval_size=2,
+        max_grad_norm=0.0,
+        lr=1e-2,
+        out=str(out / "runs"),
+        run_id="grpo",
+    )
+    lab.grpo.rollout = fixed_rollout
+    seed_everything(cfg.seed)  # the same adapter initialisation in both runs
+    policy = load_for(cfg, get_task("arith"))
+    tap = GradientTap()
+    try:
+        metrics = list(lab.grpo.train(cfg, policy=policy))
+    finally:
+        tap.close()
+    return {"grads": tap.steps, "weights": trained(policy), "metrics": metrics}
+
+
+def run_dpo(out: Path) -> dict:
+    from lab.dpo import DPOConfig, _load_policy, train
+    from lab.runner import seed_everything
+    from lab.tasks import get_task
+
+    cfg = DPOConfig(
+        task="bandit",
+        mode="full",  # full fine-tuning: every weight's gradient summed over the processes
+        steps=1,
+        batch_size=4,
+        microbatch_size=1,  # gradient accumulation: each pair's share is of the global batch
+        kl_every=0,
+        eval_every=0,
+        max_grad_norm=0.0,
+        lr=1e-2,
+        out=str(out / "runs"),
+        run_id="dpo",
+    )
+    seed_everything(cfg.seed)
+    policy = _load_policy(cfg, get_task("bandit"))
+    tap = GradientTap()
+    try:
+        metrics = list(train(cfg, policy=policy))
+    finally:
+        tap.close()
+    return {"grads": tap.steps, "weights": trained(policy), "metrics": metrics}
+
+
+def run_sft_interrupted(out: Path) -> None:
+    """3 steps; rank 1 alone gets SIGINT after the first: both stop after step 1, and rank 0's record says so."""
+    from lab import dist
+    from lab.sft import SFTConfig, train
+
+    cfg = SFTConfig(task="arith", steps=3, batch_size=4, kl_every=0, eval_size=4, out=str(out / "runs"), run_id="sft")
+    for step, _ in enumerate(train(cfg), start=1):
+        if step == 1 and dist.rank() == 1:
+            signal.raise_signal(signal.SIGINT)
+
+
+def main(out: Path) -> None:
+    from lab import dist
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"grpo": run_grpo(out), "dpo": run_dpo(out)}
+    for method, result in results.items():
+        torch.save(result, out / f"{method}-rank{dist.rank()}.pt")
+    if dist.world_size() > 1:
+        run_sft_interrupted(out)
+        from lab.cli import main as cli
+
+        cli(
+            ["train", "rm", "--task", "bandit", "--steps", "1", "--batch-size", "4", "--eval-pairs", "8"]
+            + ["--out", str(out / "runs"), "--run-id", "rm"]
+        )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

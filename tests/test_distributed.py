@@ -1,0 +1,147 @@
+"""Two processes on the CPU (gloo), launched by torchrun, against one process on the same global batch.
+
+One ``torchrun --nproc_per_node 2`` launch runs ``tests/dist_worker.py``: a GRPO step (LoRA, token-mean loss, KL
+in the reward) and a DPO step (full fine-tuning, microbatches of one pair) on a fixed batch, a 3-step SFT run that
+rank 1 alone interrupts with SIGINT, and ``python -m lab train rm`` through the CLI. The same GRPO and DPO steps
+then run here, in one process. The summed gradients, the trained weights and the logged metrics must match, and
+the records must be written once, by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lab import dist
+from lab.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+# per-process by design (lab.dist): distinct-n pools the completions of one process only
+PER_PROCESS = ("time/", "memory/", "diversity/distinct_")
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """(the 2-process results per method and rank, the 1-process results, the 2-process output folder)."""
+    out = tmp_path_factory.mktemp("two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*command, str(WORKER), str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = {(m, r): torch.load(out / f"{m}-rank{r}.pt") for m in ("grpo", "dpo") for r in (0, 1)}
+
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import dist_worker
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    single = tmp_path_factory.mktemp("one")
+    one = {"grpo": dist_worker.run_grpo(single), "dpo": dist_worker.run_dpo(single)}
+    return two, one, out, single, proc
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_two_processes_take_the_step_of_one(launched, method):
+    """The gradient each optimizer step uses (summed over the 2 processes, every loss divided by global counts)
+    equals one process's on the whole batch to 1e-5; so do the weights after the steps, on both ranks. GRPO takes
+    two steps on its rollout, the second at a ratio ≠ 1."""
+    two, one, *_ = launched
+    rank0, rank1, single = two[(method, 0)], two[(method, 1)], one[method]
+    assert len(rank0["grads"]) == len(single["grads"]) == {"grpo": 2, "dpo": 1}[method]  # optimizer steps
+    for two_step, one_step, other_rank in zip(rank0["grads"], single["grads"], rank1["grads"]):
+        assert len(two_step) == len(one_step) > 0
+        assert max(float(g.abs().max()) for g in one_step) > 1e-3  # a real gradient, not zeros any sum would match
+        for g2, g1 in zip(two_step, one_step):
+            assert _close(g2, g1) < 1e-5
+        for g0, g1 in zip(two_step, other_rank):
+            assert torch.equal(g0, g1)  # the all-reduced gradient is the same on both ranks
+    for name, w in single["weights"].items():
+        assert _close(rank0["weights"][name], w) < 1e-5, name
+        assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name  # the replicas stay equal
+
+
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_metrics_are_reduced_as_one_process_computes_them(launched, method):
+    """Token- and sequence-weighted means over both processes (reward/std and length/correct from the gathered
+    rewards, kl/ref and entropy over every token) equal the one-process numbers, in the record too."""
+    two, one, out, single, _ = launched
+    logged = json.loads((out / "runs" / method / "metrics.jsonl").read_text().splitlines()[0])
+    alone = one[method]["metrics"][0]
+    compared = [k for k in alone if not k.startswith(PER_PROCESS)]
+    assert {"grad/norm", "kl/ref"} <= set(compared)
+    for key in compared:
+        assert two[(method, 0)]["metrics"][0][key] == pytest.approx(alone[key], abs=1e-5), key
+        assert two[(method, 1)]["metrics"][0][key] == pytest.approx(alone[key], abs=1e-5), key  # every rank
+        assert logged[key] == pytest.approx(alone[key], abs=1e-5), key
+
+
+def test_the_record_is_written_once_by_rank_0(launched):
+    """One folder per run, each complete: config, status, one metrics line per step, samples as one process
+    writes them, a final checkpoint; rank 1 wrote nothing."""
+    _, _, out, single, proc = launched
+    runs = out / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["dpo", "grpo", "rm", "sft"]
+    for name in ("grpo", "dpo", "rm"):
+        status = json.loads((runs / name / "status.json").read_text())
+        assert status["status"] == "completed" and status["steps"] == 1
+        assert json.loads((runs / name / "config.json").read_text())["steps"] == 1
+        lines = (runs / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1]
+        assert (runs / name / "checkpoints" / "final").is_dir()
+    for name in ("grpo", "dpo"):  # rank 0's samples, once: the same rows one process logs
+        two_samples = (runs / name / "samples.jsonl").read_text().splitlines()
+        one_samples = (single / "runs" / name / "samples.jsonl").read_text().splitlines()
+        assert len(two_samples) == len(one_samples) > 0
+    assert proc.stdout.count("status   completed") == 1  # the CLI's summary: printed by rank 0 only
+
+
+def test_sigint_on_one_rank_stops_every_rank(launched):
+    """Rank 1 alone got SIGINT after step 1 of 3: both ranks stopped after step 1 (else rank 0 would wait for
+    rank 1 forever at step 2), and rank 0's record says ``stopped`` with one step and a checkpoint."""
+    _, _, out, _, proc = launched
+    run = out / "runs" / "sft"
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "stopped" and status["steps"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (run / "checkpoints" / "final").is_dir()
+    assert "SIGINT: stopping after step 1" in proc.stderr
+
+
+def test_shard_is_contiguous_and_refuses_an_uneven_batch(monkeypatch):
+    """Rank r of N keeps rows [r·B/N, (r+1)·B/N): the shards in rank order are the global batch."""
+    rows = list(range(6))
+    assert dist.shard(rows) == rows  # one process: the identity
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    shards = []
+    for r in range(3):
+        monkeypatch.setenv("RANK", str(r))
+        shards.append(dist.shard(rows))
+    assert shards == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ConfigError, match=r"^batch_size: 4 rows do not split evenly over 3 processes"):
+        dist.shard(rows[:4])
+    with pytest.raises(ConfigError, match=r"^minibatch_size: 8 does not split evenly over 3 processes"):
+        dist.per_process(8, "minibatch_size")
+    assert dist.per_process(9, "minibatch_size") == 3
+
+
+def test_fsdp_and_deepspeed_configs_are_refused_in_one_line(monkeypatch):
+    """Every process holds the whole model here: an accelerate config that shards it stops before loading."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.setenv(flag, "true")
+        with pytest.raises(ConfigError, match=r"^accelerate config: FSDP and DeepSpeed are not supported"):
+            dist.init()
+        monkeypatch.delenv(flag)
