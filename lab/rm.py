@@ -40,7 +40,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -426,10 +425,7 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
     model = policy or load_reward_backbone(cfg, task, [r["prompt"] for r in rows])
     tokenizer = model.tokenizer
     device = next(model.parameters()).device
-    # the same rule as the policy trainers (lab.runner.load_for): a tiny model on the CPU runs faster on one thread
-    use_one_thread_for_tiny_models(
-        SimpleNamespace(device=device, num_parameters=lambda: {"total": sum(p.numel() for p in model.parameters())})
-    )
+    use_one_thread_for_tiny_models(model)  # before the first evaluation; Run applies it again for a given model
     params = model.trainable_parameters()
     optimizer = make_optimizer(params, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / cfg.steps if cfg.lr_decay else 1.0)

@@ -301,14 +301,16 @@ def load_for(cfg, task=None, prompts: list | None = None):
     return policy
 
 
-def use_one_thread_for_tiny_models(policy, max_params: int = 20_000_000) -> None:
+def use_one_thread_for_tiny_models(model, max_params: int = 20_000_000) -> None:
     """On the CPU, a model of a few million parameters runs faster on one thread: at that size the threads
     spend more time synchronising than computing (a GRPO step on arith ran many times slower on two busy cores).
-    An explicit OMP_NUM_THREADS is respected."""
+    ``model``: a policy (its ``.model``) or any module. An explicit OMP_NUM_THREADS is respected."""
     import os
 
-    if policy.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        if policy.num_parameters()["total"] <= max_params:
+    module = getattr(model, "model", model)
+    params = list(module.parameters()) if hasattr(module, "parameters") else []
+    if params and params[0].device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        if sum(p.numel() for p in params) <= max_params:
             torch.set_num_threads(1)
 
 
@@ -414,6 +416,8 @@ class Run:
         self.stop = stop or threading.Event()
         self.policy = policy
         self.save = save if save is not None else policy  # what checkpoints hold (a policy or a reward model)
+        # also for a model the caller loaded and passed in (notebooks, the app): a policy, or a reward model
+        use_one_thread_for_tiny_models(policy if policy is not None else self.save)
         self.optimizer = optimizer
         self.state = tuple(obj for obj in state if obj is not None)  # e.g. PPO's ptx batches exist only with ptx
         self._resume: ResumePoint | None = None

@@ -391,6 +391,167 @@ pd.DataFrame(
 ).round(3)
 
 # %% [markdown]
+# ## 7. Process vs outcome reward
+#
+# GRPO's outcome reward scores the whole answer once: every token of "75" (for 47+38) gets the same blame, the
+# ones digit that was right as much as the tens digit that dropped the carry. DeepSeekMath (§4.1.3) also tries
+# **process supervision**: a reward at the end of every step. Completion $i$ of the group has steps
+# $j = 1..K_i$ ending at token index(j) with reward $r_i^j$; all the group's step rewards are normalized together,
+# and a token's advantage sums the normalized rewards of the steps at or after it:
+#
+# $$\tilde r_i^j = \frac{r_i^j - \mathrm{mean}(R)}{\mathrm{std}(R)}, \quad R = \{r_i^j\}_{i, j}, \qquad
+#   \hat A_{it} = \sum_{j:\ \mathrm{index}(j) \ge t} \tilde r_i^j .$$
+#
+# On `arith` every answer token is a step, rewarded 1 while the answer is still right so far; the end token is
+# rewarded 1 when the answer is complete and right (`lab.process_reward.prefix_rewards`).
+
+# %%
+# Hand arithmetic: G = 2, step rewards [1, 1, 1] and [1, 0] (a two-step answer).
+# R = {1, 1, 1, 1, 0}: mean 0.8, std √0.2 = 0.4472, so r̃ = +0.4472 for a 1 and −1.7889 for the 0.
+# Â = suffix sums: [1.3416, 0.8944, 0.4472] and [0.4472 − 1.7889, −1.7889] = [−1.3416, −1.7889].
+import os
+
+import torch
+
+from lab.process_reward import prefix_rewards, process_advantages
+
+print(
+    "85<eos>:",
+    prefix_rewards(["8", "5"], "85", ended=True),
+    "  75<eos>:",
+    prefix_rewards(["7", "5"], "85", ended=True),
+    "  84<eos>:",
+    prefix_rewards(["8", "4"], "85", ended=True),
+)
+step_rewards = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+step_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+print(process_advantages(step_rewards, step_mask, group_size=2, eps=0.0))
+
+# %% [markdown]
+# ### Outcome against process, same samples
+#
+# Two GRPO runs on `arith` with the same seed, rollouts and budget; only `reward_mode` differs. We chart the
+# outcome reward of the rollouts (the exact-answer rate, which both runs log as `reward/mean`) and compare the greedy
+# held-out accuracy before and after.
+
+# %%
+import plotly.graph_objects as go
+
+from lab.grpo import GRPOConfig, train
+
+PROCESS_FULL = os.environ.get("LAB_PROCESS_FULL", "0") == "1"  # the README's budget: 20 rollouts of 4 × 8
+BUDGET = dict(steps=20, batch_size=4) if PROCESS_FULL else dict(steps=10, batch_size=4)
+runs = {}
+for mode in ("outcome", "process"):
+    cfg = GRPOConfig(
+        task="arith", reward_mode=mode, eval_every=BUDGET["steps"], out="runs/notebook", sample_every=0, **BUDGET
+    )
+    runs[mode] = list(train(cfg))
+    print(f"{mode:8s} held-out accuracy after {cfg.steps} rollouts: {runs[mode][-1]['eval/accuracy']:.3f}")
+
+fig = go.Figure()
+for mode, history in runs.items():
+    fig.add_trace(go.Scatter(x=[m["step"] for m in history], y=[m["reward/mean"] for m in history], name=mode))
+fig.update_layout(title="GRPO on arith: outcome vs process reward", xaxis_title="rollout", yaxis_title="reward/mean")
+fig
+
+# %% [markdown]
+# The process run's advantages differ inside one answer: the right tens digit of "84" keeps positive credit while
+# the wrong ones digit is pushed down. On `arith` the carry error sits in the first digit, so both rewards blame
+# the same token there; the process reward adds credit for the digits that were right, which is rare. One seed
+# says little: `python scripts/process_vs_outcome.py` (in the README) runs both on three seeds, and there the two
+# stay within a seed's spread of each other.
+
+# %% [markdown]
+# ## 8. Calibration: does the policy know when it is right?
+#
+# The seed remarks that RLHF'd models "at temperature 1 show much more overconfident behavior". To measure
+# it, take the probability the policy gives its own whole answer, p = π_θ(y|x) = exp Σ_t log π_θ(y_t|x, y_<t),
+# as its confidence, and compare it with how often such answers are right. Split the N answers into M
+# equal-width bins of confidence, B_1 = [0, 1/M], B_m = ((m−1)/M, m/M]:
+#
+# $$\mathrm{ECE} = \sum_{m=1}^{M} \frac{|B_m|}{N}\,\bigl|\,\mathrm{acc}(B_m) - \mathrm{conf}(B_m)\,\bigr|$$
+#
+# 0 is perfect calibration; an overconfident policy has conf > acc in its top bins. The reliability diagram
+# plots acc against conf per bin; a calibrated policy sits on the diagonal.
+
+# %%
+# The ECE on toy numbers, next to the hand arithmetic (M = 10):
+#   0.9, 0.9 (one right) → bin (0.8, 0.9]: |0.5 − 0.9| · 2/4 = 0.20
+#   0.6 (right)          → bin (0.5, 0.6]: |1.0 − 0.6| · 1/4 = 0.10
+#   0.2 (wrong)          → bin (0.1, 0.2]: |0.0 − 0.2| · 1/4 = 0.05      ECE = 0.35
+import os
+
+import torch
+
+from lab.diagnostics import expected_calibration_error, reliability_bins
+
+confidences = torch.tensor([0.9, 0.9, 0.6, 0.2], dtype=torch.float64)
+correct = torch.tensor([True, False, True, False])
+print("ECE =", expected_calibration_error(confidences, correct))
+print("perfectly calibrated:", expected_calibration_error(torch.tensor([0.25] * 4), torch.tensor([1, 0, 0, 0])))
+print("all confident, all wrong:", expected_calibration_error(torch.ones(3), torch.zeros(3, dtype=torch.bool)))
+[b for b in reliability_bins(confidences, correct) if b["count"]]
+
+# %% [markdown]
+# ### Before and after GRPO on `arith`
+#
+# The base model drops the carry and is sure of it: its wrong answers get high probability. GRPO logs
+# `eval/ece` at every evaluation (the run's `before` and `after` summaries hold it too). Here we draw the two
+# reliability diagrams from the same held-out problems, with the adapters off (π_ref) and on (π_θ).
+
+# %%
+from lab.diagnostics import answer_confidences, ece_from_bins, reliability_figure
+from lab.grpo import GRPOConfig, train
+from lab.runner import load_for
+from lab.tasks import get_task
+
+CAL_STEPS = 4 if LAB_FAST else 30
+CAL_EVAL = 32 if LAB_FAST else 200
+
+task = get_task("arith")
+cfg = GRPOConfig(task="arith", steps=CAL_STEPS, eval_every=0, eval_size=CAL_EVAL, out="runs/notebook", sample_every=0)
+policy = load_for(cfg, task)
+for _ in train(cfg, policy=policy):
+    pass
+
+prompts = task.eval_prompts()[:CAL_EVAL]
+with policy.reference() as ref:
+    before = reliability_bins(*answer_confidences(ref, policy.tokenizer, task, prompts))
+after = reliability_bins(*answer_confidences(policy.model, policy.tokenizer, task, prompts))
+print(f"eval/ece: π_ref {ece_from_bins(before):.3f} → π_θ {ece_from_bins(after):.3f}")
+reliability_figure([("π_ref", before), ("π_θ after GRPO", after)], title="arith, greedy answers")
+
+# %% [markdown]
+# ### On `bandit`, exactly against π*
+#
+# On an enumerable task we need neither sampling nor a notion of "correct": compare π_θ with the optimum
+# π* = π_ref·exp(r/β)/Z directly. Every (x, y) counts with weight π_θ(y|x); its confidence is π_θ(y|x), its
+# "accuracy" π*(y|x). That diagram is exactly the limit of sampling y ~ π_θ and asking π* whether it agrees;
+# `eval/ece_to_optimum` is its ECE, 0 at π_θ = π*.
+
+# %%
+from lab.diagnostics import exact_calibration_bins
+from lab.rollout import bandit_reference
+from lab.tasks.enumerable import next_token_logprobs, pi_star
+
+BANDIT_BETA = 0.1
+bandit = get_task("bandit")
+bcfg = GRPOConfig(task="bandit", beta=BANDIT_BETA, steps=6 if LAB_FAST else 60, out="runs/notebook", sample_every=0)
+bpolicy = load_for(bcfg, bandit)
+ref_logprobs = bandit_reference(bpolicy, bandit)  # (B, V) π_ref over the vocabulary
+rewards = bandit.reward_tables(bandit.eval_prompts(), bpolicy.tokenizer)  # (B, V)
+target = pi_star(ref_logprobs, rewards.to(ref_logprobs), BANDIT_BETA)  # (B, V) log π*
+bins_before = exact_calibration_bins(ref_logprobs, target)
+for _ in train(bcfg, policy=bpolicy):
+    pass
+with torch.no_grad():
+    logprobs = next_token_logprobs(bpolicy.model, bpolicy.tokenizer, bandit.eval_prompts())  # (B, V)
+bins_after = exact_calibration_bins(logprobs, target)
+print(f"ECE against π*: π_ref {ece_from_bins(bins_before):.3f} → π_θ {ece_from_bins(bins_after):.3f}")
+reliability_figure([("π_ref", bins_before), ("π_θ after GRPO", bins_after)], title="bandit, exact against π*")
+
+# %% [markdown]
 # ## Try this
 #
 # * **`GROUP_SIZE = 2`** against **16**: a problem the model solves with probability p gives an all-equal

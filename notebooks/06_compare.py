@@ -294,6 +294,77 @@ for label, policy in policies.items():
 table
 
 # %% [markdown]
+# ## 6. Conditional SFT on the pairs: "good" before the chosen, "bad" before the rejected
+#
+# The seed's first alternative to RL: "SFT on pairwise preferences: prepend good on preferred, bad on
+# rejected. Then train conditioning on good." Both answers of a pair become demonstrations, each behind a
+# control string c that ends the context, and the loss is SFT on the answer tokens:
+#
+# $$L(\theta) = -\,\mathbb{E}\Bigl[\tfrac{1}{|y_w|}\sum_t \log \pi_\theta(y_{w,t}\mid x, c_{good}, y_{w,<t})
+#   + \tfrac{1}{|y_l|}\sum_t \log \pi_\theta(y_{l,t}\mid x, c_{bad}, y_{l,<t})\Bigr]/2$$
+#
+# and the deployed policy answers after the good control: y ~ π_θ(·|x, c_good). The control is context, never a
+# target. Nothing pushes π_θ(y_l|x, c_good) down (DPO would); the model must learn from the two contexts alone
+# what separates them.
+
+# %%
+# The batch: where the control goes, token by token (mask 1 = a target of the loss).
+import os
+
+from lab.csft import encode_controlled_pairs
+from lab.modeling import load_tokenizer
+
+tok = load_tokenizer("reviews")
+row = {"prompt": "review of the pasta :", "chosen": "the pasta was great .", "rejected": "the pasta was bland ."}
+batch = encode_controlled_pairs(tok, [row], "good", "bad", max_length=64)
+for i, side in enumerate(("chosen", "rejected")):
+    n = int(batch.attention_mask[i].sum())
+    tokens = tok.convert_ids_to_tokens(batch.input_ids[i, :n].tolist())
+    print(side, " ".join(f"{t}[{m}]" for t, m in zip(tokens, batch.completion_mask[i, :n].tolist())))
+
+# %% [markdown]
+# ### A short run on `reviews`, and what the control does
+#
+# On the built-in model "good" and "bad" are ordinary words that it has read in reviews, so even before
+# training they steer it: the untrained π_ref(·|x, good) writes "pasta , so great ." — text π_ref(·|x) would
+# rarely write, far in KL. Training turns them into what the pairs say they mean. We compare the held-out
+# numbers behind each control (`lab.csft.heldout`: greedy and sampled gold reward, kl/ref = KL(π_θ(·|x, c) ‖
+# π_ref(·|x)), diversity).
+
+# %%
+import dataclasses
+
+from lab.csft import ControlledTask, CSFTConfig, heldout, train
+from lab.evaluate import answer
+from lab.runner import load_for
+from lab.tasks import get_task
+
+CSFT_STEPS = 6 if LAB_FAST else 60
+CSFT_SAMPLES = 2 if LAB_FAST else 8
+CSFT_EVAL = 4 if LAB_FAST else 10  # held-out prompts (reviews has 10)
+
+task = get_task("reviews")
+cfg = CSFTConfig(
+    task="reviews", steps=CSFT_STEPS, kl_samples=CSFT_SAMPLES, eval_size=CSFT_EVAL, out="runs/notebook", sample_every=0
+)
+policy = load_for(cfg, task)
+before = heldout(policy, task, cfg)
+for _ in train(cfg, policy=policy):
+    pass
+as_good = heldout(policy, task, cfg)
+as_bad = heldout(policy, task, dataclasses.replace(cfg, good="bad", bad="good"))  # the same policy, behind "bad"
+for name in ("eval/gold_reward", "eval/sample_reward", "kl/ref", "diversity/distinct_2"):
+    print(f"{name:22s} untrained+good {before[name]:7.3f}   good {as_good[name]:7.3f}   bad {as_bad[name]:7.3f}")
+
+# %%
+prompts = task.eval_prompts()[:4]
+for control in ("good", "bad"):
+    controlled = ControlledTask(task, policy.tokenizer, control)
+    ans = answer(policy.model, policy.tokenizer, controlled, controlled.eval_prompts()[:4])
+    for p, c, r in zip(ans.prompts, ans.completions, ans.rewards):
+        print(f"{p!r:34} → {c!r:45} gold {r:+.1f}")
+
+# %% [markdown]
 # ## Try this
 #
 # * **`BETA = 1.0`**: π* stays close to π_ref and every method should stop near the star, low on both axes.
