@@ -434,6 +434,24 @@ def before_after_frame(rows: list[dict]) -> pd.DataFrame:
     )
 
 
+def reliability_html(bins: dict[str, list[dict]]) -> str:
+    """Confidence against accuracy per bin, before and after, with the diagonal a calibrated policy lies on."""
+    from lab.diagnostics import ece_from_bins
+
+    series = [charts.Series("calibrated (accuracy = confidence)", [0.0, 1.0], [0.0, 1.0], charts.COLORS[8], True)]
+    for i, (label, rows) in enumerate((("before (π_ref)", bins["before"]), ("after", bins["after"]))):
+        full = [b for b in rows if b["count"]]
+        name = f"{label}: ECE {ece_from_bins(rows):.3f}"
+        x, y = [b["confidence"] for b in full], [b["accuracy"] for b in full]
+        series.append(charts.Series(name, x, y, charts.COLORS[i], markers=True))
+    chart = charts.Chart(
+        "Reliability diagram", "confidence: π(greedy answer) (probability)", "accuracy (share correct)", series,
+        "healthy: points near the diagonal; below it the policy is more sure than right (overconfident)",
+        elem_id="chart-reliability",
+    )  # fmt: skip
+    return charts.grid([chart])
+
+
 def before_after_text(summary: dict) -> str:
     if summary.get("diff") is None:
         return f"Same {summary.get('n', 0)} prompts, reference policy vs. tuned policy (greedy; no gold reward here)."
@@ -717,6 +735,9 @@ class LabApp:
             ui.compare = gr.Button("Compare again", scale=1, elem_id="compare")
         ui.ba_text = gr.Markdown(elem_id="before-after-summary")
         ui.ba_table = gr.Dataframe(before_after_frame([]), wrap=True, interactive=False, elem_id="before-after")
+        with gr.Accordion("Calibration: a reliability diagram (tasks with checkable answers)", open=False):
+            ui.reliability_go = gr.Button("Draw it for π_ref and the tuned policy", elem_id="reliability-go")
+            ui.reliability = gr.HTML(elem_id="reliability")
 
     def _best_of_n(self) -> None:
         ui = self.ui
@@ -888,6 +909,9 @@ class LabApp:
             self.on_compare, inputs=[ui.session, ui.n_compare], outputs=[ui.ba_text, ui.ba_table, ui.sample_pick],
             api_name="before_after",
         )  # fmt: skip
+        ui.reliability_go.click(
+            self.on_reliability, inputs=[ui.session, ui.n_compare], outputs=ui.reliability, api_name="reliability"
+        )
         ui.tokens.click(
             on_tokens, inputs=[ui.session, ui.sample_pick, ui.colour_by],
             outputs=[ui.token_text, ui.token_table, ui.token_sum], api_name="tokens",
@@ -1080,6 +1104,13 @@ class LabApp:
         except Exception as err:  # noqa: BLE001
             return error_text(live.user_message(err)), before_after_frame([]), gr.skip()
         return before_after_text(summary), before_after_frame(rows), sample_choices(state)
+
+    def on_reliability(self, state, n):
+        try:
+            bins = live.reliability(state if state is not None else live.Session(), n=n)
+        except Exception as err:  # noqa: BLE001
+            return error_text(live.user_message(err))
+        return reliability_html(bins)
 
     def on_bon(self, state, task_name, reward, n, prompts):
         state = state if state is not None else live.Session()

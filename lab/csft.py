@@ -42,7 +42,7 @@ import torch
 
 from lab import dist
 from lab.batching import PairBatch, _text, completion_end_token_id, token_logprobs
-from lab.config import BaseConfig, check, opt
+from lab.config import MicrobatchConfig, PreferenceDataConfig, check, opt
 from lab.data import unique_prompts
 from lab.ops import masked_sum
 from lab.runner import (
@@ -59,13 +59,9 @@ from lab.sft import SFTAccumulator
 
 
 @dataclass
-class CSFTConfig(BaseConfig):
+class CSFTConfig(PreferenceDataConfig, MicrobatchConfig):
     """Conditional SFT: SFT on chosen answers behind a good control string and on rejected ones behind a bad one."""
 
-    task: str = opt(
-        "reviews",
-        "built-in task with preference pairs (reviews, bandit) or jsonl:PATH / hf:ID of {prompt, chosen, rejected} rows",
-    )
     # 1e-3 as SFT, not SFT on preferred's 3e-4: the control word after the prompt is new context to learn, and at
     # 3e-4 the greedy reviews after 60 steps still repeated themselves (held-out gold −6.3; 1e-3: +2.1)
     lr: float | None = opt(
@@ -77,9 +73,6 @@ class CSFTConfig(BaseConfig):
     )
     steps: int = opt(60, "optimizer steps", min=1, max=1_000_000)
     batch_size: int = opt(32, "preference pairs per step (2 × batch_size demonstrations)", min=1, max=4096)
-    max_length: int = opt(
-        256, "truncate prompt+control+answer to this many tokens (prompt cut first)", min=2, max=65536
-    )
     per_sequence: bool = opt(False, "average the loss per sequence first instead of over all answer tokens")
     good: str = opt("good", "control string put after the prompt of every chosen answer, and used to generate")
     bad: str = opt("bad", "control string put after the prompt of every rejected answer")
@@ -92,17 +85,9 @@ class CSFTConfig(BaseConfig):
     kl_samples: int = opt(
         8, "completions sampled per held-out prompt for kl/ref and eval/sample_reward", min=1, max=1024
     )
-    microbatch_size: int | None = opt(
-        None,
-        "pairs per forward/backward (gradients accumulate over the batch); "
-        "default: the most that fit in memory (LAB_MICROBATCH_GB)",
-        min=1,
-        max=4096,
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.task != "arith", "task", "arith has no preference pairs; use reviews, bandit or jsonl:PATH")
         for name in ("good", "bad"):
             value = getattr(self, name)
             check(
@@ -340,6 +325,3 @@ def train(cfg: CSFTConfig, *, policy=None, stop: threading.Event | None = None, 
                 controlled = ControlledTask(task, policy.tokenizer, cfg.good)
                 run.samples(step, greedy_samples(policy, controlled, cfg.max_new_tokens))
             yield run.log(step, metrics, tokens=int(batch.attention_mask.sum()))
-
-
-Config = CSFTConfig

@@ -474,6 +474,10 @@ def finish(session: Session) -> None:
     if job is not None and job.done and job.policy is not None and job.phase in ("completed", "stopped"):
         session.policy = job.policy
         session.task = job.task
+        if job.method == "csft" and job.task is not None:  # conditional SFT answers after its `good` control
+            from lab.csft import ControlledTask
+
+            session.task = ControlledTask(job.task, job.policy.tokenizer, job.cfg.good)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -511,6 +515,31 @@ def compare(session: Session, n: int | None = 8, prompts: list[str] | None = Non
         summary["after"] = sum(after) / len(after)
         summary["diff"] = summary["after"] - summary["before"]
     return rows, summary
+
+
+def reliability(session: Session, n: int | None = None) -> dict[str, list[dict]]:
+    """The reliability diagram of π_ref (adapters off) and of the tuned policy on the first ``n`` (None: 64)
+    held-out prompts of a task with checkable answers: {"before": bins, "after": bins}, each
+    ``lab.diagnostics.reliability_bins`` of the greedy answer's probability against its correctness."""
+    from lab.diagnostics import answer_confidences, reliability_bins
+
+    policy, task = session.policy, session.task
+    if policy is None:
+        raise ValueError("no trained policy in this tab yet: launch a run first")
+    if task is None or task.kind != "verifiable":
+        raise ValueError("a reliability diagram needs answers that can be checked: train on arith (or math rows)")
+    count = len(task.eval_prompts())
+    n = 64 if n is None else check_count("held-out prompts", n, 1, count, f" ({task.name} has that many)")
+    prompts = task.eval_prompts()[:n]
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        after = reliability_bins(*answer_confidences(policy.model, policy.tokenizer, task, prompts))
+        with policy.reference() as ref:
+            before = reliability_bins(*answer_confidences(ref, policy.tokenizer, task, prompts))
+    finally:
+        policy.model.train(was_training)
+    return {"before": before, "after": after}
 
 
 def _before_after_untasked(policy, session: Session, n: int, prompts: list | None) -> list[dict]:

@@ -257,3 +257,54 @@ def test_an_experiment_trains_each_run_in_turn_and_feeds_the_first_to_the_rest(t
     assert all(r.status["status"] == "completed" for r in runs)
     with pytest.raises(ValueError, match="unknown 'nope'"):
         experiments.run("nope", out=str(tmp_path))
+
+
+def test_the_reliability_diagram_bins_both_policies_answers_and_refuses_where_nothing_is_checkable():
+    """Before and after hold the 8 answers in their bins; after a LoRA update the two differ. The ECE the chart
+    shows is the one ``expected_calibration_error`` gives on the same answers, and a bandit session is refused."""
+    import app
+    from lab import live
+    from lab.diagnostics import answer_confidences, ece_from_bins, expected_calibration_error
+    from lab.grpo import GRPOConfig
+    from lab.runner import load_for
+    from lab.tasks import get_task
+
+    task = get_task("arith")
+    policy = load_for(GRPOConfig(task="arith"), task)
+    with torch.no_grad():  # move the adapter so π_θ ≠ π_ref
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    bins = live.reliability(live.Session(policy=policy, task=task), n=8)
+    assert [sum(b["count"] for b in bins[k]) for k in ("before", "after")] == [8, 8]
+    confidences, correct = answer_confidences(policy.model, policy.tokenizer, task, task.eval_prompts()[:8])
+    assert ece_from_bins(bins["after"]) == pytest.approx(expected_calibration_error(confidences, correct))
+    assert bins["before"] != bins["after"]
+    page = app.reliability_html(bins)
+    assert "chart-reliability" in page
+    assert f"before (π_ref): ECE {ece_from_bins(bins['before']):.3f}" in page
+    assert f"after: ECE {ece_from_bins(bins['after']):.3f}" in page
+    with pytest.raises(ValueError, match="answers that can be checked"):
+        live.reliability(live.Session(policy=policy, task=get_task("bandit")))
+    with pytest.raises(ValueError, match="launch a run first"):
+        live.reliability(live.Session())
+
+
+def test_after_conditional_sft_the_app_compares_answers_given_the_good_control():
+    """A finished csft run's session answers held-out prompts after its ``good`` control (as the method's own
+    evaluation does); the before/after rows show the controlled prompts."""
+    from types import SimpleNamespace
+
+    from lab import live
+    from lab.csft import CSFTConfig
+    from lab.runner import load_for
+    from lab.tasks import get_task
+
+    cfg, task = CSFTConfig(task="reviews"), get_task("reviews")
+    policy = load_for(cfg, task)
+    job = SimpleNamespace(done=True, policy=policy, phase="completed", task=task, method="csft", cfg=cfg)
+    session = live.Session(job=job)
+    live.finish(session)
+    rows, _ = live.compare(session, n=2)
+    assert len(rows) == 2 and all(r["prompt"].rstrip().endswith(cfg.good.strip()) for r in rows)
+    assert all(r["after_reward"] is not None for r in rows)  # scored by the task's gold reward of the plain prompt
