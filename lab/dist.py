@@ -20,7 +20,11 @@ it is. Every trainer then runs unchanged; the few places where one process diffe
   gathered rewards, and ``Run.log`` averages what is left (means over equally sized shards);
 * **the record**: rank 0 alone writes config, metrics, samples and checkpoints (``NoRecord`` on the others);
 * **stopping**: a stop event, SIGTERM or SIGINT on any rank is or-reduced over the ranks before each step, so all
-  of them end after the same step.
+  of them end after the same step;
+* **FSDP** (``accelerate launch --use_fsdp``): full fine-tuning of sft, dpo and grpo shards the policy with torch's
+  ``fully_shard`` (``shard_model``); gradients are then reduce-scattered as sums by FSDP itself, sampling runs with
+  the weights gathered (``gathered``), and checkpoints save the full state dict gathered on rank 0
+  (``FullWeights``). The frozen reference copy stays whole on every rank.
 
 accelerate's ``PartialState`` reads the launcher's environment, initializes the process group (gloo on the CPU;
 nccl for CUDA tensors, with gloo beside it for the small host-side tensors) and picks the GPU of the local rank;
@@ -30,6 +34,8 @@ is the identity and nothing is imported.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -62,13 +68,12 @@ def _state():
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return PartialState()
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or (
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    ):
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise ConfigError(
-            "accelerate config: FSDP and DeepSpeed are not supported by lab's trainers; every process holds the "
-            "whole model (data parallel): choose 'multi-GPU' (DDP) in `accelerate config`, or use torchrun"
+            "accelerate config: DeepSpeed is not supported by lab's trainers; choose 'multi-GPU' (DDP) or FSDP "
+            "(full fine-tuning of sft, dpo and grpo) in `accelerate config`, or use torchrun"
         )
+    fsdp_reshard_after_forward()  # an FSDP strategy lab cannot run stops here, before any model loads
     if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() != "true":
         return PartialState(backend="cuda:nccl,cpu:gloo")  # gloo carries the host-side scalars and objects
     return PartialState(cpu=True, backend="gloo")
@@ -243,6 +248,9 @@ def sync_gradients(params) -> None:
 
     _state()
     params = [p for p in params if p.requires_grad or p.grad is not None]
+    params = [p for p in params if not hasattr(p, "full_tensor")]  # FSDP's shards: reduce-scattered as sums already
+    if not params:
+        return
     has_grad = reduce(_host([p.grad is not None for p in params]), "sum") > 0  # (n,)
     groups: dict = {}
     for p, has in zip(params, has_grad.tolist()):
@@ -265,7 +273,153 @@ def broadcast_parameters(params) -> None:
         return
     _state()
     for p in params:
-        torch.distributed.broadcast(p.data, src=0)
+        if not hasattr(p, "full_tensor"):  # an FSDP shard was broadcast whole before sharding (shard_model)
+            torch.distributed.broadcast(p.data, src=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FSDP: full fine-tuning with the weights, gradients and optimizer states sharded over the ranks
+
+FSDP_METHODS = ("sft", "dpo", "grpo")  # the trainers whose full fine-tuning runs sharded (the dpo family is dpo)
+_STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False}  # → reshard after forward
+
+
+def fsdp() -> bool:
+    """True when the launch asks for FSDP: ``accelerate launch --use_fsdp`` (or an accelerate config with FSDP)
+    sets ``ACCELERATE_USE_FSDP=true`` in every process's environment. Always false on one process."""
+    return world_size() > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_reshard_after_forward() -> bool:
+    """Whether a sharded layer frees its gathered weights after its forward: yes for FULL_SHARD (ZeRO-3, the
+    default), no for SHARD_GRAD_OP (ZeRO-2: gradients and optimizer states sharded, weights kept gathered from the
+    forward to the backward); accelerate passes ``FSDP_SHARDING_STRATEGY`` (FSDP 1 configs) or
+    ``FSDP_RESHARD_AFTER_FORWARD`` (FSDP 2 configs). One line for a strategy lab does not run."""
+    if not fsdp():
+        return True
+    if os.environ.get("FSDP_VERSION", "1") == "2":
+        return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"
+    strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+    if strategy not in _STRATEGIES:
+        raise ConfigError(
+            f"accelerate config: fsdp_sharding_strategy {strategy} is not supported; use FULL_SHARD or SHARD_GRAD_OP"
+        )
+    return _STRATEGIES[strategy]
+
+
+def check_fsdp(method: str, mode: str | None, resume=None) -> None:
+    """One line, before the first step, for what FSDP does not run here."""
+    if not fsdp():
+        return
+    works = f"FSDP runs full fine-tuning (mode=full) of {', '.join(FSDP_METHODS)}"
+    if method not in FSDP_METHODS or mode != "full":
+        what = f"{method} in mode={mode}" if method in FSDP_METHODS else method
+        raise ConfigError(f"accelerate config: {works}, not {what}; launch without FSDP for data parallel (DDP)")
+    if resume:
+        raise ConfigError(f"resume: a run under FSDP saves full weights, not a resumable state; {works} from scratch")
+
+
+def shard_model(model: torch.nn.Module, mode: str = "full") -> torch.nn.Module:
+    """Shard ``model`` over the ranks with FSDP (torch's ``fully_shard``) when the launch asks for FSDP; the model
+    itself otherwise. Each transformer block (the classes in ``model._no_split_modules``, as accelerate's
+    transformer auto-wrap picks them) is one unit, the embeddings and the head another: a unit's weights are
+    gathered for its forward and backward and freed after, and its gradients are reduce-scattered so that each
+    rank keeps (and its optimizer updates) only its 1/N of every weight. The reduction is a sum, not FSDP's
+    default mean, because every loss here already divides by the global batch's counts. Rank 0's weights are
+    broadcast first, so the shards are those of one model. Naive equivalent: ``model`` (every rank a whole copy)."""
+    if not fsdp():
+        return model
+    if mode != "full":
+        raise ConfigError(
+            f"accelerate config: FSDP runs full fine-tuning (mode=full) of {', '.join(FSDP_METHODS)}, not mode={mode}; "
+            "LoRA and QLoRA train data parallel (DDP): launch without FSDP"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return model
+    _state()
+    broadcast_parameters(list(model.parameters()) + list(model.buffers()))
+    mesh = init_device_mesh(device().type, (world_size(),))
+    reshard = fsdp_reshard_after_forward()
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules())[1:]:
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+    return model
+
+
+def _fsdp_units(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model) -> bool:
+    """True for a model that ``shard_model`` sharded."""
+    return fsdp() and isinstance(model, torch.nn.Module) and bool(_fsdp_units(model))
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Every weight of a sharded ``model`` whole on every rank while the block runs (FSDP's "summon full params"),
+    sharded again after; nothing for a model that is not sharded. Inside, forwards do no collective, so ranks may
+    run different numbers of them: sampling, which stops when this rank's completions end, and saving, which rank
+    0 alone does. Every rank must enter it (the gathering is a collective)."""
+    if not is_sharded(model):
+        yield model
+        return
+    units = _fsdp_units(model)
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        reshard = fsdp_reshard_after_forward()
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard)
+
+
+def full_weights(fn):
+    """Decorator for a function whose first argument is a model: it runs under ``gathered(model)``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with gathered(args[0] if args else kwargs["model"]):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class FullWeights:
+    """What a checkpoint of a sharded model saves: its full state dict, gathered by every rank (a collective) onto
+    rank 0's CPU when made; ``save_pretrained`` then writes it as one process would (rank 0 alone calls it), so the
+    saved model loads in one process. ``obj``: a Policy or a model; its ``tokenizer`` goes along."""
+
+    def __init__(self, obj):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        self.obj = obj
+        self.model = getattr(obj, "model", obj)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        self.state_dict = get_model_state_dict(self.model, options=options)
+        self.tokenizer = getattr(obj, "tokenizer", None)
+
+    def save_pretrained(self, path) -> None:
+        self.model.save_pretrained(path, state_dict=self.state_dict)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter or gradient gathered whole on every rank; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lab import dist
 from lab.errors import ConfigError, UserError
 from lab.ops import position_ids_from_mask
 
@@ -260,7 +261,7 @@ class Policy:
     """A trainable causal LM, its tokenizer, and the way to get the reference policy from it."""
 
     def __init__(self, model, tokenizer, mode: str, name: str, ref_model=None):
-        self.model = model
+        self.model = dist.shard_model(model, mode)  # under FSDP (lab.dist) sharded over the ranks; else as it is
         self.tokenizer = tokenizer
         self.mode = mode
         self.name = name

@@ -143,7 +143,10 @@ def auto_microbatch(
     tokens = max(tokens_per_row, 1)
     per_row = tokens * _BYTES_PER_VOCAB * vocab + (tokens + context_tokens) * _BYTES_PER_HIDDEN_LAYER * hidden * layers
     budget = budget_bytes if budget_bytes is not None else logits_budget_bytes(next(model.parameters()).device)
-    return _largest_divisor_within(rows, budget // per_row)
+    micro = _largest_divisor_within(rows, budget // per_row)
+    if dist.fsdp():  # each forward and backward is a collective there: every rank takes the smallest of theirs
+        micro = int(-dist.global_max(torch.tensor([-float(micro)]))[0])
+    return micro
 
 
 def auto_generation_batch(model, rows: int, total_tokens: int, budget_bytes: int | None = None) -> int:
@@ -426,6 +429,7 @@ class Run:
         self._restored = False
         self._snapshot: dict | None = None  # random states and `state` at the end of the last logged step
         config = {"method": method, **(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))}
+        dist.check_fsdp(method, getattr(cfg, "mode", None), getattr(cfg, "resume", None))
         for name in ("batch_size", "minibatch_size"):  # several processes: each takes an equal share (lab.dist)
             if dist.world_size() > 1 and config.get(name):
                 dist.per_process(config[name], name)
@@ -443,6 +447,8 @@ class Run:
                 self.record.add_tracker(tracker)
         self.step = self._resume.step if self._resume is not None else 0
         self.summary: dict = {"processes": dist.world_size()} if dist.world_size() > 1 else {}
+        if dist.fsdp():  # the weights, gradients and optimizer states sharded over the processes (lab.dist)
+            self.summary["fsdp"] = "FULL_SHARD" if dist.fsdp_reshard_after_forward() else "SHARD_GRAD_OP"
         last = getattr(self.record, "last_metrics", None)  # a resumed run's clock goes on from its last row
         self.started = time.time() - (float(last.get("time/elapsed", 0.0)) if isinstance(last, dict) else 0.0)
         self._step_started = self.started
@@ -540,6 +546,9 @@ class Run:
 
     def _checkpoint(self, tag: str) -> None:
         """Save the weights under ``tag``, with the trainer state when it matches them (see `_trainer_state`)."""
+        if dist.fsdp():  # every rank gathers the sharded weights; rank 0 saves them whole, loadable by one process
+            self.record.save_checkpoint(dist.FullWeights(self.save), tag)
+            return
         self.record.save_checkpoint(self.save, tag, state=self._trainer_state())
 
     def _trainer_state(self) -> dict | None:
@@ -616,7 +625,8 @@ class Run:
         saving = self.save is not None and (self._resume is None or self._restored)
         if status != "failed" and saving:
             self._checkpoint("final")
-        elif saving and self.step >= 1 and not issubclass(exc_type, Diverged):
+        elif saving and self.step >= 1 and not issubclass(exc_type, Diverged) and not dist.fsdp():
+            # (under FSDP the saving is a collective, and a failure may have ended only some of the ranks)
             # the weights of a run that failed after training (in its last evaluation, say) are still worth having
             try:
                 self._checkpoint("last")

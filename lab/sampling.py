@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from lab import dist
 from lab.ops import (
     cache_kwargs,
     completion_mask,
@@ -194,6 +195,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@dist.full_weights  # under FSDP every rank holds the whole model while it samples (lab.dist.gathered)
 def generate(
     model: torch.nn.Module,
     tokenizer,

@@ -44,7 +44,10 @@ class GradientTap:
         tap = self
 
         def zero_grad(optimizer, set_to_none: bool = True):
-            grads = [p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            from lab.dist import full_tensor  # under FSDP each rank holds a shard: gathered whole, on every rank
+
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grads = [full_tensor(p.grad.detach()).clone() for p in params]
             if grads:
                 tap.steps.append(grads)
             tap._original(optimizer, set_to_none)
@@ -56,16 +59,19 @@ class GradientTap:
 
 
 def trained(policy) -> dict:
-    return {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+    from lab.dist import full_tensor
+
+    return {n: full_tensor(p.detach()).clone() for n, p in policy.model.named_parameters() if p.requires_grad}
 
 
-def run_grpo(out: Path) -> dict:
+def run_grpo(out: Path, mode: str = "lora") -> dict:
     import lab.grpo
     from lab.runner import load_for, seed_everything
     from lab.tasks import get_task
 
     cfg = lab.grpo.GRPOConfig(
         task="arith",
+        mode=mode,
         steps=1,
         batch_size=4,  # 2 prompts a process, 2 completions each: the groups stay whole
         group_size=2,
@@ -131,10 +137,14 @@ def run_sft_interrupted(out: Path) -> None:
             signal.raise_signal(signal.SIGINT)
 
 
-def main(out: Path) -> None:
+def main(out: Path, fsdp: bool = False) -> None:
     from lab import dist
 
     out.mkdir(parents=True, exist_ok=True)
+    if fsdp:  # ACCELERATE_USE_FSDP=true: the DPO step with the weights sharded, then GRPO in full fine-tuning
+        torch.save(run_dpo(out), out / f"dpo-rank{dist.rank()}.pt")
+        torch.save(run_grpo(out, mode="full"), out / f"grpo-rank{dist.rank()}.pt")
+        return
     results = {"grpo": run_grpo(out), "dpo": run_dpo(out)}
     for method, result in results.items():
         torch.save(result, out / f"{method}-rank{dist.rank()}.pt")
@@ -149,4 +159,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), fsdp=sys.argv[2:] == ["fsdp"])

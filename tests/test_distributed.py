@@ -137,11 +137,102 @@ def test_shard_is_contiguous_and_refuses_an_uneven_batch(monkeypatch):
     assert dist.per_process(9, "minibatch_size") == 3
 
 
-def test_fsdp_and_deepspeed_configs_are_refused_in_one_line(monkeypatch):
-    """Every process holds the whole model here: an accelerate config that shards it stops before loading."""
+def test_what_fsdp_does_not_run_is_refused_in_one_line(monkeypatch):
+    """DeepSpeed, an FSDP strategy other than FULL_SHARD / SHARD_GRAD_OP, FSDP for a trainer other than sft, dpo
+    and grpo, for LoRA, or with resume: each stops in one line naming what works, before any model is sharded."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        monkeypatch.setenv(flag, "true")
-        with pytest.raises(ConfigError, match=r"^accelerate config: FSDP and DeepSpeed are not supported"):
-            dist.init()
-        monkeypatch.delenv(flag)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match=r"^accelerate config: DeepSpeed is not supported"):
+        dist.init()
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")
+    with pytest.raises(ConfigError, match=r"^accelerate config: fsdp_sharding_strategy HYBRID_SHARD is not supp"):
+        dist.init()
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP")
+    assert dist.fsdp_reshard_after_forward() is False  # ZeRO-2: the weights stay gathered from forward to backward
+    monkeypatch.setenv("FSDP_VERSION", "2")  # FSDP 2 configs say it directly
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    assert dist.fsdp_reshard_after_forward() is True
+    works = r"FSDP runs full fine-tuning \(mode=full\) of sft, dpo, grpo"
+    with pytest.raises(ConfigError, match=rf"^accelerate config: {works}, not ppo; launch without FSDP"):
+        dist.check_fsdp("ppo", "full")
+    with pytest.raises(ConfigError, match=rf"^accelerate config: {works}, not dpo in mode=lora"):
+        dist.check_fsdp("dpo", "lora")
+    with pytest.raises(ConfigError, match=rf"^accelerate config: {works}, not mode=qlora; LoRA and QLoRA"):
+        dist.shard_model(torch.nn.Linear(2, 2), "qlora")
+    with pytest.raises(ConfigError, match=r"^resume: a run under FSDP saves full weights"):
+        dist.check_fsdp("sft", "full", resume="run-1")
+    dist.check_fsdp("grpo", "full")  # what works passes
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: FSDP asked for or not, nothing is sharded
+    layer = torch.nn.Linear(2, 2)
+    assert not dist.fsdp() and dist.shard_model(layer, "lora") is layer
+
+
+@pytest.fixture(scope="module")
+def sharded(launched, tmp_path_factory):
+    """(the 2-process FSDP results per method and rank, the 1-process results, the FSDP output folder): DPO and
+    GRPO in full fine-tuning under ``ACCELERATE_USE_FSDP=true`` (what ``accelerate launch --use_fsdp`` sets)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_FSDP": "true"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*command, str(WORKER), str(out), "fsdp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = {(m, r): torch.load(out / f"{m}-rank{r}.pt") for m in ("grpo", "dpo") for r in (0, 1)}
+    import dist_worker  # imported by `launched`
+
+    _, one, *_ = launched
+    one = {"dpo": one["dpo"], "grpo": dist_worker.run_grpo(tmp_path_factory.mktemp("one-full"), mode="full")}
+    return two, one, out
+
+
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_fsdp_full_fine_tuning_takes_the_step_of_one_process(sharded, method):
+    """Weights, gradients and AdamW states sharded over 2 processes (FULL_SHARD); GRPO samples its rollout with the
+    weights gathered. The gathered gradient of every optimizer step equals one process's to 1e-5, and so do the
+    gathered weights after the steps, wherever the step-1 gradient is above 1e-6: AdamW's first step is
+    lr·g/(|g|+eps), eps = 1e-8, so a gradient of 1e-9 moves its weight by a fraction of lr that its last rounding
+    bits decide (the ranks sum in another order than one process). The metrics match one process's too, but
+    rewards/accuracy: at step 1 π = π_ref, so every DPO margin is a tie of rounding errors."""
+    two, one, _ = sharded
+    rank0, rank1, single = two[(method, 0)], two[(method, 1)], one[method]
+    assert len(rank0["grads"]) == len(single["grads"]) == {"grpo": 2, "dpo": 1}[method]
+    for two_step, one_step, other_rank in zip(rank0["grads"], single["grads"], rank1["grads"]):
+        assert len(two_step) == len(one_step) == len(single["weights"])  # every weight trains
+        assert max(float(g.abs().max()) for g in one_step) > 1e-4  # well above the tolerance: a real gradient
+        for g2, g1 in zip(two_step, one_step):
+            assert _close(g2, g1) < 1e-5
+        for g0, g1 in zip(two_step, other_rank):
+            assert torch.equal(g0, g1)
+    moved = 0
+    for (name, w), g in zip(single["weights"].items(), single["grads"][0]):
+        assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name
+        assert _close(rank0["weights"][name], w) < 2 * 1e-2, name  # no AdamW step exceeds lr = 1e-2 (plus decay)
+        big = g.abs() > 1e-6
+        moved += int(big.sum())
+        if big.any():
+            assert _close(rank0["weights"][name][big], w[big]) < 1e-5, name
+    assert moved > 1000
+    alone = single["metrics"][0]
+    compared = [k for k in alone if not k.startswith(PER_PROCESS) and k != "rewards/accuracy"]
+    assert {"grad/norm", "kl/ref"} <= set(compared)
+    for key in compared:
+        assert rank0["metrics"][0][key] == pytest.approx(alone[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_an_fsdp_checkpoint_loads_in_one_process(sharded, method):
+    """Rank 0 saved the gathered full state dict: the final checkpoint loads as an ordinary model in one process,
+    and holds the weights the 2 processes trained, sharded."""
+    from lab.modeling import load_causal_lm
+
+    two, _, out = sharded
+    model = load_causal_lm(str(out / "runs" / method / "checkpoints" / "final"), device="cpu")
+    loaded = dict(model.named_parameters())
+    assert loaded.keys() >= two[(method, 0)]["weights"].keys()
+    for name, w in two[(method, 0)]["weights"].items():
+        assert torch.equal(loaded[name].detach(), w), name
+    status = json.loads((out / "runs" / method / "status.json").read_text())
+    assert status["status"] == "completed" and status["steps"] == 1
