@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 
@@ -48,6 +49,7 @@ def cmd_train(method: str, argv: list[str]) -> int:
     check_before_loading(cfg)
     dist.init()  # under torchrun / accelerate launch: join the other processes before loading (lab.dist)
     stop = threading.Event()
+    previous_sigint = _stop_on_ctrl_c(stop)
     headline = ("reward/mean", "loss/dpo", "loss/rm", "loss/sft", "loss/policy", "kl/ref", "accuracy")
     last: dict = {}
     gen = start(train, cfg, stop=stop)  # the record exists now: gen.path is where this run writes
@@ -80,10 +82,30 @@ def cmd_train(method: str, argv: list[str]) -> int:
     finally:
         if bar is not None:
             bar.close()
+        if previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
         dist.close()
     if gen.path is not None and gen.path.is_dir():
         _print_summary(gen.path, last)
     return 0
+
+
+def _stop_on_ctrl_c(stop: threading.Event):
+    """First Ctrl-C: the run ends after its current step, as with SIGTERM (status ``stopped``, a checkpoint with its
+    trainer state, the after-evaluation and the last step's samples). A second one stops at once. Returns the
+    handler it replaced (None where it installs none: under a launcher, where `lab.runner.Run` handles it on
+    every process, or off the main thread)."""
+    if dist.world_size() > 1 or threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("Ctrl-C: stopping after the current step, then saving (press it again to stop at once)",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    return signal.signal(signal.SIGINT, on_sigint)
 
 
 def train_config(config_cls, args: argparse.Namespace):

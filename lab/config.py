@@ -150,17 +150,11 @@ class BaseConfig:
         """A resumed run keeps its settings: the run exists and has a checkpoint to go on from (see
         `lab.records.find_resume_point`), was trained with this config class, and differs from this config only in
         ``RESUME_MAY_CHANGE``. Fields still None here are resolved by the subclass from fields that match."""
-        from lab.methods import METHODS
         from lab.records import find_resume_point
 
         point = find_resume_point(self.resume, self.out)
-        name, saved, method = point.path.name, point.config, point.config.get("method")
-        saved_class = (saved.get("meta") or {}).get("config_class") or METHODS.get(method, (None, None))[1]
-        if saved_class and saved_class != type(self).__name__:
-            raise ConfigError(
-                f"resume: run {name} was trained with {method} ({saved_class}), not {type(self).__name__}; "
-                f"resume it with: python -m lab train {method} --resume {name}"
-            )
+        name, saved = point.path.name, point.config
+        type(self)._check_resumed_class(point)
         check(
             self.run_id in (None, name), "run_id", f"a resumed run keeps its folder {name}, got --run-id {self.run_id}"
         )
@@ -184,12 +178,26 @@ class BaseConfig:
         )
 
     @classmethod
+    def _check_resumed_class(cls, point) -> None:
+        """The run at ``point`` (a `lab.records.ResumePoint`) was trained with this config class, or one line."""
+        from lab.methods import METHODS
+
+        method = point.config.get("method")
+        saved_class = (point.config.get("meta") or {}).get("config_class") or METHODS.get(method, (None, None))[1]
+        if saved_class and saved_class != cls.__name__:
+            raise ConfigError(
+                f"resume: run {point.path.name} was trained with {method} ({saved_class}), not {cls.__name__}; "
+                f"resume it with: python -m lab train {method} --resume {point.path.name}"
+            )
+
+    @classmethod
     def resuming(cls, run: str, out: str = "runs", **changes) -> BaseConfig:
         """The config that goes on with ``run`` (its id under ``out``, or its folder): the run's own settings, with
         ``changes`` to any of ``RESUME_MAY_CHANGE`` (``GRPOConfig.resuming("grpo-…", steps=200)``)."""
         from lab.records import find_resume_point
 
         point = find_resume_point(run, out)
+        cls._check_resumed_class(point)  # before its settings meet this class's ranges (another method's β...)
         names = {f.name for f in dataclasses.fields(cls)}
         saved = {k: v for k, v in point.config.items() if k in names and k not in ("resume", "run_id", "out")}
         return cls(**{**saved, "out": str(point.path.parent), **changes, "resume": point.path.name})

@@ -44,6 +44,7 @@ from lab import dist
 from lab.batching import PairBatch, _text, completion_end_token_id, token_logprobs
 from lab.config import MicrobatchConfig, PreferenceDataConfig, check, opt
 from lab.data import unique_prompts
+from lab.errors import ConfigError
 from lab.ops import masked_sum
 from lab.runner import (
     Run,
@@ -88,6 +89,8 @@ class CSFTConfig(PreferenceDataConfig, MicrobatchConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check(self.task != "bandit", "task", "bandit's 37-word vocabulary has no words to be controls; use reviews or "
+              "your own pairs (jsonl:PATH, hf:ID)")  # fmt: skip
         for name in ("good", "bad"):
             value = getattr(self, name)
             check(
@@ -100,6 +103,20 @@ class CSFTConfig(PreferenceDataConfig, MicrobatchConfig):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The control string and the batch
+
+
+def check_controls(tokenizer, good: str, bad: str) -> None:
+    """The two controls must reach the model as different tokens, none of them unknown: a word the tokenizer does
+    not know becomes its unk token, and two such words would be the same control (one line, naming the field)."""
+    unk = tokenizer.unk_token_id
+    ids = {}
+    for name, control in (("good", good), ("bad", bad)):
+        ids[name] = tokenizer(" " + control, add_special_tokens=False)["input_ids"]
+        if unk is not None and unk in ids[name]:
+            raise ConfigError(f"{name}: {control!r} holds a word this tokenizer does not know (it reads as "
+                              f"{tokenizer.unk_token!r}); pick a control made of words in its vocabulary")  # fmt: skip
+    if ids["good"] == ids["bad"]:
+        raise ConfigError(f"bad: {bad!r} and good {good!r} encode to the same tokens {ids['bad']}; pick different ones")
 
 
 def control_prompt(tokenizer, prompt, control: str) -> str:
@@ -277,6 +294,7 @@ def train(cfg: CSFTConfig, *, policy=None, stop: threading.Event | None = None, 
     task = get_task(cfg.task) if cfg.task in TASKS else None
     rows = list(load_rows(cfg.task, format="preference", skip_bad_rows=cfg.skip_bad_rows))
     policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
+    check_controls(policy.tokenizer, cfg.good, cfg.bad)
     add_eos = task is None or task.kind != "bandit"  # a bandit answer is one token and the episode ends without eos
     params = policy.trainable_parameters()
     optimizer = make_optimizer(params, cfg)

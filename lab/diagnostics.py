@@ -265,32 +265,47 @@ def window_means(rows: list[dict], names: list[str], steps: range) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """``python -m lab.diagnostics RUN [RUN ...]``: each run's early and final means of its reward, gold reward, KL
     and diversity metrics (early: steps ``--early A B``; final: the last ``--final N`` steps)."""
-    import argparse
+    import sys
     from pathlib import Path
 
+    from lab.config import ArgumentParser
+    from lab.errors import UserError
     from lab.records import load_run
 
-    parser = argparse.ArgumentParser(prog="python -m lab.diagnostics", description=main.__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run folders")
-    parser.add_argument("--early", type=int, nargs=2, default=[11, 20], metavar=("FIRST", "LAST"))
-    parser.add_argument("--final", type=int, default=40, help="the last N steps")
-    parser.add_argument(
-        "--metrics",
-        nargs="+",
-        default=["reward/mean", "reward/gold", "kl/ref", "diversity/distinct_1", "diversity/distinct_2"],
-    )
+    parser = ArgumentParser(prog="python -m lab.diagnostics", description=main.__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders, or run ids under --out")
+    parser.add_argument("--out", default="runs", help="where run ids are looked up (default: runs)")
+    parser.add_argument("--early", type=int, nargs=2, default=[11, 20], metavar=("FIRST", "LAST"),
+                        help="the steps of the early window (default: 11 20)")  # fmt: skip
+    parser.add_argument("--final", type=int, default=40, help="the last N steps (default: 40)")
+    default_metrics = ["reward/mean", "reward/gold", "kl/ref", "diversity/distinct_1", "diversity/distinct_2"]
+    parser.add_argument("--metrics", nargs="+", help=f"default: {' '.join(default_metrics)}")
     args = parser.parse_args(argv)
+    if not 1 <= args.early[0] <= args.early[1] or args.final < 1:
+        parser.error(f"--early FIRST LAST needs 1 ≤ FIRST ≤ LAST and --final ≥ 1, got {args.early} and {args.final}")
+    try:
+        runs = [load_run(p if Path(p).is_dir() else Path(args.out) / p) for p in args.runs]
+    except (UserError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    logged = set().union(*(row.keys() for run in runs for row in run.metrics))
+    unknown = [m for m in args.metrics or () if m not in logged]
+    args.metrics = args.metrics or default_metrics
+    if unknown:
+        parser.error(f"--metrics: {', '.join(unknown)} logged by none of these runs")
     print("| run | " + " | ".join(f"{m}, early → final" for m in args.metrics) + " |")
     print("|---|" + "---|" * len(args.metrics))
-    for path in args.runs:
-        rows = load_run(path).metrics
+    for run in runs:
+        rows = run.metrics
         last = max(r["step"] for r in rows)
         early = window_means(rows, args.metrics, range(args.early[0], args.early[1] + 1))
         final = window_means(rows, args.metrics, range(last - args.final + 1, last + 1))
         cells = [
             "—" if early[m] is None or final[m] is None else f"{early[m]:.3f} → {final[m]:.3f}" for m in args.metrics
         ]
-        print(f"| {Path(path).name} | " + " | ".join(cells) + " |")
+        print(f"| {run.path.name} | " + " | ".join(cells) + " |")
+    if last < args.early[1]:
+        print(f"(a run shorter than step {args.early[1]} leaves the early window empty: set --early)", file=sys.stderr)
     return 0
 
 

@@ -49,7 +49,10 @@ def groups(rows: list[dict]) -> list[tuple[Any, list[int]]]:
 
 
 def clip_range(config: dict) -> tuple[float | None, float | None]:
-    """(ε_low, ε_high) of a run's config: GRPO's two, PPO's symmetric ``cliprange``, (None, None) without a clip."""
+    """(ε_low, ε_high) of a run's config (GRPO's and PPO's ``epsilon_low``/``epsilon_high``; older records' symmetric
+    ``cliprange``); (None, None) without a clip: ``clip`` off (ε = ∞, attempt 2 of the ladder) or REINFORCE."""
+    if config.get("clip") is False:
+        return None, None
     if config.get("epsilon_low") is not None:
         low = float(config["epsilon_low"])
         high = config.get("epsilon_high")

@@ -48,6 +48,10 @@ def test_inspector_other_methods_and_old_records():
     ppo = token_terms(ROW, {"method": "ppo", "cliprange": 0.2, "beta": 0.05})
     assert ppo[0]["term"] == pytest.approx(1.2) and ppo[0]["clipped"] is True
     assert ppo[1]["kl"] == pytest.approx(-0.5) and ppo[1]["kl_term"] == pytest.approx(-0.025)
+    no_clip = token_terms(ROW, {"method": "ppo", "clip": False, "epsilon_low": 0.2, "epsilon_high": 0.2})
+    assert no_clip[0]["term"] == pytest.approx(1.648721, abs=1e-6) and no_clip[0]["clipped"] is False  # ε = ∞
+    assert no_clip[3]["term"] == pytest.approx(-0.606531, abs=1e-6) and no_clip[3]["clipped"] is False
+    assert "clip(" not in equation(no_clip[0], {"method": "ppo", "clip": False, "epsilon_low": 0.2})
     reinforce = token_terms(ROW, {"method": "reinforce", "beta": 0.0})
     assert reinforce[0]["term"] == pytest.approx(1.648721, abs=1e-6) and reinforce[0]["clipped"] is False
     assert token_terms({"prompt": "x", "completion": "y"}, GRPO) == []

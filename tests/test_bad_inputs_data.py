@@ -352,7 +352,10 @@ def test_save_every_replaces_one_latest_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "periodic" / "checkpoints").iterdir()) == ["final", "latest"]
 
 
-def test_sigterm_on_a_cli_run_leaves_it_stopped_with_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_on_a_cli_run_ends_it_after_the_step_with_a_checkpoint(tmp_path, signum):
+    """The first SIGTERM or Ctrl-C lets the current step finish: the record's step counts agree, the last step's
+    samples and the after-evaluation are there, and the final checkpoint holds the trainer state to resume from."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -385,9 +388,14 @@ def test_sigterm_on_a_cli_run_leaves_it_stopped_with_a_checkpoint(tmp_path):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
+    assert "stopping after" in stderr and "Traceback" not in stderr, stderr
     run = load_run(tmp_path / "term")
     assert run.status["status"] == "stopped" and 2 <= run.steps < 500
-    assert run.status["latest_checkpoint"] == "final" and (tmp_path / "term" / "checkpoints" / "final").is_dir()
+    assert run.status["summary"]["steps"] == run.steps == run.metrics[-1]["step"]
+    assert "eval" in run.status["summary"]  # SFT's held-out evaluation at the end
+    assert max(row["step"] for row in run.samples) == run.steps
+    final = tmp_path / "term" / "checkpoints" / "final"
+    assert run.status["latest_checkpoint"] == "final" and (final / "trainer_state.pt").is_file()

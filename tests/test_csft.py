@@ -182,11 +182,21 @@ def test_a_few_steps_change_parameters_and_write_the_record(tmp_path):
     assert run.samples and all(s["prompt"].endswith(" good") for s in run.samples)
 
 
-def test_on_bandit_the_metrics_are_exact(tmp_path):
-    """One step on bandit: kl/ref and eval/kl_to_optimum come from the vocabulary, not from samples."""
-    history = list(train(_tiny(tmp_path, task="bandit", steps=1, run_id="b")))
-    last = history[-1]
-    assert last["kl/ref"] >= 0 and last["eval/kl_to_optimum"] > 0
+def test_controls_the_tokenizer_cannot_tell_apart_are_refused_in_one_line():
+    """On bandit's 37-word vocabulary neither control is a word, so the task is refused; on reviews a made-up word
+    reads as <unk>, and two of them would be one control."""
+    from lab.config import ConfigError
+    from lab.csft import check_controls
+    from lab.tasks.base import load_builtin
+
+    with pytest.raises(ConfigError, match="^task: bandit's 37-word vocabulary"):
+        CSFTConfig(task="bandit")
+    _, tokenizer = load_builtin("reviews")
+    check_controls(tokenizer, "good", "bad")  # two known words, two different tokens
+    with pytest.raises(ConfigError, match="^good: 'zzzqqq' holds a word this tokenizer does not know"):
+        check_controls(tokenizer, "zzzqqq", "bad")
+    with pytest.raises(ConfigError, match="^bad: 'great' and good 'great' encode to the same tokens"):
+        check_controls(tokenizer, "great", "great")
 
 
 def test_the_registry_reaches_it():

@@ -221,3 +221,21 @@ def test_every_diagnostic_metric_is_in_the_readme_glossary():
     logged = set(diversity_metrics(_rollout())) | {"eval/ece", "eval/ece_to_optimum"}
     assert logged == set(NEW_METRICS)
     assert logged <= documented, sorted(logged - documented)
+
+
+def test_the_diagnostics_command_reads_runs_by_id_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    """Early steps 1–2 and the final 2 of a 4-step record: reward 0, 1 | 2, 3 → means 0.5 → 2.5 (hand-computed)."""
+    from lab.diagnostics import main
+    from lab.records import RunRecord
+
+    record = RunRecord.create(out=str(tmp_path), run_id="r", config={"method": "grpo"})
+    for step in range(1, 5):
+        record.log_metrics(step, {"step": step, "reward/mean": float(step - 1)})
+    record.finish("completed")
+    assert main(["r", "--out", str(tmp_path), "--early", "1", "2", "--final", "2", "--metrics", "reward/mean"]) == 0
+    assert "| r | 0.500 → 2.500 |" in capsys.readouterr().out
+    assert main(["nope", "--out", str(tmp_path)]) == 2
+    assert "no run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["r", "--out", str(tmp_path), "--metrics", "nope"])
+    assert "nope logged by none" in capsys.readouterr().err

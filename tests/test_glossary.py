@@ -24,7 +24,7 @@ RUNS = [
     ("dpo", {"task": "reviews", "batch_size": 4, "eval_size": 2, "kl_samples": 1, "kl_prompts": 2}),  # sampled
     ("sft-preferred", {"task": "bandit", "batch_size": 8}),
     ("reinforce", {"task": "arith", "batch_size": 8, "eval_size": 4}),  # length/correct on a verifiable task
-    ("csft", {"task": "bandit", "batch_size": 8}),
+    ("csft", {"task": "reviews", "batch_size": 4, "eval_size": 2, "kl_samples": 1}),
     ("grpo", {"task": "bandit", "batch_size": 4, "group_size": 2, "beta": 0.5, "eval_size": 4}),
     ("grpo", {"task": "arith", "reward_mode": "process", "batch_size": 2, "group_size": 2, "eval_size": 2}),
     (

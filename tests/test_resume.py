@@ -203,6 +203,9 @@ def test_resume_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         DPOConfig(task="reviews", resume="old", out=str(tmp_path))
     assert "trained with grpo" in _one_line(err)
+    with pytest.raises(ConfigError) as err:  # the CLI's path: the method is named before the run's β meets DPO's range
+        DPOConfig.resuming("old", out=str(tmp_path))
+    assert _one_line(err).startswith("resume: run old was trained with grpo")
     with pytest.raises(ConfigError) as err:
         GRPOConfig.resuming("old", out=str(tmp_path), steps=2)
     assert "at step 2 already" in _one_line(err)
