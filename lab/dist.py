@@ -21,10 +21,11 @@ it is. Every trainer then runs unchanged; the few places where one process diffe
 * **the record**: rank 0 alone writes config, metrics, samples and checkpoints (``NoRecord`` on the others);
 * **stopping**: a stop event, SIGTERM or SIGINT on any rank is or-reduced over the ranks before each step, so all
   of them end after the same step;
-* **FSDP** (``accelerate launch --use_fsdp``): full fine-tuning of sft, dpo and grpo shards the policy with torch's
-  ``fully_shard`` (``shard_model``); gradients are then reduce-scattered as sums by FSDP itself, sampling runs with
-  the weights gathered (``gathered``), and checkpoints save the full state dict gathered on rank 0
-  (``FullWeights``). The frozen reference copy stays whole on every rank.
+* **FSDP** (``accelerate launch --use_fsdp``): full fine-tuning of every trainer shards the trained models with
+  torch's ``fully_shard`` (``shard_model``: the policy, the reward model of rm, PPO's value model); gradients are
+  then reduce-scattered as sums by FSDP itself, sampling runs with the weights gathered (``gathered``), and
+  checkpoints save the full state dicts gathered on rank 0 (``FullWeights``). The frozen reference copy stays whole
+  on every rank.
 
 accelerate's ``PartialState`` reads the launcher's environment, initializes the process group (gloo on the CPU;
 nccl for CUDA tensors, with gloo beside it for the small host-side tensors) and picks the GPU of the local rank;
@@ -71,7 +72,7 @@ def _state():
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise ConfigError(
             "accelerate config: DeepSpeed is not supported by lab's trainers; choose 'multi-GPU' (DDP) or FSDP "
-            "(full fine-tuning of sft, dpo and grpo) in `accelerate config`, or use torchrun"
+            "(full fine-tuning) in `accelerate config`, or use torchrun"
         )
     fsdp_reshard_after_forward()  # an FSDP strategy lab cannot run stops here, before any model loads
     if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() != "true":
@@ -280,7 +281,12 @@ def broadcast_parameters(params) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # FSDP: full fine-tuning with the weights, gradients and optimizer states sharded over the ranks
 
-FSDP_METHODS = ("sft", "dpo", "grpo")  # the trainers whose full fine-tuning runs sharded (the dpo family is dpo)
+# the trainers whose full fine-tuning runs sharded (dpo stands for the whole dpo family)
+FSDP_METHODS = ("sft", "sft-preferred", "csft", "dpo", "grpo", "reinforce", "rm", "ppo")
+_FSDP_MODE = (
+    "accelerate config: FSDP runs full fine-tuning (mode=full), not mode={mode}; LoRA and QLoRA train data parallel "
+    "(DDP): launch without FSDP"
+)
 _STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False}  # → reshard after forward
 
 
@@ -311,31 +317,34 @@ def check_fsdp(method: str, mode: str | None, resume=None) -> None:
     """One line, before the first step, for what FSDP does not run here."""
     if not fsdp():
         return
-    works = f"FSDP runs full fine-tuning (mode=full) of {', '.join(FSDP_METHODS)}"
-    if method not in FSDP_METHODS or mode != "full":
-        what = f"{method} in mode={mode}" if method in FSDP_METHODS else method
-        raise ConfigError(f"accelerate config: {works}, not {what}; launch without FSDP for data parallel (DDP)")
+    works = "FSDP runs full fine-tuning (mode=full)"
+    if method not in FSDP_METHODS:
+        raise ConfigError(
+            f"accelerate config: {works} of {', '.join(FSDP_METHODS)}, not {method}; launch without FSDP for data "
+            "parallel (DDP)"
+        )
+    if mode != "full":
+        raise ConfigError(_FSDP_MODE.format(mode=mode))
     if resume:
         raise ConfigError(f"resume: a run under FSDP saves full weights, not a resumable state; {works} from scratch")
 
 
 def shard_model(model: torch.nn.Module, mode: str = "full") -> torch.nn.Module:
     """Shard ``model`` over the ranks with FSDP (torch's ``fully_shard``) when the launch asks for FSDP; the model
-    itself otherwise. Each transformer block (the classes in ``model._no_split_modules``, as accelerate's
-    transformer auto-wrap picks them) is one unit, the embeddings and the head another: a unit's weights are
-    gathered for its forward and backward and freed after, and its gradients are reduce-scattered so that each
-    rank keeps (and its optimizer updates) only its 1/N of every weight. The reduction is a sum, not FSDP's
-    default mean, because every loss here already divides by the global batch's counts. Rank 0's weights are
-    broadcast first, so the shards are those of one model. Naive equivalent: ``model`` (every rank a whole copy)."""
+    itself otherwise. Each transformer block (the classes in ``_no_split_modules`` of the model, or of the
+    transformers trunk a reward or value model wraps, as accelerate's transformer auto-wrap picks them) is one unit,
+    the embeddings and the heads another (gathered around ``forward``, and around a reward model's ``score``): a
+    unit's weights are gathered for its forward and backward and freed after, and its gradients are
+    reduce-scattered so that each rank keeps (and its optimizer updates) only its 1/N of every weight. The
+    reduction is a sum, not FSDP's default mean, because every loss here already divides by the global batch's
+    counts. Rank 0's weights are broadcast first, so the shards are those of one model. Naive equivalent:
+    ``model`` (every rank a whole copy)."""
     if not fsdp():
         return model
     if mode != "full":
-        raise ConfigError(
-            f"accelerate config: FSDP runs full fine-tuning (mode=full) of {', '.join(FSDP_METHODS)}, not mode={mode}; "
-            "LoRA and QLoRA train data parallel (DDP): launch without FSDP"
-        )
+        raise ConfigError(_FSDP_MODE.format(mode=mode))
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     if isinstance(model, FSDPModule):
         return model
@@ -343,11 +352,14 @@ def shard_model(model: torch.nn.Module, mode: str = "full") -> torch.nn.Module:
     broadcast_parameters(list(model.parameters()) + list(model.buffers()))
     mesh = init_device_mesh(device().type, (world_size(),))
     reshard = fsdp_reshard_after_forward()
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    # a reward or value model (lab.modeling.ScalarModel) wraps a transformers trunk: its blocks are the trunk's
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
     for module in list(model.modules())[1:]:
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    if callable(getattr(model, "score", None)):  # a reward model is called through score, not forward: gather there too
+        register_fsdp_forward_method(model, "score")
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -402,19 +414,49 @@ def full_weights(fn):
 class FullWeights:
     """What a checkpoint of a sharded model saves: its full state dict, gathered by every rank (a collective) onto
     rank 0's CPU when made; ``save_pretrained`` then writes it as one process would (rank 0 alone calls it), so the
-    saved model loads in one process. ``obj``: a Policy or a model; its ``tokenizer`` goes along."""
+    saved model loads in one process. ``obj``: a Policy or a model; a reward or value model (a transformers trunk
+    and a head: ``lab.modeling.ScalarModel``, ``lab.rm.SequenceClassifierReward``); or PPO's checkpoint, whose policy
+    and value model are both gathered. Its ``tokenizer`` goes along."""
 
     def __init__(self, obj):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         self.obj = obj
-        self.model = getattr(obj, "model", obj)
+        self.tokenizer = getattr(obj, "tokenizer", None)
+        self.value = FullWeights(obj.value_model) if hasattr(obj, "value_model") else None  # lab.ppo.PPOCheckpoint
+        obj = getattr(obj, "policy", obj)
+        self.model = obj if isinstance(obj, torch.nn.Module) else obj.model  # a Policy holds its model
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         self.state_dict = get_model_state_dict(self.model, options=options)
-        self.tokenizer = getattr(obj, "tokenizer", None)
 
     def save_pretrained(self, path) -> None:
-        self.model.save_pretrained(path, state_dict=self.state_dict)
+        from pathlib import Path
+
+        path = Path(path)
+        _save_gathered(self.model, self.state_dict, path)
+        if self.value is not None:  # PPO's layout (lab.ppo.PPOCheckpoint): the value model in value/, its head here
+            _save_gathered(self.value.model, self.value.state_dict, path / "value")
+            torch.save(_under(self.value.state_dict, "head"), path / "value_head.pt")
+
+
+def _save_gathered(model, state_dict: dict, path) -> None:
+    """``model.save_pretrained(path)`` with the gathered ``state_dict``; for a reward or value model, its trunk's
+    ``save_pretrained`` and its head's weights in scalar_head.pt, as ``ScalarModel.save`` writes them."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        model.save_pretrained(path, state_dict=state_dict)
+        return
+    name, trunk = next((n, m) for n, m in model.named_children() if isinstance(m, PreTrainedModel))
+    trunk.save_pretrained(path, state_dict=_under(state_dict, name))
+    head = _under(state_dict, "head")
+    if head:
+        torch.save(head, path / "scalar_head.pt")
+
+
+def _under(state_dict: dict, prefix: str) -> dict:
+    """The entries of ``state_dict`` under the submodule ``prefix``, named as that submodule names them."""
+    return {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

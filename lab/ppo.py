@@ -428,6 +428,7 @@ def ppo_setup(cfg: PPOConfig, policy=None, value_model=None) -> PPOSetup:
     reward_fn = make_reward(cfg.reward, task)
     policy = policy or load_for(cfg, task, [r["prompt"] for r in rows])
     value_model = add_value_head(policy) if value_model is None else value_model
+    value_model = dist.shard_model(value_model, cfg.mode)  # under FSDP sharded like the policy (lab.dist)
     # peft's set_adapter gives requires_grad to the active adapter only, and autograd silently drops the gradient of
     # a parameter whose requires_grad is off at backward time. So the value forward AND its backward run inside
     # `value_active()`, and the policy's outside it (tests/test_ppo.py checks that both adapters move).

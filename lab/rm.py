@@ -423,6 +423,8 @@ def train(cfg: RewardConfig, *, stop: threading.Event | None = None, record=None
         )
     rows, eval_rows = _heldout_rows(cfg, load_preference_rows(cfg, "train"), task)
     model = policy or load_reward_backbone(cfg, task, [r["prompt"] for r in rows])
+    # under FSDP sharded over the ranks (lab.dist), else as it is; a saved reward model with an adapter trains LoRA
+    model = dist.shard_model(model, "lora" if getattr(model, "adapter_name", None) else cfg.mode)
     tokenizer = model.tokenizer
     device = next(model.parameters()).device
     use_one_thread_for_tiny_models(model)  # before the first evaluation; Run applies it again for a given model

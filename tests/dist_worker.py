@@ -4,6 +4,10 @@ process as the one-process reference.
 ``python tests/dist_worker.py OUT`` writes, for GRPO and DPO, the gradients of every optimizer step, the trained
 weights and the logged metrics of one step on a fixed global batch (``OUT/<method>-rank<r>.pt``); then a 3-step SFT
 run that rank 1 interrupts with SIGINT after its first step; then ``python -m lab train rm`` through the CLI.
+
+``python tests/dist_worker.py OUT fsdp`` (under ``ACCELERATE_USE_FSDP=true``) runs DPO, GRPO and REINFORCE in full
+fine-tuning with the weights sharded, then one step each of sft-preferred, csft, rm and PPO
+(``OUT/trainers-rank<r>.pt``: their trained weights, gathered).
 """
 
 from __future__ import annotations
@@ -126,6 +130,79 @@ def run_dpo(out: Path) -> dict:
     return {"grads": tap.steps, "weights": trained(policy), "metrics": metrics}
 
 
+def run_reinforce(out: Path) -> dict:
+    """One REINFORCE step in full fine-tuning on a fixed rollout: KL-penalized reward (a no-grad π_θ pass and a
+    global token mean), the batch-mean baseline of the gathered returns, microbatches of one row."""
+    import lab.reinforce
+    from lab.runner import load_for, seed_everything
+    from lab.tasks import get_task
+
+    cfg = lab.reinforce.ReinforceConfig(
+        task="arith",
+        mode="full",
+        steps=1,
+        batch_size=4,
+        microbatch_size=1,
+        beta=0.05,
+        max_new_tokens=6,
+        temperature=1.0,
+        eval_every=0,
+        eval_size=2,
+        max_grad_norm=0.0,
+        lr=1e-2,
+        out=str(out / "runs"),
+        run_id="reinforce",
+    )
+    lab.reinforce.rollout = fixed_rollout
+    seed_everything(cfg.seed)
+    policy = load_for(cfg, get_task("arith"))
+    tap = GradientTap()
+    try:
+        metrics = list(lab.reinforce.train(cfg, policy=policy))
+    finally:
+        tap.close()
+    return {"grads": tap.steps, "weights": trained(policy), "metrics": metrics}
+
+
+def weights(module) -> dict:
+    """Every parameter of ``module``, gathered whole (the same on every rank)."""
+    from lab.dist import full_tensor
+
+    return {n: full_tensor(p.detach()).clone() for n, p in module.named_parameters()}
+
+
+def run_fsdp_trainers(out: Path) -> dict:
+    """One step each of sft-preferred, csft, rm and PPO in full fine-tuning, sharded: their trained weights
+    gathered (PPO's value model too), to compare with the checkpoints rank 0 saved."""
+    from lab import baselines, csft, ppo, rm
+    from lab.modeling import add_value_head
+    from lab.runner import load_for, seed_everything
+    from lab.tasks import get_task
+
+    runs = str(out / "runs")
+    common = dict(mode="full", steps=1, batch_size=4, eval_size=2, out=runs)
+    result = {}
+    for name, train, cfg in (
+        ("sft-preferred", baselines.train_preferred, baselines.PreferredSFTConfig(task="bandit", kl_every=0, **common)),
+        ("csft", csft.train, csft.CSFTConfig(task="reviews", max_length=48, max_new_tokens=4, **common)),
+    ):
+        cfg.run_id = name
+        policy = load_for(cfg, get_task(cfg.task))
+        list(train(cfg, policy=policy))
+        result[name] = {"policy": weights(policy.model)}
+    cfg = rm.RewardConfig(task="bandit", eval_pairs=8, run_id="rm", **common)
+    seed_everything(cfg.seed)
+    model = rm.load_reward_backbone(cfg, get_task("bandit"))
+    list(rm.train(cfg, policy=model))
+    result["rm"] = {"model": weights(model)}
+    cfg = ppo.PPOConfig(task="arith", max_new_tokens=6, num_minibatches=1, ppo_epochs=1, run_id="ppo", **common)
+    policy = load_for(cfg, get_task("arith"))
+    value_model = add_value_head(policy)
+    list(ppo.train(cfg, policy=policy, value_model=value_model))
+    result["ppo"] = {"policy": weights(policy.model), "value": weights(value_model)}
+    return result
+
+
 def run_sft_interrupted(out: Path) -> None:
     """3 steps; rank 1 alone gets SIGINT after the first: both stop after step 1, and rank 0's record says so."""
     from lab import dist
@@ -141,9 +218,11 @@ def main(out: Path, fsdp: bool = False) -> None:
     from lab import dist
 
     out.mkdir(parents=True, exist_ok=True)
-    if fsdp:  # ACCELERATE_USE_FSDP=true: the DPO step with the weights sharded, then GRPO in full fine-tuning
+    if fsdp:  # ACCELERATE_USE_FSDP=true: DPO, GRPO and REINFORCE steps with the weights sharded, then the others
         torch.save(run_dpo(out), out / f"dpo-rank{dist.rank()}.pt")
         torch.save(run_grpo(out, mode="full"), out / f"grpo-rank{dist.rank()}.pt")
+        torch.save(run_reinforce(out), out / f"reinforce-rank{dist.rank()}.pt")
+        torch.save(run_fsdp_trainers(out), out / f"trainers-rank{dist.rank()}.pt")
         return
     results = {"grpo": run_grpo(out), "dpo": run_dpo(out)}
     for method, result in results.items():

@@ -4,7 +4,9 @@ One ``torchrun --nproc_per_node 2`` launch runs ``tests/dist_worker.py``: a GRPO
 in the reward) and a DPO step (full fine-tuning, microbatches of one pair) on a fixed batch, a 3-step SFT run that
 rank 1 alone interrupts with SIGINT, and ``python -m lab train rm`` through the CLI. The same GRPO and DPO steps
 then run here, in one process. The summed gradients, the trained weights and the logged metrics must match, and
-the records must be written once, by rank 0.
+the records must be written once, by rank 0. A second launch, under FSDP, runs DPO, GRPO and REINFORCE in full
+fine-tuning against one process the same way, then one step of each other trainer, whose checkpoints must load in
+one process.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from lab import dist
 from lab.config import ConfigError
+from lab.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -138,8 +141,9 @@ def test_shard_is_contiguous_and_refuses_an_uneven_batch(monkeypatch):
 
 
 def test_what_fsdp_does_not_run_is_refused_in_one_line(monkeypatch):
-    """DeepSpeed, an FSDP strategy other than FULL_SHARD / SHARD_GRAD_OP, FSDP for a trainer other than sft, dpo
-    and grpo, for LoRA, or with resume: each stops in one line naming what works, before any model is sharded."""
+    """DeepSpeed, an FSDP strategy other than FULL_SHARD / SHARD_GRAD_OP, FSDP for LoRA or QLoRA, for a method
+    that is not a trainer, or with resume: each stops in one line naming what works, before any model is sharded.
+    Every trainer in full fine-tuning passes."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match=r"^accelerate config: DeepSpeed is not supported"):
@@ -154,16 +158,17 @@ def test_what_fsdp_does_not_run_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "2")  # FSDP 2 configs say it directly
     monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
     assert dist.fsdp_reshard_after_forward() is True
-    works = r"FSDP runs full fine-tuning \(mode=full\) of sft, dpo, grpo"
-    with pytest.raises(ConfigError, match=rf"^accelerate config: {works}, not ppo; launch without FSDP"):
-        dist.check_fsdp("ppo", "full")
-    with pytest.raises(ConfigError, match=rf"^accelerate config: {works}, not dpo in mode=lora"):
-        dist.check_fsdp("dpo", "lora")
+    works = r"FSDP runs full fine-tuning \(mode=full\)"
+    with pytest.raises(ConfigError, match=rf"^accelerate config: {works} of sft, .*, ppo, not bon; launch without"):
+        dist.check_fsdp("bon", "full")  # a method the registry does not know (lab.methods)
+    with pytest.raises(ConfigError, match=rf"^accelerate config: {works}, not mode=lora; LoRA and QLoRA train data"):
+        dist.check_fsdp("ppo", "lora")
     with pytest.raises(ConfigError, match=rf"^accelerate config: {works}, not mode=qlora; LoRA and QLoRA"):
         dist.shard_model(torch.nn.Linear(2, 2), "qlora")
     with pytest.raises(ConfigError, match=r"^resume: a run under FSDP saves full weights"):
         dist.check_fsdp("sft", "full", resume="run-1")
-    dist.check_fsdp("grpo", "full")  # what works passes
+    for method in METHODS:  # what works passes: every trainer in full fine-tuning
+        dist.check_fsdp(method, "full")
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: FSDP asked for or not, nothing is sharded
     layer = torch.nn.Linear(2, 2)
     assert not dist.fsdp() and dist.shard_model(layer, "lora") is layer
@@ -171,8 +176,9 @@ def test_what_fsdp_does_not_run_is_refused_in_one_line(monkeypatch):
 
 @pytest.fixture(scope="module")
 def sharded(launched, tmp_path_factory):
-    """(the 2-process FSDP results per method and rank, the 1-process results, the FSDP output folder): DPO and
-    GRPO in full fine-tuning under ``ACCELERATE_USE_FSDP=true`` (what ``accelerate launch --use_fsdp`` sets)."""
+    """(the 2-process FSDP results per method and rank, the 1-process results, the FSDP output folder): DPO, GRPO
+    and REINFORCE in full fine-tuning under ``ACCELERATE_USE_FSDP=true`` (what ``accelerate launch --use_fsdp``
+    sets), then one step each of sft-preferred, csft, rm and PPO (``"trainers"``: their gathered weights)."""
     out = tmp_path_factory.mktemp("fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_FSDP": "true"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -180,15 +186,21 @@ def sharded(launched, tmp_path_factory):
         [*command, str(WORKER), str(out), "fsdp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    two = {(m, r): torch.load(out / f"{m}-rank{r}.pt") for m in ("grpo", "dpo") for r in (0, 1)}
+    methods = ("grpo", "dpo", "reinforce", "trainers")
+    two = {(m, r): torch.load(out / f"{m}-rank{r}.pt") for m in methods for r in (0, 1)}
     import dist_worker  # imported by `launched`
 
     _, one, *_ = launched
-    one = {"dpo": one["dpo"], "grpo": dist_worker.run_grpo(tmp_path_factory.mktemp("one-full"), mode="full")}
+    alone = tmp_path_factory.mktemp("one-full")
+    one = {
+        "dpo": one["dpo"],
+        "grpo": dist_worker.run_grpo(alone, mode="full"),
+        "reinforce": dist_worker.run_reinforce(alone),
+    }
     return two, one, out
 
 
-@pytest.mark.parametrize("method", ["grpo", "dpo"])
+@pytest.mark.parametrize("method", ["grpo", "dpo", "reinforce"])
 def test_fsdp_full_fine_tuning_takes_the_step_of_one_process(sharded, method):
     """Weights, gradients and AdamW states sharded over 2 processes (FULL_SHARD); GRPO samples its rollout with the
     weights gathered. The gathered gradient of every optimizer step equals one process's to 1e-5, and so do the
@@ -198,7 +210,7 @@ def test_fsdp_full_fine_tuning_takes_the_step_of_one_process(sharded, method):
     rewards/accuracy: at step 1 π = π_ref, so every DPO margin is a tie of rounding errors."""
     two, one, _ = sharded
     rank0, rank1, single = two[(method, 0)], two[(method, 1)], one[method]
-    assert len(rank0["grads"]) == len(single["grads"]) == {"grpo": 2, "dpo": 1}[method]
+    assert len(rank0["grads"]) == len(single["grads"]) == {"grpo": 2, "dpo": 1, "reinforce": 1}[method]
     for two_step, one_step, other_rank in zip(rank0["grads"], single["grads"], rank1["grads"]):
         assert len(two_step) == len(one_step) == len(single["weights"])  # every weight trains
         assert max(float(g.abs().max()) for g in one_step) > 1e-4  # well above the tolerance: a real gradient
@@ -222,7 +234,7 @@ def test_fsdp_full_fine_tuning_takes_the_step_of_one_process(sharded, method):
         assert rank0["metrics"][0][key] == pytest.approx(alone[key], abs=1e-5), key
 
 
-@pytest.mark.parametrize("method", ["grpo", "dpo"])
+@pytest.mark.parametrize("method", ["grpo", "dpo", "reinforce"])
 def test_an_fsdp_checkpoint_loads_in_one_process(sharded, method):
     """Rank 0 saved the gathered full state dict: the final checkpoint loads as an ordinary model in one process,
     and holds the weights the 2 processes trained, sharded."""
@@ -236,3 +248,49 @@ def test_an_fsdp_checkpoint_loads_in_one_process(sharded, method):
         assert torch.equal(loaded[name].detach(), w), name
     status = json.loads((out / "runs" / method / "status.json").read_text())
     assert status["status"] == "completed" and status["steps"] == 1
+
+
+def test_every_other_trainer_runs_sharded_and_saves_a_checkpoint_one_process_loads(sharded):
+    """sft-preferred, csft, rm (a trunk and a scalar head) and PPO (a policy and a value model, both sharded) each
+    ran one step under FSDP. Each record is written once, by rank 0, and says FULL_SHARD; each final checkpoint
+    loads in one process with exactly the weights the 2 processes trained: the policy, the reward model's trunk
+    and head, PPO's value trunk (``value/``) and head (``value_head.pt``)."""
+    from lab.modeling import load_causal_lm
+    from lab.rm import _load_saved_scalar
+
+    two, _, out = sharded
+    runs = out / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == sorted(
+        ["dpo", "grpo", "reinforce", "sft-preferred", "csft", "rm", "ppo"]
+    )
+    trained, other_rank = two[("trainers", 0)], two[("trainers", 1)]
+    for name in ("sft-preferred", "csft", "rm", "ppo"):
+        status = json.loads((runs / name / "status.json").read_text())
+        assert status["status"] == "completed" and status["steps"] == 1, name
+        assert status["summary"]["fsdp"] == "FULL_SHARD" and status["summary"]["processes"] == 2, name
+        lines = (runs / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1], name
+        for part, w in trained[name].items():  # the gathered weights: the same on both ranks
+            assert w.keys() == other_rank[name][part].keys()
+            assert all(torch.equal(v, other_rank[name][part][k]) for k, v in w.items()), (name, part)
+
+    def equal(loaded: dict, expected: dict) -> None:
+        assert loaded.keys() >= expected.keys() and expected
+        for key, w in expected.items():
+            assert torch.equal(loaded[key].detach(), w), key
+
+    for name in ("sft-preferred", "csft", "ppo"):
+        model = load_causal_lm(str(runs / name / "checkpoints" / "final"), device="cpu")
+        equal(dict(model.named_parameters()), trained[name]["policy"])
+    reward_model = _load_saved_scalar(str(runs / "rm" / "checkpoints" / "final"), device="cpu")
+    equal(dict(reward_model.named_parameters()), trained["rm"]["model"])
+    assert {"head.weight", "head.bias"} <= trained["rm"]["model"].keys()
+    final = runs / "ppo" / "checkpoints" / "final"
+    value = trained["ppo"]["value"]
+    trunk = load_causal_lm(str(final / "value"), device="cpu")
+    equal(dict(trunk.named_parameters()), {k.removeprefix("lm."): w for k, w in value.items() if k.startswith("lm.")})
+    equal(
+        torch.load(final / "value_head.pt"),
+        {k.removeprefix("head."): w for k, w in value.items() if k.startswith("head.")},
+    )
+    assert not torch.equal(value["head.weight"], torch.zeros_like(value["head.weight"]))  # the zero head trained
