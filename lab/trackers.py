@@ -38,7 +38,10 @@ def check_tracker(name: str) -> None:
     package = _PACKAGES[name]
     if importlib.util.find_spec(package) is None:
         raise ConfigError(f"report_to: {name} is not installed; pip install {package}, or use --report-to none")
-    if name == "wandb" and os.environ.get("WANDB_MODE", "").lower() not in _OFFLINE:
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if name == "wandb" and mode not in ("", "online", "run", "shared", *_OFFLINE):
+        raise ConfigError(f"report_to: WANDB_MODE={mode!r} is not a wandb mode; use online, offline or disabled")
+    if name == "wandb" and mode not in _OFFLINE:
         import wandb
 
         if not wandb.login(prompt=False, verify=False):

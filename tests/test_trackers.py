@@ -125,3 +125,14 @@ def test_wandb_without_a_login_fails_in_one_line_and_runs_offline(monkeypatch, t
     tracker.log({"loss/sft": 0.5}, 1)
     tracker.close()
     assert list((tmp_path / "r" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_wandb_mode_wandb_does_not_know_is_one_line(monkeypatch):
+    """WANDB_MODE=bogus: one line naming the variable, instead of wandb's own validation traceback at start-up."""
+    pytest.importorskip("wandb")
+    from lab.config import ConfigError
+    from lab.trackers import check_tracker
+
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with pytest.raises(ConfigError, match="^report_to: WANDB_MODE='bogus' is not a wandb mode"):
+        check_tracker("wandb")
