@@ -1,6 +1,6 @@
 """Bad inputs the Python API must refuse in one line, and faults that must not leave a run silently wrong.
 
-Issue 13, sections 2 and 3: config fields are checked against their declared types; diverging metrics, degenerate
+Config fields are checked against their declared types; diverging metrics, degenerate
 or oversized data rows, pickled checkpoints, symlinked run folders and SIGTERM each end in a one-line error or a
 clean ``stopped`` record. Each case checks that no run folder is left half-written.
 """

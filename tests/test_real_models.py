@@ -95,8 +95,9 @@ def _forward_shapes(model) -> list[tuple[int, int]]:
 
 
 def test_grpo_forward_passes_fit_the_memory_budget(zoo_model, math_rows, reward_module, tmp_path, monkeypatch):
-    """With a 151k vocabulary a whole rollout in one forward would be the 8 GB logits tensor of the issue; under a
-    budget for 2 rows every training and no-grad pass holds at most 2 completions, and the run still completes."""
+    """With a 151k vocabulary, a real-size rollout scored in one forward pass makes a logits tensor of gigabytes
+    (rows × tokens × 151k × 4 bytes); under a budget for 2 rows every training and no-grad pass holds at most 2
+    completions, and the run still completes."""
     from lab.grpo import GRPOConfig, train
     from lab.runner import auto_microbatch, load_for
 
