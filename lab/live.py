@@ -436,6 +436,18 @@ def resolve_task(task_name: str):
     return TASKS.get(task_name)
 
 
+def config_for(cls: type, values: dict[str, Any]):
+    """The run's config from the form's values. With ``resume``, the resumed run's own settings, changed only where
+    the form may change them (``RESUME_MAY_CHANGE``: steps, device, logging...): the other widgets still show this
+    method's defaults, which are not the run's settings."""
+    from lab.config import RESUME_MAY_CHANGE
+
+    if not values.get("resume"):
+        return cls(**values)
+    changes = {k: v for k, v in values.items() if k in RESUME_MAY_CHANGE and v is not None}
+    return cls.resuming(values["resume"], out=values.get("out") or "runs", **changes)
+
+
 def start(session: Session, method: str, values: dict[str, Any]) -> Job:
     """Validate ``values`` into ``method``'s config and start the run in a thread.
 
@@ -446,7 +458,7 @@ def start(session: Session, method: str, values: dict[str, Any]) -> Job:
     from lab.methods import get_method
 
     cls, train_fn = get_method(method)
-    cfg = cls(**coerce(cls, values))
+    cfg = config_for(cls, coerce(cls, values))
     task = resolve_task(cfg.task)
     if task is None:
         from lab.data import load_rows

@@ -312,3 +312,27 @@ def test_after_conditional_sft_the_app_compares_answers_given_the_good_control()
     rows, _ = live.compare(session, n=2)
     assert len(rows) == 2 and all(r["prompt"].rstrip().endswith(cfg.good.strip()) for r in rows)
     assert all(r["after_reward"] is not None for r in rows)  # scored by the task's gold reward of the plain prompt
+
+
+def test_the_apps_resume_goes_on_in_the_stopped_runs_folder_to_its_new_step_count(tmp_path):
+    """Stop a GRPO run in the app's job layer after step 2 of 6 (its checkpoint holds the trainer state), then
+    launch it again with resume: the same folder ends completed at step 4, its metrics rows 1..4 once each."""
+    from lab import live
+    from lab.records import load_run
+
+    session = live.Session()
+    values = {"task": "arith", "steps": 6, "batch_size": 2, "group_size": 2, "eval_every": 0, "eval_size": 4,
+              "out": str(tmp_path), "run_id": "r"}  # fmt: skip
+    job = live.start(session, "grpo", values)
+    while len(job.history) < 2 and not job.done:
+        job.wait(len(job.history), timeout=60)
+    job.request_stop()
+    job.join(timeout=120)
+    assert job.phase == "stopped" and live.resumable(str(tmp_path), "r") == "grpo"
+    stopped_at = load_run(tmp_path / "r").steps
+    job = live.start(session, "grpo", {"resume": "r", "steps": stopped_at + 2, "out": str(tmp_path)})
+    job.join(timeout=120)
+    run = load_run(tmp_path / "r")
+    assert job.phase == "completed" and run.status["status"] == "completed"
+    assert [m["step"] for m in run.metrics] == list(range(1, stopped_at + 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
