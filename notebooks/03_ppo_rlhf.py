@@ -303,8 +303,10 @@ import os
 
 from lab.diagnostics import distinct_n, string_entropy
 
-print("distinct-1:", distinct_n([[1, 2, 3], [1, 2, 4]], 1), " distinct-2:", distinct_n([[1, 2, 3], [1, 2, 4]], 2))
-print("entropy:", string_entropy(["a", "a", "b", "c"]), " 1.5 ln 2 =", 1.5 * math.log(2))
+print(
+    f"distinct-1: {distinct_n([[1, 2, 3], [1, 2, 4]], 1):.4f}  distinct-2: {distinct_n([[1, 2, 3], [1, 2, 4]], 2):.4f}"
+)
+print(f"entropy: {string_entropy(['a', 'a', 'b', 'c']):.4f}  1.5 ln 2 = {1.5 * math.log(2):.4f}")
 
 # %% [markdown]
 # ### A run: GRPO on `reviews`, before and after

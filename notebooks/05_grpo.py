@@ -488,9 +488,9 @@ from lab.diagnostics import expected_calibration_error, reliability_bins
 
 confidences = torch.tensor([0.9, 0.9, 0.6, 0.2], dtype=torch.float64)
 correct = torch.tensor([True, False, True, False])
-print("ECE =", expected_calibration_error(confidences, correct))
-print("perfectly calibrated:", expected_calibration_error(torch.tensor([0.25] * 4), torch.tensor([1, 0, 0, 0])))
-print("all confident, all wrong:", expected_calibration_error(torch.ones(3), torch.zeros(3, dtype=torch.bool)))
+print(f"ECE = {expected_calibration_error(confidences, correct):.4f}")
+print(f"perfectly calibrated: {expected_calibration_error(torch.tensor([0.25] * 4), torch.tensor([1, 0, 0, 0])):.4f}")
+print(f"all confident, all wrong: {expected_calibration_error(torch.ones(3), torch.zeros(3, dtype=torch.bool)):.4f}")
 [b for b in reliability_bins(confidences, correct) if b["count"]]
 
 # %% [markdown]
