@@ -452,6 +452,9 @@ def reliability_html(bins: dict[str, list[dict]]) -> str:
     return charts.grid([chart])
 
 
+LAUNCHED_NOTE = "Launched: the run's progress and charts are in the live view."
+
+
 def before_after_text(summary: dict) -> str:
     if summary.get("diff") is None:
         return f"Same {summary.get('n', 0)} prompts, reference policy vs. tuned policy (greedy; no gold reward here)."
@@ -899,7 +902,8 @@ class LabApp:
             own = {key: self.controls[key] for key in self.fields_of[m]}
             button.click(self.on_launch, inputs_kwargs={**common, **own}, api_name=False, **launch)
         ui.launch.click(None, inputs=ui.method, js="(m) => { document.getElementById('launch-' + m).click(); }")
-        ui.launch.click(lambda: "", outputs=ui.stop_note, api_name=False, queue=False)  # a new run: no stale note
+        # a new run: no stale note, and a word beside Launch (on a phone the live view is a screen further down)
+        ui.launch.click(lambda: LAUNCHED_NOTE, outputs=ui.stop_note, api_name=False, queue=False)
         # Stop skips the queue: its reply comes at once, whatever the queue holds; the trainer stops after its step
         ui.stop.click(self.on_stop, inputs=ui.session, outputs=ui.stop_note, api_name="stop", queue=False)
 

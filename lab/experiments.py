@@ -63,11 +63,16 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "dpo-vs-sft-vs-bon",
-            "DPO vs SFT on the preferred answers",
+            "DPO vs SFT on the preferred answers vs conditional SFT",
             "DPO learns from both answers of a pair and moves the policy where the pair differs; SFT on the "
-            "preferred answers only imitates the winners, at a larger KL for the same gold reward. Best-of-N "
+            "preferred answers only imitates the winners, at a larger KL for the same gold reward; conditional SFT "
+            "learns both answers behind a good/bad control and answers behind good. Best-of-N "
             "(Train tab, no training) is the reference: its KL is at most log N − (N − 1)/N.",
-            (RunSpec("DPO", "dpo", dict(_PREF)), RunSpec("SFT on preferred", "sft-preferred", dict(_PREF))),
+            (
+                RunSpec("DPO", "dpo", dict(_PREF)),
+                RunSpec("SFT on preferred", "sft-preferred", dict(_PREF)),
+                RunSpec("conditional SFT", "csft", dict(_PREF)),
+            ),
         ),
         Experiment(
             "beta-sweep",

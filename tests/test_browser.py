@@ -120,6 +120,7 @@ def _run_and_stop(page, port: int, m: str) -> dict:
 
     launched = page.evaluate("performance.now()")
     page.click("#launch")  # clicks the method's own launcher, whose event carries only that method's fields
+    page.wait_for_function("document.querySelector('#stop-note').innerText.includes('Launched')")  # beside Launch
     page.wait_for_selector("#charts svg polyline")  # the charts got their first step
     first_chart_ms = page.evaluate("performance.now()") - launched
     page.wait_for_function(
