@@ -49,7 +49,8 @@ def cmd_train(method: str, argv: list[str]) -> int:
     check_before_loading(cfg)
     dist.init()  # under torchrun / accelerate launch: join the other processes before loading (lab.dist)
     stop = threading.Event()
-    previous_sigint = _stop_on_ctrl_c(stop)
+    ctrl_c: list[int] = []  # the Ctrl-C presses this run got
+    previous_sigint = _stop_on_ctrl_c(stop, ctrl_c)
     headline = ("reward/mean", "loss/dpo", "loss/rm", "loss/sft", "loss/policy", "kl/ref", "accuracy")
     last: dict = {}
     gen = start(train, cfg, stop=stop)  # the record exists now: gen.path is where this run writes
@@ -74,7 +75,8 @@ def cmd_train(method: str, argv: list[str]) -> int:
                 {k.split("/")[-1] if k != "kl/ref" else "kl": _fmt(v) for k, v in metrics.items() if k in headline}
             )
     except KeyboardInterrupt:
-        # Ctrl-C: close the generator so the run finishes its record as "stopped".
+        # a second Ctrl-C: close the generator so the run finishes its record as "stopped"
+        ctrl_c.append(signal.SIGINT)
         gen.close()
         if bar is not None:
             bar.close()
@@ -87,10 +89,23 @@ def cmd_train(method: str, argv: list[str]) -> int:
         dist.close()
     if gen.path is not None and gen.path.is_dir():
         _print_summary(gen.path, last)
+        return _exit_code(gen.path, ctrl_c)
     return 0
 
 
-def _stop_on_ctrl_c(stop: threading.Event):
+def _exit_code(path, ctrl_c: list[int]) -> int:
+    """0 for a run that ended; for one a signal stopped, the shell's code for that signal (130 for Ctrl-C, 143 for
+    SIGTERM), so a scheduler or a script tells a stopped run from a finished one (its record is complete either
+    way, and ``--resume`` goes on with it). Under a launcher every process exits 0: torchrun would take a non-zero
+    code from one process as a failure and end the others while they save."""
+    from lab.records import load_run
+
+    if dist.world_size() > 1 or (load_run(path).status or {}).get("status") != "stopped":
+        return 0
+    return 128 + (signal.SIGINT if ctrl_c else signal.SIGTERM)
+
+
+def _stop_on_ctrl_c(stop: threading.Event, presses: list[int]):
     """First Ctrl-C: the run ends after its current step, as with SIGTERM (status ``stopped``, a checkpoint with its
     trainer state, the after-evaluation and the last step's samples). A second one stops at once. Returns the
     handler it replaced (None where it installs none: under a launcher, where `lab.runner.Run` handles it on
@@ -99,6 +114,7 @@ def _stop_on_ctrl_c(stop: threading.Event):
         return None
 
     def on_sigint(signum, frame):
+        presses.append(signum)
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
