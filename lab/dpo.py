@@ -58,8 +58,7 @@ import torch.nn.functional as F
 
 from lab.batching import pair_logprobs, select_pairs
 from lab.config import PreferencePolicyConfig, check, opt
-from lab.data import load_preference_rows  # noqa: F401  re-exported for notebooks/04_dpo
-from lab.evaluate import greedy_samples, sample_heldout, sampled_kl, step_kl  # noqa: F401  as load_preference_rows
+from lab.evaluate import greedy_samples, step_kl
 from lab.preference import is_eval_step, setup
 from lab.rollout import kl_due
 from lab.runner import MetricAccumulator, Run, clip_and_step, load_for, use_one_thread_for_tiny_models

@@ -89,7 +89,7 @@ import torch
 from IPython.display import display
 
 from lab.baselines import best_of_n, kl_bound
-from lab.dpo import load_preference_rows
+from lab.data import load_preference_rows
 from lab.modeling import load_policy
 from lab.rm import (
     RewardConfig,

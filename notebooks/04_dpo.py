@@ -92,18 +92,16 @@ import pandas as pd
 import plotly.express as px
 import torch
 
+from lab.data import load_preference_rows
 from lab.dpo import (
     DPOConfig,
     dpo_loss,
     ipo_loss,
     length_normalized_dpo_loss,
-    load_preference_rows,
-    sample_heldout,
-    sampled_kl,
     simpo_loss,
     train,
 )
-from lab.evaluate import before_after, evaluate
+from lab.evaluate import before_after, evaluate, sample_heldout, sampled_kl
 from lab.modeling import load_policy
 from lab.runner import load_for
 from lab.sampling import format_prompt, generate
