@@ -161,26 +161,36 @@ def exact_calibration_bins(logprobs: torch.Tensor, target_logprobs: torch.Tensor
 
 
 @torch.no_grad()
-def answer_confidences(model, tokenizer, task, prompts: list, max_new_tokens: int | None = None, rows: int = 64):
-    """Greedy answers to ``prompts``, the probability π_θ(y|x) the model gives each whole answer (temperature 1,
+def rollout_confidences(model, roll: Rollout, task) -> tuple[torch.Tensor, torch.Tensor]:
+    """For answers already generated: the probability π_θ(y|x) the model gives each whole answer (temperature 1,
     eos included) and whether the task's gold reward calls it correct (≥ 1): (confidences (N,), correct (N,)
-    bool), both on the CPU. ``rows`` answers per generation; scored in the chunks that fit in memory."""
+    bool), both on the CPU, scored in the chunks that fit in memory."""
     from lab.runner import auto_microbatch
 
+    T = roll.completion_ids.shape[1]
+    chunk = auto_microbatch(model, len(roll), T, context_tokens=roll.prompt_ids.shape[1])
+    confidences = []
+    for i in range(0, len(roll), chunk):
+        part = roll.select(slice(i, i + chunk))
+        logprobs = completion_token_logprobs(model, part.input_ids, part.attention_mask, T)  # (b, T)
+        mask = part.completion_mask.to(logprobs.dtype)  # (b, T)
+        confidences.append(masked_sum(logprobs.float(), mask.float(), dim=-1).exp().cpu())  # (b,)
+    gold = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
+    return torch.cat(confidences), torch.tensor([g >= 1.0 for g in gold])
+
+
+@torch.no_grad()
+def answer_confidences(model, tokenizer, task, prompts: list, max_new_tokens: int | None = None, rows: int = 64):
+    """Greedy answers to ``prompts``, then ``rollout_confidences`` of them: (confidences (N,), correct (N,) bool).
+    ``rows`` answers per generation."""
     confidences, correct = [], []
     for start in range(0, len(prompts), rows):
         roll = generate(
             model, tokenizer, prompts[start : start + rows], max_new_tokens or task.max_new_tokens, greedy=True
         )
-        T = roll.completion_ids.shape[1]
-        chunk = auto_microbatch(model, len(roll), T, context_tokens=roll.prompt_ids.shape[1])
-        for i in range(0, len(roll), chunk):
-            part = roll.select(slice(i, i + chunk))
-            logprobs = completion_token_logprobs(model, part.input_ids, part.attention_mask, T)  # (b, T)
-            mask = part.completion_mask.to(logprobs.dtype)  # (b, T)
-            confidences.append(masked_sum(logprobs.float(), mask.float(), dim=-1).exp().cpu())  # (b,)
-        gold = task.gold_rewards(roll.prompts, roll.completions, roll.truncated.tolist())
-        correct.append(torch.tensor([g >= 1.0 for g in gold]))
+        c, ok = rollout_confidences(model, roll, task)
+        confidences.append(c)
+        correct.append(ok)
     return torch.cat(confidences), torch.cat(correct)
 
 
@@ -188,9 +198,10 @@ def answer_confidences(model, tokenizer, task, prompts: list, max_new_tokens: in
 def calibration_metrics(
     policy, task, n: int, beta: float | None = None, ref_logprobs: torch.Tensor | None = None, n_bins: int = 10
 ) -> dict:
-    """``eval/ece`` of greedy answers on the first ``n`` held-out prompts of a verifiable task; on an enumerable
-    task, given β and π_ref's (B, V) next-token log-probs, the exact ``eval/ece_to_optimum`` of π_θ against π*;
-    ``{}`` elsewhere."""
+    """``eval/ece`` of greedy answers on the first ``n`` held-out prompts of a verifiable task (the trainers take it
+    from the answers their evaluation generated anyway: ``lab.evaluate.evaluate(calibrate=True)``); on an
+    enumerable task, given β and π_ref's (B, V) next-token log-probs, the exact ``eval/ece_to_optimum`` of π_θ
+    against π*; ``{}`` elsewhere."""
     if task is None:
         return {}
     was_training = policy.model.training

@@ -21,7 +21,7 @@ import torch
 from lab.ops import masked_sum
 from lab.rollout import bandit_reference, logprobs_in_chunks, resolve_max_new_tokens, score
 from lab.runner import auto_generation_batch, auto_microbatch
-from lab.sampling import encode_prompt, format_prompt, generate
+from lab.sampling import Rollout, encode_prompt, format_prompt, generate
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Answers:
     completions: list[str]
     rewards: list[float]
     truncated: list[bool]
+    roll: Rollout | None = None  # the generated tokens, for scoring the same answers again
 
 
 @torch.no_grad()
@@ -59,7 +60,7 @@ def answer(
     )
     truncated = [bool(t) for t in roll.truncated.tolist()]
     rewards = task.gold_rewards(roll.prompts, roll.completions, truncated)
-    return Answers(roll.prompts, roll.completions, [float(r) for r in rewards], truncated)
+    return Answers(roll.prompts, roll.completions, [float(r) for r in rewards], truncated, roll)
 
 
 def summarize(task, answers: Answers) -> dict:
@@ -90,15 +91,22 @@ def evaluate(
     beta: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     support: dict[str, set[str]] | None = None,
+    calibrate: bool = False,
 ) -> dict:
     """Score a policy on ``n`` held-out prompts of ``task`` (all of them when ``n`` is None); on an enumerable task
-    also its exact metrics (``bandit_exact``, with ``beta``, ``ref_logprobs`` and ``support`` passed on)."""
+    also its exact metrics (``bandit_exact``, with ``beta``, ``ref_logprobs`` and ``support`` passed on); with
+    ``calibrate`` on a verifiable task, ``ece``: the expected calibration error of these same answers
+    (``lab.diagnostics``)."""
     model = getattr(policy_or_model, "model", policy_or_model)
     tokenizer = tokenizer or policy_or_model.tokenizer
     prompts = task.eval_prompts() if split == "eval" else task.train_prompts()
     prompts = prompts[:n] if n else prompts
     answers = answer(model, tokenizer, task, prompts, greedy=greedy, max_new_tokens=max_new_tokens, seed=seed)
     result = summarize(task, answers)
+    if calibrate and task.kind == "verifiable":
+        from lab.diagnostics import expected_calibration_error, rollout_confidences
+
+        result["ece"] = expected_calibration_error(*rollout_confidences(model, answers.roll, task))
     if task.kind == "bandit":
         result.update(bandit_exact(model, tokenizer, task, beta, ref_logprobs, support))
     return result
@@ -173,8 +181,9 @@ def heldout_metrics(
             if task.kind == "bandit" and kl_ref and ref_logprobs is None:
                 ref_logprobs = bandit_reference(policy, task)
             result = evaluate(
-                policy, task, n=n, max_new_tokens=max_new_tokens, beta=beta, ref_logprobs=ref_logprobs, support=support
-            )
+                policy, task, n=n, max_new_tokens=max_new_tokens, beta=beta, ref_logprobs=ref_logprobs,
+                support=support, calibrate=True,
+            )  # fmt: skip
             out["eval/accuracy" if task.kind == "verifiable" else "eval/gold_reward"] = result["gold_reward"]
             out.update({name: result[key] for key, name in EXACT_NAMES.items() if key in result})
             if kl_ref and "kl_ref" in result:
@@ -183,9 +192,12 @@ def heldout_metrics(
                 from lab.fixed_points import kl_to_fixed_point
 
                 out["eval/kl_to_fixed_point"] = kl_to_fixed_point(policy.model, policy.tokenizer, task, fixed_point)
-            from lab.diagnostics import calibration_metrics
+            if "ece" in result:  # of the greedy answers just scored: no second generation
+                out["eval/ece"] = result["ece"]
+            if task.kind == "bandit":
+                from lab.diagnostics import calibration_metrics
 
-            out.update(calibration_metrics(policy, task, n, beta, ref_logprobs))  # eval/ece, eval/ece_to_optimum
+                out.update(calibration_metrics(policy, task, n, beta, ref_logprobs))  # eval/ece_to_optimum
         if samples and (task is None or task.kind != "bandit") and (prompts or task is not None):
             out.update(
                 _sampled_metrics(

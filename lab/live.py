@@ -967,14 +967,3 @@ def inspect_step(path: Path, step=None) -> dict:
         "rows": rows,
         "terms": [inspector.token_terms(r, config) for r in rows],
     }
-
-
-def load_histories(out: str, run_ids: list[str]) -> dict[str, list[dict]]:
-    """label → metrics rows, for overlaying several runs' curves."""
-    from lab.records import load_run, safe_run_dir
-
-    histories = {}
-    for run_id in run_ids:
-        run = load_run(safe_run_dir(out, run_id))
-        histories[run_label(run)] = run.metrics
-    return histories

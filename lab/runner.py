@@ -379,13 +379,18 @@ def _optimizer_steps(optimizer: torch.optim.Optimizer) -> float:
     return sum(float(s["step"]) for s in optimizer.state.values() if "step" in s)
 
 
+def run_config(cfg, method: str) -> dict:
+    """What a run's config.json holds: the method and every field of ``cfg`` (a dataclass or a dict)."""
+    return {"method": method, **(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))}
+
+
 def open_record(cfg, method: str) -> RunRecord | None:
     """The record a run of ``method`` with ``cfg`` writes: a new folder under ``cfg.out``, or with ``cfg.resume``
     the resumed run's folder, reopened at its checkpoint's step (`RunRecord.reopen`). None on a process other than
     rank 0 (``lab.dist``: the trainer's Run gets rank 0's folder)."""
     if not dist.is_main():
         return None
-    config = {"method": method, **(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))}
+    config = run_config(cfg, method)
     if getattr(cfg, "resume", None):
         point = find_resume_point(cfg.resume, cfg.out)
         return RunRecord.reopen(point.path, point.step, config)
@@ -428,7 +433,7 @@ class Run:
             self._resume = find_resume_point(cfg.resume, cfg.out, check_running=False)
         self._restored = False
         self._snapshot: dict | None = None  # random states and `state` at the end of the last logged step
-        config = {"method": method, **(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))}
+        config = run_config(cfg, method)
         dist.check_fsdp(method, getattr(cfg, "mode", None), getattr(cfg, "resume", None))
         for name in ("batch_size", "minibatch_size"):  # several processes: each takes an equal share (lab.dist)
             if dist.world_size() > 1 and config.get(name):
